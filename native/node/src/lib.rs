@@ -1,1 +1,353 @@
+//! napi-rs binding of the relay core: type conversion and lifetimes only.
 
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use derpmesh_relay::frame::{self, FrameType, HEADER_LEN, MAX_FRAME_SIZE};
+use derpmesh_relay::keys::{Key, KeyPair};
+use derpmesh_relay::relay::{Relay, RelayConfig};
+use derpmesh_relay::upgrade::{Transport, Upgrade};
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, Mutex};
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::new(Status::InvalidArg, msg.into())
+}
+
+fn key_from(buf: &[u8], what: &str) -> Result<Key> {
+    buf.try_into().map_err(|_| invalid(format!("{what} must be 32 bytes, got {}", buf.len())))
+}
+
+/// Options of a relay; every field is optional.
+#[napi(object)]
+pub struct RelayOptions {
+    /// 32-byte private key; a new one is generated when absent.
+    pub private_key: Option<Buffer>,
+    /// Shared secret that grants mesh privileges (WatchConns, ClosePeer, ForwardPacket).
+    pub mesh_key: Option<String>,
+    /// Packets queued per connection before the oldest is dropped (default 512).
+    pub queue_depth: Option<u32>,
+    /// Disco packets queued per connection (default 32).
+    pub disco_queue_depth: Option<u32>,
+    /// A write stalled longer than this closes the connection (default 2000 ms).
+    pub write_timeout_ms: Option<u32>,
+    /// KeepAlive period (default 60000 ms) and its random extra (default 5000 ms).
+    pub keepalive_ms: Option<u32>,
+    pub keepalive_jitter_ms: Option<u32>,
+}
+
+#[napi(object)]
+pub struct Metric {
+    pub name: String,
+    pub kind: String,
+    pub help: String,
+    pub value: f64,
+}
+
+fn parse_upgrade(upgrade: &str, ws_accept: Option<String>) -> Result<Upgrade> {
+    match (upgrade, ws_accept) {
+        ("derp", _) => Ok(Upgrade::Derp { fast_start: false }),
+        ("derp-fast-start", _) => Ok(Upgrade::Derp { fast_start: true }),
+        ("websocket", Some(accept)) => Ok(Upgrade::WebSocket { accept }),
+        ("websocket", None) => Err(invalid("websocket upgrade needs the Sec-WebSocket-Accept value")),
+        (other, _) => Err(invalid(format!("unknown upgrade kind {other:?}: expected derp, derp-fast-start or websocket"))),
+    }
+}
+
+fn socket_addr(address: &str, port: u32) -> SocketAddr {
+    let ip = address.trim_start_matches("::ffff:").parse::<IpAddr>().unwrap_or(IpAddr::from([0u8; 4]));
+    SocketAddr::new(ip, port as u16)
+}
+
+/// The relay: owns every DERP connection handed to it.
+#[napi]
+pub struct RelayCore {
+    relay: Arc<Relay>,
+}
+
+#[napi]
+impl RelayCore {
+    #[napi(constructor)]
+    pub fn new(options: Option<RelayOptions>) -> Result<Self> {
+        let o = options.unwrap_or(RelayOptions {
+            private_key: None,
+            mesh_key: None,
+            queue_depth: None,
+            disco_queue_depth: None,
+            write_timeout_ms: None,
+            keepalive_ms: None,
+            keepalive_jitter_ms: None,
+        });
+        let key = match &o.private_key {
+            Some(k) => KeyPair::from_private(key_from(k, "privateKey")?),
+            None => KeyPair::generate(),
+        };
+        let d = RelayConfig::default();
+        let ms = |v: Option<u32>, default: Duration| v.map_or(default, |v| Duration::from_millis(v as u64));
+        let config = RelayConfig {
+            queue_depth: o.queue_depth.map_or(d.queue_depth, |v| v.max(1) as usize),
+            disco_queue_depth: o.disco_queue_depth.map_or(d.disco_queue_depth, |v| v.max(1) as usize),
+            write_timeout: ms(o.write_timeout_ms, d.write_timeout),
+            keepalive: ms(o.keepalive_ms, d.keepalive),
+            keepalive_jitter: ms(o.keepalive_jitter_ms, d.keepalive_jitter),
+        };
+        let relay = Relay::new(key, config);
+        relay.set_mesh_key(o.mesh_key);
+        Ok(RelayCore { relay })
+    }
+
+    /// The relay's public key, 64 lower-case hex characters.
+    #[napi(getter)]
+    pub fn public_key(&self) -> String {
+        hex::encode(self.relay.public_key())
+    }
+
+    /// Takes over a connected TCP socket by descriptor. The descriptor is duplicated, so the caller
+    /// destroys its own handle afterwards. `head` holds the bytes read past the request head.
+    #[napi]
+    pub fn accept_fd(
+        &self,
+        fd: i32,
+        head: Buffer,
+        upgrade: String,
+        ws_accept: Option<String>,
+        remote_address: String,
+        remote_port: u32,
+    ) -> Result<()> {
+        let upgrade = parse_upgrade(&upgrade, ws_accept)?;
+        let stream = dup_tcp_stream(fd)?;
+        let relay = self.relay.clone();
+        let head = Bytes::copy_from_slice(&head);
+        let remote = socket_addr(&remote_address, remote_port);
+        napi::bindgen_prelude::spawn(async move {
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(s) => derpmesh_relay::conn::serve(relay, Transport::Tcp(s), head, upgrade, remote).await,
+                Err(_) => derpmesh_relay::metrics::Metrics::inc(&relay.metrics.handshake_failure_io),
+            }
+        });
+        Ok(())
+    }
+
+    /// Serves a connection whose bytes the caller carries (TLS terminated in Node, Windows): push
+    /// what the socket reads into the bridge, write what `read()` yields to the socket.
+    #[napi]
+    pub fn open_bridge(
+        &self,
+        head: Buffer,
+        upgrade: String,
+        ws_accept: Option<String>,
+        remote_address: String,
+        remote_port: u32,
+    ) -> Result<Bridge> {
+        let upgrade = parse_upgrade(&upgrade, ws_accept)?;
+        let (relay_side, caller_side) = tokio::io::duplex(256 << 10);
+        let (mut from_relay, mut to_relay) = tokio::io::split(caller_side);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+        napi::bindgen_prelude::spawn(async move {
+            while let Some(chunk) = rx.recv().await {
+                if to_relay.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            let _ = to_relay.shutdown().await;
+        });
+        let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
+        napi::bindgen_prelude::spawn(async move {
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n) = from_relay.read(&mut buf).await {
+                if n == 0 || out_tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let relay = self.relay.clone();
+        let head = Bytes::copy_from_slice(&head);
+        let remote = socket_addr(&remote_address, remote_port);
+        napi::bindgen_prelude::spawn(derpmesh_relay::conn::serve(
+            relay,
+            Transport::Other(Box::new(relay_side)),
+            head,
+            upgrade,
+            remote,
+        ));
+        Ok(Bridge { input: std::sync::Mutex::new(Some(tx)), output: Mutex::new(out_rx) })
+    }
+
+    #[napi]
+    pub fn set_mesh_key(&self, mesh_key: Option<String>) {
+        self.relay.set_mesh_key(mesh_key);
+    }
+
+    /// Sets the problem text sent to clients in a Health frame; "" means healthy.
+    #[napi]
+    pub fn set_health(&self, problem: String) {
+        self.relay.set_health(&problem);
+    }
+
+    #[napi]
+    pub fn metrics(&self) -> Vec<Metric> {
+        self.relay
+            .metrics
+            .snapshot()
+            .into_iter()
+            .map(|m| Metric { name: m.name.to_string(), kind: m.kind.to_string(), help: m.help.to_string(), value: m.value as f64 })
+            .collect()
+    }
+
+    /// Graceful shutdown: Restarting to every client, flush, close; resolves when all connections
+    /// are gone or after `graceMs`.
+    #[napi]
+    pub async fn shutdown(&self, reconnect_in_ms: u32, try_for_ms: u32, grace_ms: u32) -> Result<()> {
+        let relay = self.relay.clone();
+        relay
+            .shutdown(
+                Duration::from_millis(reconnect_in_ms as u64),
+                Duration::from_millis(try_for_ms as u64),
+                Duration::from_millis(grace_ms as u64),
+            )
+            .await;
+        Ok(())
+    }
+}
+
+#[cfg(unix)]
+fn dup_tcp_stream(fd: i32) -> Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fcntl only duplicates the descriptor; the copy is owned by the TcpStream below.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if copy < 0 {
+        return Err(invalid(format!("cannot duplicate socket descriptor {fd}: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: `copy` is a fresh descriptor we own.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(copy) };
+    stream.set_nonblocking(true).map_err(|e| invalid(format!("cannot set descriptor non-blocking: {e}")))?;
+    Ok(stream)
+}
+
+#[cfg(not(unix))]
+fn dup_tcp_stream(_fd: i32) -> Result<std::net::TcpStream> {
+    Err(Error::new(Status::GenericFailure, "descriptor hand-over is not available on this platform; use openBridge"))
+}
+
+/// The caller's end of a bridged connection.
+#[napi]
+pub struct Bridge {
+    input: std::sync::Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+    output: Mutex<mpsc::Receiver<Bytes>>,
+}
+
+#[napi]
+impl Bridge {
+    /// Bytes the client sent.
+    #[napi]
+    pub fn push(&self, data: Buffer) {
+        if let Some(tx) = &*self.input.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = tx.send(Bytes::copy_from_slice(&data));
+        }
+    }
+
+    /// The client closed its side.
+    #[napi]
+    pub fn end(&self) {
+        self.input.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Next bytes to send to the client; `null` once the relay closed the connection.
+    #[napi]
+    pub async fn read(&self) -> Option<Buffer> {
+        self.output.lock().await.recv().await.map(|b| b.to_vec().into())
+    }
+}
+
+/// A new random X25519 private key (32 bytes).
+#[napi]
+pub fn generate_private_key() -> Buffer {
+    KeyPair::generate().private_bytes().to_vec().into()
+}
+
+/// The public key of a private key.
+#[napi]
+pub fn public_key_of(private_key: Buffer) -> Result<Buffer> {
+    Ok(KeyPair::from_private(key_from(&private_key, "privateKey")?).public().to_vec().into())
+}
+
+/// NaCl box of `message` from `privateKey` to `peerPublicKey`: nonce(24) ‖ tag(16) ‖ ciphertext.
+#[napi]
+pub fn box_seal(private_key: Buffer, peer_public_key: Buffer, message: Buffer) -> Result<Buffer> {
+    let pair = KeyPair::from_private(key_from(&private_key, "privateKey")?);
+    Ok(pair.seal(&key_from(&peer_public_key, "peerPublicKey")?, &message).into())
+}
+
+/// Opens a box sealed by `peerPublicKey` to `privateKey`; `null` if it does not authenticate.
+#[napi]
+pub fn box_open(private_key: Buffer, peer_public_key: Buffer, sealed: Buffer) -> Result<Option<Buffer>> {
+    let pair = KeyPair::from_private(key_from(&private_key, "privateKey")?);
+    Ok(pair.open(&key_from(&peer_public_key, "peerPublicKey")?, &sealed).map(Into::into))
+}
+
+/// One frame: type(1) ‖ length(4, BE) ‖ payload.
+#[napi]
+pub fn encode_frame(frame_type: u8, payload: Buffer) -> Result<Buffer> {
+    if payload.len() > MAX_FRAME_SIZE {
+        return Err(invalid(format!("frame payload of {} bytes exceeds {MAX_FRAME_SIZE}", payload.len())));
+    }
+    let t = FrameType::from_u8(frame_type).ok_or_else(|| invalid(format!("unknown frame type {frame_type:#04x}")))?;
+    Ok(frame::encode(t, &[&payload]).to_vec().into())
+}
+
+#[napi(object)]
+pub struct DecodedFrame {
+    pub frame_type: u8,
+    pub payload: Buffer,
+}
+
+/// Incremental frame decoder for clients: bytes in, whole frames out. Frames over 1 MiB are fatal.
+#[napi]
+pub struct FrameParser {
+    buf: Vec<u8>,
+}
+
+#[napi]
+impl FrameParser {
+    #[napi(constructor)]
+    pub fn new() -> Self {
+        FrameParser { buf: Vec::new() }
+    }
+
+    #[napi]
+    pub fn push(&mut self, chunk: Buffer) -> Result<Vec<DecodedFrame>> {
+        self.buf.extend_from_slice(&chunk);
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while let Some((t, len)) = frame::read_header(&self.buf[at..]) {
+            let len = len as usize;
+            if len > MAX_FRAME_SIZE {
+                return Err(Error::new(Status::GenericFailure, format!("frame of {len} bytes exceeds the {MAX_FRAME_SIZE}-byte limit")));
+            }
+            if self.buf.len() - at < HEADER_LEN + len {
+                break;
+            }
+            let payload = self.buf[at + HEADER_LEN..at + HEADER_LEN + len].to_vec();
+            frames.push(DecodedFrame { frame_type: t, payload: payload.into() });
+            at += HEADER_LEN + len;
+        }
+        self.buf.drain(..at);
+        Ok(frames)
+    }
+
+    /// Bytes buffered toward an incomplete frame.
+    #[napi(getter)]
+    pub fn buffered(&self) -> u32 {
+        self.buf.len() as u32
+    }
+}
+
+impl Default for FrameParser {
+    fn default() -> Self {
+        Self::new()
+    }
+}

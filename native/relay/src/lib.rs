@@ -1,9 +1,14 @@
 //! derpmesh relay core: a DERP v2 relay with mesh links and a load generator. No Node dependency;
 //! the napi-rs binding in `native/node` wraps it.
 
+pub mod client;
+pub mod conn;
 pub mod frame;
 pub mod handshake;
 pub mod io;
 pub mod keys;
-pub mod client;
 pub mod loadgen;
+pub mod metrics;
+pub mod outbox;
+pub mod relay;
+pub mod upgrade;

@@ -1,0 +1,409 @@
+//! One client connection: the handshake, then a reader loop (this task) and a writer task.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::sync::watch;
+
+use crate::frame::{
+    self, FrameType, HEADER_LEN, KEY_LEN, MAX_PACKET_SIZE, PEER_GONE_NOT_HERE, PEER_PRESENT_MESH_PEER,
+    PEER_PRESENT_PROBER, PEER_PRESENT_REGULAR, PING_LEN, PING_MAX,
+};
+use crate::handshake::{self, HandshakeError};
+use crate::io::{self, FrameReader};
+use crate::keys::Key;
+use crate::metrics::Metrics;
+use crate::outbox::{run_writer, Enqueued, OutFrame, Outbox, WriterExit};
+use crate::relay::{Relay, Route};
+use crate::upgrade::{self, Transport, Upgrade};
+
+pub struct Conn {
+    pub id: u64,
+    pub key: Key,
+    pub remote: SocketAddr,
+    /// Presented the mesh key: may watch, close peers and forward packets.
+    pub can_mesh: bool,
+    pub is_prober: bool,
+    pub outbox: Outbox,
+    closed: watch::Sender<bool>,
+    /// Another connection with the same key exists (last writer is active).
+    duplicate: AtomicBool,
+    preferred: AtomicBool,
+}
+
+impl Conn {
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    pub(crate) fn set_duplicate(&self, dup: bool) {
+        self.duplicate.store(dup, Relaxed);
+    }
+
+    pub(crate) fn peer_present_frame(&self) -> Bytes {
+        let (ip, port) = Relay::peer_addr_flags(&self.remote);
+        let flags = if self.can_mesh {
+            PEER_PRESENT_MESH_PEER
+        } else if self.is_prober {
+            PEER_PRESENT_PROBER
+        } else {
+            PEER_PRESENT_REGULAR
+        };
+        frame::peer_present(&self.key, &ip, port, flags)
+    }
+}
+
+/// Why a connection ended after its handshake, for metrics and tests.
+#[derive(Debug, PartialEq, Eq)]
+enum ReadExit {
+    Eof,
+    Closed,
+    ProtocolError,
+    PermissionDenied,
+}
+
+/// Serves one upgraded connection to its end. `head` holds bytes already read past the request.
+pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upgrade: Upgrade, remote: SocketAddr) {
+    Metrics::inc(&relay.metrics.accepts);
+    Metrics::inc(&relay.metrics.connections);
+    let _open = ConnectionGauge(&relay.metrics);
+    if relay.is_closing() {
+        return;
+    }
+    let Ok((reader, mut writer)) = upgrade::open(transport, &upgrade, &mut head).await else { return };
+
+    let mut preamble = BytesMut::new();
+    if upgrade == (Upgrade::Derp { fast_start: false }) {
+        preamble.put_slice(upgrade::derp_switching_protocols(relay.public_key()).as_bytes());
+    }
+    preamble.put_slice(&frame::server_key(relay.public_key()));
+    let mut reader = FrameReader::new(reader, &head);
+    drop(head);
+    let handshake = async {
+        io::write_all(&mut writer, &preamble).await.map_err(|_| HandshakeError::Io)?;
+        handshake::read_client_info(&mut reader, relay.key()).await
+    };
+    let (key, info) = match handshake.await {
+        Ok(v) => v,
+        Err(e) => {
+            count_handshake_failure(&relay.metrics, e);
+            return;
+        }
+    };
+    let can_mesh = info.mesh_key.as_deref().is_some_and(|k| relay.is_mesh_key(k));
+    let server_info = handshake::server_info_frame(relay.key(), &key);
+    let health = relay.health();
+    let mut hello = server_info.to_vec();
+    if !health.is_empty() {
+        hello.extend_from_slice(&frame::health(&health));
+    }
+    if tokio::time::timeout(relay.config.write_timeout, io::write_all(&mut writer, &hello)).await.map_or(true, |r| r.is_err()) {
+        count_handshake_failure(&relay.metrics, HandshakeError::Io);
+        return;
+    }
+
+    let (closed_tx, closed_rx) = watch::channel(false);
+    let conn = Arc::new(Conn {
+        id: relay.next_id(),
+        key,
+        remote,
+        can_mesh,
+        is_prober: info.is_prober,
+        outbox: Outbox::new(relay.config.queue_depth, relay.config.disco_queue_depth),
+        closed: closed_tx,
+        duplicate: AtomicBool::new(false),
+        preferred: AtomicBool::new(false),
+    });
+    if can_mesh {
+        Metrics::inc(&relay.metrics.mesh_connections);
+    }
+    relay.register(&conn);
+
+    let writer_task = {
+        let relay = relay.clone();
+        let conn = conn.clone();
+        let closed = closed_rx.clone();
+        tokio::spawn(async move {
+            let exit = run_writer(&conn.outbox, writer, closed, &relay.writer_config, &relay.keepalive_frame, || {
+                Metrics::inc(&relay.metrics.keepalives_sent)
+            })
+            .await;
+            if exit == WriterExit::WriteTimeout {
+                Metrics::inc(&relay.metrics.write_timeouts);
+            }
+            conn.close();
+        })
+    };
+
+    let exit = read_loop(&relay, &conn, &mut reader, closed_rx).await;
+    match exit {
+        ReadExit::ProtocolError => Metrics::inc(&relay.metrics.protocol_errors),
+        ReadExit::PermissionDenied => Metrics::inc(&relay.metrics.permission_denied),
+        ReadExit::Eof | ReadExit::Closed => {}
+    }
+    relay.unregister(&conn);
+    if conn.preferred.load(Relaxed) {
+        Metrics::dec(&relay.metrics.home_connections);
+    }
+    if can_mesh {
+        Metrics::dec(&relay.metrics.mesh_connections);
+    }
+    if exit == ReadExit::Closed {
+        // Closed from our side (ClosePeer, shutdown, write failure): let the writer finish flushing.
+        let _ = writer_task.await;
+    } else {
+        conn.close();
+        let _ = writer_task.await;
+    }
+}
+
+/// Decrements the open-connections gauge however `serve` returns.
+struct ConnectionGauge<'a>(&'a Metrics);
+
+impl Drop for ConnectionGauge<'_> {
+    fn drop(&mut self) {
+        Metrics::dec(&self.0.connections);
+    }
+}
+
+fn count_handshake_failure(m: &Metrics, e: HandshakeError) {
+    Metrics::inc(&m.handshake_failures);
+    Metrics::inc(match e {
+        HandshakeError::Timeout => &m.handshake_failure_timeout,
+        HandshakeError::BadFirstFrame => &m.handshake_failure_bad_first_frame,
+        HandshakeError::BadSize => &m.handshake_failure_bad_size,
+        HandshakeError::ZeroKey => &m.handshake_failure_zero_key,
+        HandshakeError::BoxOpen => &m.handshake_failure_box_open,
+        HandshakeError::BadJson => &m.handshake_failure_bad_json,
+        _ => &m.handshake_failure_io,
+    });
+}
+
+/// Token bucket for PeerGone(not here) answers: 1 per second, burst 3.
+struct NotHereLimiter {
+    tokens: f64,
+    last: Instant,
+}
+
+impl NotHereLimiter {
+    const RATE_PER_SEC: f64 = 1.0;
+    const BURST: f64 = 3.0;
+
+    fn new() -> Self {
+        NotHereLimiter { tokens: Self::BURST, last: Instant::now() }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * Self::RATE_PER_SEC).min(Self::BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Per-reader state that avoids shared writes on the packet path.
+struct ReaderState {
+    /// dst key → id of the connection already recorded as having received from us.
+    recorded: HashMap<Key, u64>,
+    /// (src, dst) pairs recorded for forwarded packets, keyed by src then dst.
+    recorded_forwarded: HashMap<(Key, Key), u64>,
+    not_here: NotHereLimiter,
+}
+
+async fn read_loop(relay: &Arc<Relay>, conn: &Arc<Conn>, reader: &mut FrameReader, mut closed: watch::Receiver<bool>) -> ReadExit {
+    let mut state = ReaderState { recorded: HashMap::new(), recorded_forwarded: HashMap::new(), not_here: NotHereLimiter::new() };
+    loop {
+        let header = tokio::select! {
+            h = reader.next_header() => h,
+            _ = closed.wait_for(|c| *c) => return ReadExit::Closed,
+        };
+        let Ok((t, len)) = header else { return ReadExit::Eof };
+        let result = tokio::select! {
+            r = handle_frame(relay, conn, reader, &mut state, t, len) => r,
+            _ = closed.wait_for(|c| *c) => return ReadExit::Closed,
+        };
+        match result {
+            Ok(()) => {}
+            Err(exit) => return exit,
+        }
+    }
+}
+
+async fn handle_frame(
+    relay: &Arc<Relay>,
+    conn: &Arc<Conn>,
+    reader: &mut FrameReader,
+    state: &mut ReaderState,
+    t: u8,
+    len: usize,
+) -> Result<(), ReadExit> {
+    let m = &relay.metrics;
+    let eof = |_| ReadExit::Eof;
+    match FrameType::from_u8(t) {
+        Some(FrameType::SendPacket) => {
+            if !(KEY_LEN..=KEY_LEN + MAX_PACKET_SIZE).contains(&len) {
+                return Err(ReadExit::ProtocolError);
+            }
+            let f = reader.take_frame(len).await.map_err(eof)?;
+            if conn.duplicate.load(Relaxed) {
+                relay.note_writer(conn);
+            }
+            send_packet(relay, conn, state, f);
+        }
+        Some(FrameType::ForwardPacket) => {
+            if !conn.can_mesh {
+                return Err(ReadExit::PermissionDenied);
+            }
+            if !(2 * KEY_LEN..=2 * KEY_LEN + MAX_PACKET_SIZE).contains(&len) {
+                return Err(ReadExit::ProtocolError);
+            }
+            let f = reader.take_frame(len).await.map_err(eof)?;
+            Metrics::inc(&m.packets_forwarded_in);
+            deliver_forwarded(relay, conn, state, f);
+        }
+        Some(FrameType::Ping) => {
+            if !(PING_LEN..=PING_MAX).contains(&len) {
+                return Err(ReadExit::ProtocolError);
+            }
+            let f = reader.take_frame(len).await.map_err(eof)?;
+            let mut data = [0u8; PING_LEN];
+            data.copy_from_slice(&f[HEADER_LEN..HEADER_LEN + PING_LEN]);
+            conn.outbox.push_control(frame::pong(&data));
+            Metrics::inc(&m.pings_received);
+        }
+        Some(FrameType::NotePreferred) => {
+            if len != 1 {
+                return Err(ReadExit::ProtocolError);
+            }
+            let f = reader.take_frame(len).await.map_err(eof)?;
+            let preferred = f[HEADER_LEN] != 0;
+            if conn.preferred.swap(preferred, Relaxed) != preferred {
+                if preferred {
+                    Metrics::inc(&m.home_connections);
+                } else {
+                    Metrics::dec(&m.home_connections);
+                }
+            }
+        }
+        Some(FrameType::WatchConns) => {
+            if !conn.can_mesh {
+                return Err(ReadExit::PermissionDenied);
+            }
+            if len != 0 {
+                return Err(ReadExit::ProtocolError);
+            }
+            reader.take_frame(0).await.map_err(eof)?;
+            relay.add_watcher(conn);
+        }
+        Some(FrameType::ClosePeer) => {
+            if !conn.can_mesh {
+                return Err(ReadExit::PermissionDenied);
+            }
+            if len != KEY_LEN {
+                return Err(ReadExit::ProtocolError);
+            }
+            let f = reader.take_frame(len).await.map_err(eof)?;
+            relay.close_peer(&frame::key_at(&f, HEADER_LEN));
+        }
+        _ => {
+            // Unknown types, and known ones a client has no reason to send (Pong, KeepAlive…): skip.
+            reader.skip_frame(len).await.map_err(eof)?;
+            if t != FrameType::Pong as u8 {
+                Metrics::inc(&m.unknown_frames);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// SendPacket `[04][len][dst][packet]` → RecvPacket `[05][len][src][packet]`, rewritten in place.
+fn send_packet(relay: &Arc<Relay>, conn: &Arc<Conn>, state: &mut ReaderState, mut f: BytesMut) {
+    let m = &relay.metrics;
+    let dst = frame::key_at(&f, HEADER_LEN);
+    let payload_len = (f.len() - HEADER_LEN - KEY_LEN) as u64;
+    Metrics::inc(&m.packets_received);
+    Metrics::add(&m.bytes_received, payload_len);
+    let disco = frame::is_disco(&f[HEADER_LEN + KEY_LEN..]);
+    match relay.route(&dst) {
+        Route::Local(dst_conn) => {
+            f[0] = FrameType::RecvPacket as u8;
+            f[HEADER_LEN..HEADER_LEN + KEY_LEN].copy_from_slice(&conn.key);
+            enqueue_local(relay, &dst_conn, OutFrame::whole(f.freeze()), disco, payload_len);
+            if state.recorded.get(&dst) != Some(&dst_conn.id) {
+                state.recorded.insert(dst, dst_conn.id);
+                relay.note_sent(&conn.key, &dst_conn);
+            }
+        }
+        Route::Mesh(forwarder) => {
+            // ForwardPacket = header ‖ src, then the client's dst ‖ packet, uncopied.
+            let body = f.freeze().slice(HEADER_LEN..);
+            let mut head = BytesMut::with_capacity(HEADER_LEN + KEY_LEN);
+            frame::put_header(&mut head, FrameType::ForwardPacket, KEY_LEN + body.len());
+            head.put_slice(&conn.key);
+            if forwarder.forward(OutFrame { head: head.freeze(), tail: body }) == Enqueued::DroppedOldest {
+                Metrics::inc(&m.packets_dropped_queue_full);
+            }
+            Metrics::inc(&m.packets_forwarded_out);
+        }
+        Route::Unknown => {
+            Metrics::inc(&m.packets_dropped_unknown_dest);
+            if disco && state.not_here.allow() {
+                conn.outbox.push_control(frame::peer_gone(&dst, PEER_GONE_NOT_HERE));
+                Metrics::inc(&m.peer_gone_not_here_sent);
+            }
+        }
+    }
+}
+
+/// ForwardPacket `[0a][len][src][dst][packet]` → RecvPacket `[05][len-32][src][packet]` for a local
+/// client only: forwarded packets are never forwarded again (one hop, no loops).
+fn deliver_forwarded(relay: &Arc<Relay>, conn: &Arc<Conn>, state: &mut ReaderState, mut f: BytesMut) {
+    let m = &relay.metrics;
+    let src = frame::key_at(&f, HEADER_LEN);
+    let dst = frame::key_at(&f, HEADER_LEN + KEY_LEN);
+    let packet_start = HEADER_LEN + 2 * KEY_LEN;
+    let payload_len = (f.len() - packet_start) as u64;
+    Metrics::inc(&m.packets_received);
+    Metrics::add(&m.bytes_received, payload_len);
+    let disco = frame::is_disco(&f[packet_start..]);
+    let Some(dst_conn) = relay.local(&dst) else {
+        Metrics::inc(&m.packets_dropped_unknown_dest_on_fwd);
+        if disco && state.not_here.allow() {
+            conn.outbox.push_control(frame::peer_gone(&dst, PEER_GONE_NOT_HERE));
+            Metrics::inc(&m.peer_gone_not_here_sent);
+        }
+        return;
+    };
+    let _ = bytes::Buf::advance(&mut f, KEY_LEN);
+    f[0] = FrameType::RecvPacket as u8;
+    f[1..HEADER_LEN].copy_from_slice(&((KEY_LEN as u64 + payload_len) as u32).to_be_bytes());
+    f[HEADER_LEN..HEADER_LEN + KEY_LEN].copy_from_slice(&src);
+    enqueue_local(relay, &dst_conn, OutFrame::whole(f.freeze()), disco, payload_len);
+    if state.recorded_forwarded.get(&(src, dst)) != Some(&dst_conn.id) {
+        state.recorded_forwarded.insert((src, dst), dst_conn.id);
+        relay.note_sent(&src, &dst_conn);
+    }
+}
+
+fn enqueue_local(relay: &Relay, dst: &Conn, f: OutFrame, disco: bool, payload_len: u64) {
+    let m = &relay.metrics;
+    match dst.outbox.push_packet(f, disco) {
+        Enqueued::Queued => {}
+        Enqueued::DroppedOldest => Metrics::inc(&m.packets_dropped_queue_full),
+        Enqueued::Closed => {
+            Metrics::inc(&m.packets_dropped_gone);
+            return;
+        }
+    }
+    Metrics::inc(&m.packets_sent);
+    Metrics::add(&m.bytes_sent, payload_len);
+}

@@ -1,0 +1,148 @@
+// The node's HTTP server: relay endpoints, DERP upgrades, health and metrics, with bounded
+// request heads so a client that never finishes its headers cannot hold a connection.
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer as createTlsServer, type ServerOptions as HttpsOptions } from 'node:https';
+import type { AddressInfo, Socket } from 'node:net';
+
+import { DerpmeshError } from '../errors.js';
+import type { Logger } from '../log.js';
+import { Counters, renderPrometheus, type MetricSample } from '../metrics.js';
+import type { Relay } from '../relay.js';
+
+export type RouteHandler = (req: IncomingMessage, res: ServerResponse) => boolean | Promise<boolean>;
+
+export interface HttpServerOptions {
+  relay: Relay;
+  host: string;
+  port: number;
+  logger: Logger;
+  /** Serve HTTPS with these options (TLS terminated in Node: DERP goes through the byte bridge). */
+  tls?: HttpsOptions;
+  /** A request head must be complete within this time (default 10000 ms). */
+  headerTimeoutMs?: number;
+  /** Extra routes tried before the 404 (the HA API adds its own). */
+  routes?: RouteHandler[];
+  /** Extra metric samples for /metrics. */
+  metrics?: () => MetricSample[];
+}
+
+export const httpCounters = () =>
+  new Counters({
+    http_header_timeouts: 'Connections closed because the request head did not complete in time.',
+    http_client_errors: 'Connections closed for malformed HTTP.',
+    http_not_found: 'Requests for unknown paths.',
+    upgrades_rejected: 'Upgrade requests refused (not DERP, or during shutdown).',
+  });
+
+export interface HttpServer {
+  server: Server;
+  /** `http://host:port` of the bound address. */
+  url: string;
+  port: number;
+  counters: ReturnType<typeof httpCounters>;
+  close(): Promise<void>;
+}
+
+export async function startHttpServer(options: HttpServerOptions): Promise<HttpServer> {
+  const { relay, logger } = options;
+  const counters = httpCounters();
+  const headerTimeoutMs = options.headerTimeoutMs ?? 10_000;
+  const routes = options.routes ?? [];
+
+  const onRequest = async (req: IncomingMessage, res: ServerResponse) => {
+    try {
+      if (relay.handleRequest(req, res)) return;
+      const path = (req.url ?? '').split('?')[0];
+      if (path === '/metrics') {
+        const samples: MetricSample[] = [...relay.metrics(), ...counters.samples(), ...(options.metrics?.() ?? [])];
+        res.writeHead(200, { 'Content-Type': 'text/plain; version=0.0.4' }).end(renderPrometheus(samples));
+        return;
+      }
+      for (const route of routes) {
+        if (await route(req, res)) return;
+      }
+      counters.inc('http_not_found');
+      res.writeHead(404, { 'Content-Type': 'text/plain' }).end('not found\n');
+    } catch (err) {
+      logger.error('request failed', { path: req.url, err });
+      if (!res.headersSent) res.writeHead(500, { 'Content-Type': 'text/plain' });
+      res.end('internal error\n');
+    }
+  };
+
+  const server: Server = options.tls ? createTlsServer(options.tls) : createServer();
+  server.on('request', (req, res) => void onRequest(req, res));
+  server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
+    clearHeaderTimer(socket);
+    if (!relay.isDerpUpgrade(req)) {
+      counters.inc('upgrades_rejected');
+      socket.end('HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
+      return;
+    }
+    relay.handleUpgrade(req, socket, head);
+  });
+
+  // Our own head timer: Node's headersTimeout is only checked every connectionsCheckingInterval.
+  const connectionEvent = options.tls ? 'secureConnection' : 'connection';
+  server.on(connectionEvent, (socket: Socket) => {
+    const timer = setTimeout(() => {
+      counters.inc('http_header_timeouts');
+      socket.destroy();
+    }, headerTimeoutMs);
+    timer.unref();
+    headerTimers.set(socket, timer);
+    socket.once('close', () => clearHeaderTimer(socket));
+  });
+  server.on('request', (req: IncomingMessage) => clearHeaderTimer(req.socket));
+  server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => {
+    counters.inc('http_client_errors');
+    logger.debug('malformed HTTP request', { code: err.code, remote: socket.remoteAddress });
+    if (socket.writable && !socket.destroyed) {
+      socket.end('HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
+    }
+    socket.destroy();
+  });
+  server.headersTimeout = headerTimeoutMs + 1_000;
+  server.requestTimeout = 60_000;
+  server.keepAliveTimeout = 5_000;
+
+  await new Promise<void>((resolve, reject) => {
+    const onError = (err: NodeJS.ErrnoException) =>
+      reject(
+        new DerpmeshError(
+          'DERPMESH_ERR_LISTEN',
+          `cannot listen on ${options.host}:${options.port}: ${err.code ?? err.message}` +
+            (err.code === 'EADDRINUSE' ? ' (another process uses this port; set CODER_ADDRESS to a free one)' : ''),
+          `${options.host}:${options.port}`,
+        ),
+      );
+    server.once('error', onError);
+    server.listen(options.port, options.host, () => {
+      server.off('error', onError);
+      resolve();
+    });
+  });
+  const port = (server.address() as AddressInfo).port;
+  const hostForUrl = options.host.includes(':') ? `[${options.host}]` : options.host === '0.0.0.0' || options.host === '::' ? '127.0.0.1' : options.host;
+  return {
+    server,
+    port,
+    url: `${options.tls ? 'https' : 'http'}://${hostForUrl}:${port}`,
+    counters,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        server.closeAllConnections();
+      }),
+  };
+}
+
+const headerTimers = new WeakMap<Socket, NodeJS.Timeout>();
+
+function clearHeaderTimer(socket: Socket): void {
+  const timer = headerTimers.get(socket);
+  if (timer) {
+    clearTimeout(timer);
+    headerTimers.delete(socket);
+  }
+}

@@ -1,0 +1,205 @@
+// The relay as Node sees it: hands upgraded connections to the Rust core (by file descriptor when
+// it can, through a byte bridge when TLS is terminated in Node) and serves the relay's plain
+// HTTP endpoints. This is the embedding seam, shaped like ws: `handleUpgrade(req, socket, head)`.
+import { createHash } from 'node:crypto';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { TLSSocket } from 'node:tls';
+
+import { DerpmeshError } from './errors.js';
+import { native, type Metric } from './native.js';
+
+/** The WebSocket GUID of RFC 6455, used to compute Sec-WebSocket-Accept. */
+const WEBSOCKET_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
+
+export interface RelayOptions {
+  /** 32-byte private key of the relay; generated when absent. */
+  privateKey?: Buffer;
+  /** Shared mesh key: grants WatchConns, ClosePeer and ForwardPacket. Never logged. */
+  meshKey?: string;
+  /** Packets queued per client before the oldest is dropped (default 512). */
+  queueDepth?: number;
+  /** Disco packets queued per client (default 32). */
+  discoQueueDepth?: number;
+  /** A write stalled this long closes the client (default 2000 ms). */
+  writeTimeoutMs?: number;
+  /** KeepAlive period (default 60000 ms) plus up to `keepaliveJitterMs` (default 5000 ms). */
+  keepaliveMs?: number;
+  keepaliveJitterMs?: number;
+}
+
+export interface ShutdownOptions {
+  /** Sent in the Restarting frame: when clients should reconnect (default 0 ms: at once, elsewhere). */
+  reconnectInMs?: number;
+  /** Sent in the Restarting frame: how long clients should keep trying (default 30000 ms). */
+  tryForMs?: number;
+  /** How long to wait for clients to be flushed and closed (default 5000 ms). */
+  graceMs?: number;
+}
+
+type UpgradeKind = 'derp' | 'derp-fast-start' | 'websocket';
+
+/** Counters of what Node rejected before the relay core saw it. */
+export interface UpgradeCounters {
+  upgradesRejected: number;
+  upgradesBridged: number;
+}
+
+export class Relay {
+  readonly #core: InstanceType<typeof native.RelayCore>;
+  readonly counters: UpgradeCounters = { upgradesRejected: 0, upgradesBridged: 0 };
+  #closed = false;
+
+  constructor(options: RelayOptions = {}) {
+    this.#core = new native.RelayCore(options);
+  }
+
+  /** The relay's public key as `nodekey:<64 hex>`. */
+  get publicKey(): string {
+    return `nodekey:${this.#core.publicKey}`;
+  }
+
+  /** Whether `req` asks for a DERP connection this relay should take. */
+  isDerpUpgrade(req: IncomingMessage): boolean {
+    const path = (req.url ?? '').split('?')[0];
+    return path === '/derp' || path === '/derp/';
+  }
+
+  /**
+   * Takes over an upgraded connection. Call it synchronously from the server's `upgrade` event
+   * (no `await` before it), so Node reads nothing more from the socket.
+   */
+  handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
+    const kind = this.#classify(req);
+    if (this.#closed || kind === undefined) {
+      this.counters.upgradesRejected++;
+      const body = this.#closed ? 'relay is shutting down' : 'DERP requires connection upgrade';
+      const status = this.#closed ? '503 Service Unavailable' : '426 Upgrade Required';
+      socket.end(`HTTP/1.1 ${status}\r\nContent-Type: text/plain\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`);
+      return;
+    }
+    const accept = kind === 'websocket' ? websocketAccept(String(req.headers['sec-websocket-key'] ?? '')) : undefined;
+    const remoteAddress = req.socket.remoteAddress ?? '0.0.0.0';
+    const remotePort = req.socket.remotePort ?? 0;
+    const fd = descriptorOf(socket);
+    if (fd !== undefined) {
+      try {
+        this.#core.acceptFd(fd, head, kind, accept, remoteAddress, remotePort);
+        socket.destroy();
+        return;
+      } catch {
+        // Fall through to the bridge: correct, just slower.
+      }
+    }
+    this.counters.upgradesBridged++;
+    this.#bridge(socket, head, kind, accept, remoteAddress, remotePort);
+  }
+
+  /** Serves the relay's plain HTTP endpoints; returns false for any other request. */
+  handleRequest(req: IncomingMessage, res: ServerResponse): boolean {
+    const path = (req.url ?? '').split('?')[0];
+    switch (path) {
+      case '/derp':
+      case '/derp/':
+        res.writeHead(426, { 'Content-Type': 'text/plain', Connection: 'close' }).end('DERP requires connection upgrade');
+        return true;
+      case '/derp/probe':
+      case '/derp/latency-check':
+        if (req.method !== 'GET' && req.method !== 'HEAD') {
+          res.writeHead(405, { Allow: 'GET, HEAD', 'Content-Type': 'text/plain' }).end('bogus probe method');
+          return true;
+        }
+        res.writeHead(200, { 'Access-Control-Allow-Origin': '*', 'Content-Length': 0 }).end();
+        return true;
+      case '/generate_204': {
+        const headers: Record<string, string> = {
+          'Cache-Control': 'no-cache, no-store, must-revalidate, no-transform, max-age=0',
+        };
+        const challenge = req.headers['x-tailscale-challenge'];
+        if (typeof challenge === 'string' && /^[A-Za-z0-9._:-]{1,64}$/.test(challenge)) {
+          headers['X-Tailscale-Response'] = `response ${challenge}`;
+        }
+        res.writeHead(204, headers).end();
+        return true;
+      }
+      default:
+        return false;
+    }
+  }
+
+  setMeshKey(meshKey: string | undefined): void {
+    this.#core.setMeshKey(meshKey);
+  }
+
+  /** Tells every client (now and on connect) that this node is degraded; "" = healthy again. */
+  setHealth(problem: string): void {
+    this.#core.setHealth(problem);
+  }
+
+  /** Counters and gauges of the relay core. */
+  metrics(): Metric[] {
+    return this.#core.metrics();
+  }
+
+  metric(name: string): number {
+    return this.#core.metrics().find((m) => m.name === name)?.value ?? 0;
+  }
+
+  /** Graceful shutdown: Restarting to every client, flush, close. New upgrades get 503. */
+  async close(options: ShutdownOptions = {}): Promise<void> {
+    this.#closed = true;
+    await this.#core.shutdown(options.reconnectInMs ?? 0, options.tryForMs ?? 30_000, options.graceMs ?? 5_000);
+  }
+
+  #classify(req: IncomingMessage): UpgradeKind | undefined {
+    const upgrade = String(req.headers.upgrade ?? '').toLowerCase();
+    if (upgrade === 'websocket') {
+      const protocols = String(req.headers['sec-websocket-protocol'] ?? '')
+        .split(',')
+        .map((p) => p.trim());
+      // Without the derp subprotocol, very old clients sent `Upgrade: websocket` for plain DERP.
+      if (protocols.includes('derp') && req.headers['sec-websocket-key']) return 'websocket';
+    } else if (upgrade !== 'derp') {
+      return undefined;
+    }
+    return req.headers['derp-fast-start'] === '1' ? 'derp-fast-start' : 'derp';
+  }
+
+  #bridge(socket: Duplex, head: Buffer, kind: UpgradeKind, accept: string | undefined, address: string, port: number): void {
+    let bridge;
+    try {
+      bridge = this.#core.openBridge(head, kind, accept, address, port);
+    } catch (err) {
+      socket.destroy();
+      throw new DerpmeshError('DERPMESH_ERR_UPGRADE', `cannot bridge DERP connection: ${(err as Error).message}`);
+    }
+    socket.on('data', (chunk: Buffer) => bridge.push(chunk));
+    socket.on('end', () => bridge.end());
+    socket.on('close', () => bridge.end());
+    socket.on('error', () => bridge.end());
+    void (async () => {
+      for (;;) {
+        const chunk = await bridge.read();
+        if (chunk === null || socket.destroyed) break;
+        if (!socket.write(chunk)) {
+          await new Promise<void>((resolve) => {
+            socket.once('drain', resolve);
+            socket.once('close', resolve);
+          });
+        }
+      }
+      socket.end();
+    })();
+  }
+}
+
+function websocketAccept(key: string): string {
+  return createHash('sha1').update(key + WEBSOCKET_GUID).digest('base64');
+}
+
+/** The socket's file descriptor when the relay can take it over directly (plain TCP on Unix). */
+function descriptorOf(socket: Duplex): number | undefined {
+  if (process.platform === 'win32' || socket instanceof TLSSocket) return undefined;
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
+}
