@@ -61,7 +61,7 @@ if command -v timeout >/dev/null 2>&1; then
   TIMEOUT_CMD=(timeout "${DERPMESH_GO_TIMEOUT:-1200}")
 fi
 
-echo "derper.sh: installing $TS_MODULE/cmd/derper@$TS_VERSION into $BIN_DIR (first run downloads modules and builds; ~1-2 min)" >&2
+echo "derper.sh: installing $TS_MODULE/cmd/derper@$TS_VERSION into $BIN_DIR (a cold cache downloads modules and builds: up to ~3 min)" >&2
 start=$SECONDS
 # `go install pkg@version` ignores any go.mod in the current directory; run it
 # from the cache dir anyway so a surrounding module cannot interfere.

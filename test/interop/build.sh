@@ -50,7 +50,7 @@ if command -v timeout >/dev/null 2>&1; then
   TIMEOUT_CMD=(timeout "${DERPMESH_GO_TIMEOUT:-1200}")
 fi
 
-echo "build.sh: building derpinterop from $SRC (first run downloads tailscale.com modules; ~1 min)" >&2
+echo "build.sh: building derpinterop from $SRC (a cold cache downloads tailscale.com modules: up to ~1.5 min)" >&2
 start=$SECONDS
 tmp="$BIN.tmp.$$"
 trap 'rm -f "$tmp"' EXIT
