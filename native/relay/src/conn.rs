@@ -95,17 +95,6 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
         }
     };
     let can_mesh = info.mesh_key.as_deref().is_some_and(|k| relay.is_mesh_key(k));
-    let server_info = handshake::server_info_frame(relay.key(), &key);
-    let health = relay.health();
-    let mut hello = server_info.to_vec();
-    if !health.is_empty() {
-        hello.extend_from_slice(&frame::health(&health));
-    }
-    if tokio::time::timeout(relay.config.write_timeout, io::write_all(&mut writer, &hello)).await.map_or(true, |r| r.is_err()) {
-        count_handshake_failure(&relay.metrics, HandshakeError::Io);
-        return;
-    }
-
     let (closed_tx, closed_rx) = watch::channel(false);
     let conn = Arc::new(Conn {
         id: relay.next_id(),
@@ -118,10 +107,22 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
         duplicate: AtomicBool::new(false),
         preferred: AtomicBool::new(false),
     });
+    // Registered before ServerInfo goes out: a client may send to a peer the moment its peer's
+    // handshake completes. Packets queued meanwhile are written after ServerInfo by the writer.
+    relay.register(&conn);
+    let mut hello = handshake::server_info_frame(relay.key(), &key).to_vec();
+    let health = relay.health();
+    if !health.is_empty() {
+        hello.extend_from_slice(&frame::health(&health));
+    }
+    if tokio::time::timeout(relay.config.write_timeout, io::write_all(&mut writer, &hello)).await.map_or(true, |r| r.is_err()) {
+        relay.unregister(&conn);
+        count_handshake_failure(&relay.metrics, HandshakeError::Io);
+        return;
+    }
     if can_mesh {
         Metrics::inc(&relay.metrics.mesh_connections);
     }
-    relay.register(&conn);
 
     let writer_task = {
         let relay = relay.clone();

@@ -72,6 +72,9 @@ pub async fn open(transport: Transport, upgrade: &Upgrade, head: &mut Bytes) -> 
     }
 }
 
+/// Go clients (coder/websocket with its default read limit) reject messages over 32 KiB.
+const MAX_WEBSOCKET_MESSAGE: usize = 32 << 10;
+
 /// Bridges WebSocket messages to a byte stream: incoming binary messages are concatenated, outgoing
 /// bytes are sent as binary messages as they come (a frame may span messages, a message may hold
 /// several frames).
@@ -99,7 +102,7 @@ async fn websocket_pipe<S: Stream>(stream: S, head: Bytes) -> (Reader, Writer) {
             let _ = to_relay.shutdown().await;
         };
         let outbound = async {
-            let mut buf = vec![0u8; 64 << 10];
+            let mut buf = vec![0u8; MAX_WEBSOCKET_MESSAGE];
             loop {
                 match from_relay.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
