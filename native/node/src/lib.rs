@@ -351,3 +351,94 @@ impl Default for FrameParser {
         Self::new()
     }
 }
+
+/// What `runLoad` runs: N sender→receiver pairs through a DERP relay.
+#[napi(object)]
+pub struct LoadOptions {
+    /// Relay the senders dial, `http://host:port`.
+    pub url: String,
+    /// Relay the receivers dial (default: `url`); another node measures the mesh path.
+    pub receiver_url: Option<String>,
+    pub pairs: Option<u32>,
+    pub packet_size: Option<u32>,
+    pub duration_ms: Option<u32>,
+    pub warmup_ms: Option<u32>,
+    /// Packets per second per sender; unset = as fast as the relay takes them.
+    pub rate_per_pair: Option<f64>,
+    /// Packets in flight per pair (sent, not yet received); unset = no cap.
+    pub window: Option<u32>,
+}
+
+#[napi(object)]
+pub struct LoadReport {
+    pub pairs: u32,
+    pub packet_size: u32,
+    pub duration_secs: f64,
+    pub packets_sent: f64,
+    pub packets_received: f64,
+    pub packets_per_sec: f64,
+    pub gbit_per_sec: f64,
+    pub loss_ratio: f64,
+    pub rtt_p50_us: Option<f64>,
+    pub rtt_p90_us: Option<f64>,
+    pub rtt_p99_us: Option<f64>,
+    pub rtt_samples: u32,
+}
+
+/// Runs the load generator (in Rust, off the JS thread) and reports.
+#[napi]
+pub async fn run_load(options: LoadOptions) -> Result<LoadReport> {
+    use derpmesh_relay::loadgen;
+    let d = loadgen::LoadOptions::default();
+    let opts = loadgen::LoadOptions {
+        url: options.url,
+        receiver_url: options.receiver_url,
+        pairs: options.pairs.map_or(d.pairs, |v| v as usize),
+        packet_size: options.packet_size.map_or(d.packet_size, |v| v as usize),
+        duration: options.duration_ms.map_or(d.duration, |v| Duration::from_millis(v as u64)),
+        warmup: options.warmup_ms.map_or(d.warmup, |v| Duration::from_millis(v as u64)),
+        rate_per_pair: options.rate_per_pair,
+        window: options.window.map(|w| w as usize),
+        ..d
+    };
+    let r = loadgen::run(opts).await.map_err(|e| Error::new(Status::GenericFailure, e))?;
+    let us = |v: Option<u64>| v.map(|v| v as f64);
+    Ok(LoadReport {
+        pairs: r.pairs as u32,
+        packet_size: r.packet_size as u32,
+        duration_secs: r.duration_secs,
+        packets_sent: r.packets_sent as f64,
+        packets_received: r.packets_received as f64,
+        packets_per_sec: r.packets_per_sec,
+        gbit_per_sec: r.gbit_per_sec,
+        loss_ratio: r.loss_ratio,
+        rtt_p50_us: us(r.rtt_p50_us),
+        rtt_p90_us: us(r.rtt_p90_us),
+        rtt_p99_us: us(r.rtt_p99_us),
+        rtt_samples: r.rtt_samples as u32,
+    })
+}
+
+/// Connects `count` idle clients to `url` and keeps them connected for `holdMs` (memory benchmark).
+/// Resolves with how many connected.
+#[napi]
+pub async fn hold_clients(url: String, count: u32, hold_ms: u32) -> Result<u32> {
+    use derpmesh_relay::client;
+    use derpmesh_relay::handshake::ClientInfo;
+    let info = ClientInfo { version: 2, mesh_key: None, can_ack_pings: true, is_prober: false };
+    let mut conns = Vec::with_capacity(count as usize);
+    for chunk in 0..count.div_ceil(64) {
+        let n = 64.min(count - chunk * 64);
+        let dials = (0..n).map(|_| {
+            let (url, info) = (url.clone(), info.clone());
+            async move { client::dial(&url, &KeyPair::generate(), &info).await }
+        });
+        for d in futures::future::join_all(dials).await {
+            conns.push(d.map_err(|e| Error::new(Status::GenericFailure, e.to_string()))?);
+        }
+    }
+    let connected = conns.len() as u32;
+    tokio::time::sleep(Duration::from_millis(hold_ms as u64)).await;
+    drop(conns);
+    Ok(connected)
+}

@@ -95,9 +95,11 @@ pub async fn write_all_vectored(w: &mut Writer, bufs: &mut Vec<Bytes>) -> io::Re
     let mut first = 0;
     while first < bufs.len() {
         let end = (first + MAX_SLICES).min(bufs.len());
-        let slices: Vec<IoSlice<'_>> = bufs[first..end].iter().map(|b| IoSlice::new(b)).collect();
-        let mut n = w.write_vectored(&slices).await?;
-        drop(slices);
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        for (slot, b) in slices.iter_mut().zip(&bufs[first..end]) {
+            *slot = IoSlice::new(b);
+        }
+        let mut n = w.write_vectored(&slices[..end - first]).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

@@ -1,0 +1,232 @@
+// One DERP connection: dial, handshake (ServerKey → ClientInfo → ServerInfo), then decoded frames
+// out and encoded frames in. No reconnecting; DerpClient does that.
+import { native } from '../native.js';
+import { derpClientError } from './errors.js';
+import { type ClientInfo, type ServerInfo, clientInfoFrame, openServerInfo, parseServerKey } from './handshake.js';
+import { type ServerMessage, decodeServerFrame } from './messages.js';
+import { type Transport, type TransportKind, dial } from './transport.js';
+import type { ConnectionOptions as TlsOptions } from 'node:tls';
+
+export interface ConnectionOptions {
+  url: URL;
+  kind: TransportKind;
+  fastStart: boolean;
+  privateKey: Buffer;
+  publicKey: Buffer;
+  /** Expected server key. Under fast start over TCP it lets ClientInfo go out with the request. */
+  serverPublicKey: Buffer | undefined;
+  clientInfo: ClientInfo;
+  tls: TlsOptions | undefined;
+  /** Limit for dial plus handshake. */
+  timeoutMs: number;
+  /** Aborting abandons the attempt (the client is closing). */
+  signal: AbortSignal;
+}
+
+export interface ConnectionHandlers {
+  /** A frame after the handshake. May be called before `open` resolves (frames in the same chunk as ServerInfo). */
+  message(message: ServerMessage, connection: DerpConnection): void;
+  /** The connection ended after `open` resolved. */
+  close(error: Error | undefined): void;
+}
+
+type State = 'serverKey' | 'serverInfo' | 'open' | 'closed';
+
+/** Grace for a graceful close before the connection is cut. */
+const CLOSE_GRACE_MS = 1000;
+
+export class DerpConnection {
+  readonly #transport: Transport;
+  readonly #options: ConnectionOptions;
+  readonly #handlers: ConnectionHandlers;
+  readonly #parser = new native.FrameParser();
+  #state: State = 'serverKey';
+  #clientInfoSent: boolean;
+  #serverPublicKey: Buffer | undefined;
+  #serverInfo: ServerInfo = {};
+  #handshakeDone: ((error?: Error) => void) | undefined;
+  #closed: Promise<void>;
+  #resolveClosed!: () => void;
+
+  /** Dials and completes the handshake; resolves after ServerInfo opened. */
+  static open(options: ConnectionOptions, handlers: ConnectionHandlers): Promise<DerpConnection> {
+    const controller = new AbortController();
+    const timer = setTimeout(
+      () =>
+        controller.abort(
+          derpClientError('DERP_ERR_TIMEOUT', `no DERP session with ${options.url.host} within ${options.timeoutMs} ms`, {
+            value: options.timeoutMs,
+          }),
+        ),
+      options.timeoutMs,
+    );
+    const onOuterAbort = (): void => controller.abort(options.signal.reason);
+    if (options.signal.aborted) onOuterAbort();
+    else options.signal.addEventListener('abort', onOuterAbort, { once: true });
+    const cleanup = (): void => {
+      clearTimeout(timer);
+      options.signal.removeEventListener('abort', onOuterAbort);
+    };
+
+    // Under fast start over TCP with a known server key, ClientInfo rides in the request's write.
+    const early =
+      options.fastStart && options.kind === 'tcp' && options.serverPublicKey !== undefined
+        ? clientInfoFrame(options.privateKey, options.publicKey, options.serverPublicKey, options.clientInfo)
+        : undefined;
+    return dial({
+      url: options.url,
+      kind: options.kind,
+      fastStart: options.fastStart && options.kind === 'tcp',
+      firstBytes: early,
+      tls: options.tls,
+      signal: controller.signal,
+    }).then(
+      (transport) =>
+        new Promise<DerpConnection>((resolve, reject) => {
+          const connection = new DerpConnection(transport, options, handlers, early !== undefined);
+          const onAbort = (): void => connection.#fail(controller.signal.reason as Error);
+          controller.signal.addEventListener('abort', onAbort, { once: true });
+          connection.#handshakeDone = (error) => {
+            controller.signal.removeEventListener('abort', onAbort);
+            cleanup();
+            if (error === undefined) resolve(connection);
+            else reject(error);
+          };
+          transport.start({ data: (bytes) => connection.#onData(bytes), close: (error) => connection.#onClose(error) });
+        }),
+      (error: unknown) => {
+        cleanup();
+        throw error;
+      },
+    );
+  }
+
+  private constructor(transport: Transport, options: ConnectionOptions, handlers: ConnectionHandlers, clientInfoSent: boolean) {
+    this.#transport = transport;
+    this.#options = options;
+    this.#handlers = handlers;
+    this.#clientInfoSent = clientInfoSent;
+    this.#closed = new Promise((resolve) => {
+      this.#resolveClosed = resolve;
+    });
+  }
+
+  /** The relay's public key (from its ServerKey frame). */
+  get serverPublicKey(): Buffer {
+    return this.#serverPublicKey!;
+  }
+
+  get serverInfo(): ServerInfo {
+    return this.#serverInfo;
+  }
+
+  get transport(): Transport {
+    return this.#transport;
+  }
+
+  get isOpen(): boolean {
+    return this.#state === 'open';
+  }
+
+  write(frame: Buffer): void {
+    if (this.#state !== 'closed') this.#transport.write(frame);
+  }
+
+  /** Ends the connection gracefully; cuts it after a short grace. */
+  close(): Promise<void> {
+    if (this.#state !== 'closed') {
+      this.#transport.end();
+      const timer = setTimeout(() => this.#transport.destroy(), CLOSE_GRACE_MS);
+      void this.#closed.then(() => clearTimeout(timer));
+    }
+    return this.#closed;
+  }
+
+  /** Cuts the connection at once. */
+  destroy(): void {
+    this.#transport.destroy();
+  }
+
+  #onData(bytes: Buffer): void {
+    let frames;
+    try {
+      frames = this.#parser.push(bytes);
+    } catch (err) {
+      this.#fail(derpClientError('DERP_ERR_PROTOCOL', `the relay sent an invalid frame: ${(err as Error).message}`, { cause: err }));
+      return;
+    }
+    for (const { frameType, payload } of frames) {
+      if (this.#state === 'closed') return;
+      let message: ServerMessage;
+      try {
+        if (this.#state !== 'open') {
+          this.#onHandshakeFrame(frameType, payload);
+          continue;
+        }
+        message = decodeServerFrame(frameType, payload);
+      } catch (err) {
+        this.#fail(err as Error);
+        return;
+      }
+      this.#handlers.message(message, this);
+    }
+  }
+
+  #onHandshakeFrame(frameType: number, payload: Buffer): void {
+    if (this.#state === 'serverKey') {
+      const serverKey = parseServerKey(frameType, payload);
+      const expected = this.#options.serverPublicKey;
+      if (expected !== undefined && !expected.equals(serverKey)) {
+        throw derpClientError('DERP_ERR_HANDSHAKE', `the relay's key ${serverKey.toString('hex')} is not the expected one`, {
+          value: serverKey.toString('hex'),
+        });
+      }
+      this.#serverPublicKey = serverKey;
+      if (!this.#clientInfoSent) {
+        const { privateKey, publicKey, clientInfo } = this.#options;
+        this.#transport.write(clientInfoFrame(privateKey, publicKey, serverKey, clientInfo));
+        this.#clientInfoSent = true;
+      }
+      this.#state = 'serverInfo';
+      return;
+    }
+    this.#serverInfo = openServerInfo(this.#options.privateKey, this.#serverPublicKey!, frameType, payload);
+    this.#state = 'open';
+    this.#settleHandshake();
+  }
+
+  #settleHandshake(error?: Error): void {
+    const done = this.#handshakeDone;
+    this.#handshakeDone = undefined;
+    done?.(error);
+  }
+
+  #fail(error: Error): void {
+    if (this.#state === 'closed') return;
+    const wasOpen = this.#state === 'open';
+    this.#state = 'closed';
+    this.#transport.destroy();
+    this.#finish(wasOpen, error);
+  }
+
+  #onClose(error: Error | undefined): void {
+    if (this.#state === 'closed') {
+      this.#resolveClosed();
+      return;
+    }
+    const wasOpen = this.#state === 'open';
+    this.#state = 'closed';
+    this.#finish(
+      wasOpen,
+      wasOpen
+        ? error
+        : derpClientError('DERP_ERR_HANDSHAKE', `the relay closed the connection during the handshake`, { cause: error }),
+    );
+  }
+
+  #finish(wasOpen: boolean, error: Error | undefined): void {
+    this.#resolveClosed();
+    if (wasOpen) this.#handlers.close(error);
+    else this.#settleHandshake(error);
+  }
+}

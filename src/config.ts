@@ -1,0 +1,332 @@
+// Every server option, declared once: its flag, environment names, default and description.
+// The CLI help, the README table (`derpmesh config-table`) and validation all come from `options`.
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+
+import { configError, DerpmeshError } from './errors.js';
+
+type Kind = 'string' | 'url' | 'bool' | 'duration' | 'int' | 'address' | 'enum';
+
+interface OptionSpec {
+  flag: string;
+  env: readonly string[];
+  kind: Kind;
+  default?: string;
+  choices?: readonly string[];
+  description: string;
+}
+
+export const options = {
+  httpAddress: {
+    flag: '--http-address',
+    env: ['CODER_ADDRESS', 'CODER_HTTP_ADDRESS'],
+    kind: 'address',
+    default: '127.0.0.1:3000',
+    description: 'Address to listen on, e.g. `*:80`, `0.0.0.0:3000`, `127.0.0.1:3000`.',
+  },
+  accessUrl: {
+    flag: '--access-url',
+    env: ['CODER_ACCESS_URL'],
+    kind: 'url',
+    description: 'The load-balanced URL clients use. Default: http://<listen address>.',
+  },
+  relayUrl: {
+    flag: '--derp-server-relay-url',
+    env: ['CODER_DERP_SERVER_RELAY_URL'],
+    kind: 'url',
+    description: "This node's own URL as other nodes reach it, e.g. `http://10.0.0.1:80`. Must differ from the access URL.",
+  },
+  postgresUrl: {
+    flag: '--postgres-url',
+    env: ['CODER_PG_CONNECTION_URL'],
+    kind: 'string',
+    description: 'The one Postgres endpoint of the cluster. Unset: an embedded Postgres in the state directory.',
+  },
+  derpServerEnable: {
+    flag: '--derp-server-enable',
+    env: ['CODER_DERP_SERVER_ENABLE'],
+    kind: 'bool',
+    default: 'true',
+    description: 'Run the embedded DERP relay. `false` = custom relays: no relay here, no mesh.',
+  },
+  derpConfigUrl: {
+    flag: '--derp-config-url',
+    env: ['CODER_DERP_CONFIG_URL'],
+    kind: 'url',
+    description: 'URL of a custom relay map (custom relays mode).',
+  },
+  derpConfigPath: {
+    flag: '--derp-config-path',
+    env: ['CODER_DERP_CONFIG_PATH'],
+    kind: 'string',
+    description: 'Path of a custom relay map (custom relays mode).',
+  },
+  experimental: {
+    flag: '--experimental',
+    env: ['CODER_EXPERIMENTAL'],
+    kind: 'string',
+    description: 'Accepted for compatibility; high availability needs no flag.',
+  },
+  regionId: {
+    flag: '--derp-server-region-id',
+    env: ['CODER_DERP_SERVER_REGION_ID'],
+    kind: 'int',
+    default: '999',
+    description: 'Region id of the embedded relay; only nodes of the same region are meshed.',
+  },
+  tlsCertFile: {
+    flag: '--tls-cert-file',
+    env: ['CODER_TLS_CERT_FILE'],
+    kind: 'string',
+    description: 'PEM certificate: serve HTTPS (TLS is terminated in Node).',
+  },
+  tlsKeyFile: {
+    flag: '--tls-key-file',
+    env: ['CODER_TLS_KEY_FILE'],
+    kind: 'string',
+    description: 'PEM private key for `--tls-cert-file`.',
+  },
+  stateDir: {
+    flag: '--state-dir',
+    env: ['DERPMESH_STATE_DIR'],
+    kind: 'string',
+    default: join(homedir(), '.derpmesh'),
+    description: 'Where the embedded Postgres keeps its data.',
+  },
+  heartbeatInterval: {
+    flag: '--heartbeat-interval',
+    env: ['DERPMESH_HEARTBEAT_INTERVAL'],
+    kind: 'duration',
+    default: '5s',
+    description: 'Replica heartbeat period; a peer silent for 3 heartbeats is stale.',
+  },
+  latencyThreshold: {
+    flag: '--latency-threshold',
+    env: ['DERPMESH_LATENCY_THRESHOLD'],
+    kind: 'duration',
+    default: '10ms',
+    description: 'Round trip to a peer or to Postgres above which a warning is raised.',
+  },
+  shutdownGrace: {
+    flag: '--shutdown-grace',
+    env: ['DERPMESH_SHUTDOWN_GRACE'],
+    kind: 'duration',
+    default: '5s',
+    description: 'On SIGINT/SIGTERM: time to send Restarting to clients and flush before exiting.',
+  },
+  queueDepth: {
+    flag: '--queue-depth',
+    env: ['DERPMESH_QUEUE_DEPTH'],
+    kind: 'int',
+    default: '512',
+    description: 'Packets queued per client before the oldest is dropped.',
+  },
+  logFormat: {
+    flag: '--log-format',
+    env: ['DERPMESH_LOG_FORMAT'],
+    kind: 'enum',
+    choices: ['text', 'json'],
+    default: 'text',
+    description: 'Log lines as `text` or `json`.',
+  },
+  logLevel: {
+    flag: '--log-level',
+    env: ['DERPMESH_LOG_LEVEL'],
+    kind: 'enum',
+    choices: ['debug', 'info', 'warn', 'error'],
+    default: 'info',
+    description: 'Least severe level logged.',
+  },
+} as const satisfies Record<string, OptionSpec>;
+
+export type OptionName = keyof typeof options;
+
+export interface ServerConfig {
+  listenHost: string;
+  listenPort: number;
+  accessUrl: URL;
+  relayUrl?: URL;
+  postgresUrl?: string;
+  derpServerEnable: boolean;
+  derpConfigUrl?: URL;
+  derpConfigPath?: string;
+  experimental?: string;
+  regionId: number;
+  tlsCertFile?: string;
+  tlsKeyFile?: string;
+  stateDir: string;
+  heartbeatIntervalMs: number;
+  latencyThresholdMs: number;
+  shutdownGraceMs: number;
+  queueDepth: number;
+  logFormat: 'text' | 'json';
+  logLevel: 'debug' | 'info' | 'warn' | 'error';
+  /** Where each value came from, for the startup log (never values of secrets). */
+  sources: Partial<Record<OptionName, string>>;
+}
+
+/** Splits argv into `--flag value` / `--flag=value` pairs; unknown flags are an error naming them. */
+export function parseFlags(argv: readonly string[]): Partial<Record<OptionName, string>> {
+  const byFlag = new Map<string, OptionName>(Object.entries(options).map(([name, spec]) => [spec.flag as string, name as OptionName]));
+  const out: Partial<Record<OptionName, string>> = {};
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    const eq = arg.indexOf('=');
+    const flag = eq >= 0 ? arg.slice(0, eq) : arg;
+    const name = byFlag.get(flag);
+    if (!name) throw configError(`unknown option ${flag}; run \`derpmesh server --help\` for the list`, flag);
+    let value: string | undefined = eq >= 0 ? arg.slice(eq + 1) : undefined;
+    if (value === undefined) {
+      const next = argv[i + 1];
+      if (options[name].kind === 'bool' && (next === undefined || next.startsWith('--'))) value = 'true';
+      else if (next === undefined) throw configError(`option ${flag} needs a value`, flag);
+      else value = argv[++i];
+    }
+    out[name] = value;
+  }
+  return out;
+}
+
+export function parseDuration(text: string): number | undefined {
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(text.trim());
+  if (!m) return undefined;
+  const unit = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m[2] ?? 'ms') as 'ms' | 's' | 'm' | 'h'];
+  return Number(m[1]) * unit;
+}
+
+function parseBool(text: string): boolean | undefined {
+  const t = text.trim().toLowerCase();
+  if (['true', '1', 'yes', 'on'].includes(t)) return true;
+  if (['false', '0', 'no', 'off'].includes(t)) return false;
+  return undefined;
+}
+
+function describe(name: OptionName): string {
+  const spec: OptionSpec = options[name];
+  return [spec.flag, ...spec.env].join(' / ');
+}
+
+function parseHttpUrl(name: OptionName, text: string): URL {
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    throw configError(`${describe(name)} must be an http(s) URL like http://10.0.0.1:3000, got ${JSON.stringify(text)}`, text);
+  }
+  if (url.protocol !== 'http:' && url.protocol !== 'https:') {
+    throw configError(`${describe(name)} must use http or https, got ${url.protocol.replace(':', '')} in ${JSON.stringify(text)}`, text);
+  }
+  return url;
+}
+
+/** Comparable form of a URL: scheme, host, effective port, path without a trailing slash. */
+export function normalizeUrl(url: URL): string {
+  const port = url.port || (url.protocol === 'https:' ? '443' : '80');
+  return `${url.protocol}//${url.hostname.toLowerCase()}:${port}${url.pathname.replace(/\/+$/, '')}`;
+}
+
+/** Reads options from flags (first) and the environment, validates them, and derives defaults. */
+export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv = process.env): ServerConfig {
+  const flags = parseFlags(argv);
+  const raw: Partial<Record<OptionName, string>> = {};
+  const sources: Partial<Record<OptionName, string>> = {};
+  for (const name of Object.keys(options) as OptionName[]) {
+    const spec: OptionSpec = options[name];
+    const fromEnv = spec.env.find((e) => env[e] !== undefined && env[e] !== '');
+    if (flags[name] !== undefined) {
+      raw[name] = flags[name];
+      sources[name] = spec.flag;
+    } else if (fromEnv) {
+      raw[name] = env[fromEnv];
+      sources[name] = fromEnv;
+    } else if (spec.default !== undefined) {
+      raw[name] = spec.default;
+      sources[name] = 'default';
+    }
+  }
+  const value = <T>(name: OptionName, parse: (text: string) => T | undefined, expected: string): T | undefined => {
+    const text = raw[name];
+    if (text === undefined) return undefined;
+    const parsed = parse(text);
+    if (parsed === undefined) throw configError(`${describe(name)} must be ${expected}, got ${JSON.stringify(text)}`, text);
+    return parsed;
+  };
+  const durationMs = (name: OptionName) => value(name, parseDuration, 'a duration like 500ms, 5s or 1m')!;
+  const positiveInt = (name: OptionName) =>
+    value(name, (t) => (/^\d+$/.test(t) && Number(t) > 0 ? Number(t) : undefined), 'a positive integer')!;
+  const oneOf = <T extends string>(name: OptionName) => {
+    const choices = (options[name] as OptionSpec).choices!;
+    return value(name, (t) => (choices.includes(t) ? (t as T) : undefined), `one of ${choices.join(', ')}`)!;
+  };
+
+  const [listenHost, listenPort] = value('httpAddress', parseAddress, 'host:port, e.g. *:80 or 127.0.0.1:3000')!;
+  const accessUrl = raw.accessUrl !== undefined ? parseHttpUrl('accessUrl', raw.accessUrl) : new URL(`http://${listenHost === '0.0.0.0' ? '127.0.0.1' : listenHost}:${listenPort}`);
+  const relayUrl = raw.relayUrl !== undefined ? parseHttpUrl('relayUrl', raw.relayUrl) : undefined;
+  const derpServerEnable = value('derpServerEnable', parseBool, 'true or false')!;
+  if (relayUrl && derpServerEnable && normalizeUrl(relayUrl) === normalizeUrl(accessUrl)) {
+    throw new DerpmeshError(
+      'DERPMESH_ERR_RELAY_URL_IS_ACCESS_URL',
+      `the relay URL (${relayUrl.href}) equals the access URL: nodes would mesh through the load balancer and reach random nodes. ` +
+        `Set CODER_DERP_SERVER_RELAY_URL to this node's own address (e.g. http://<node IP>:<port>), not the load-balanced one.`,
+      relayUrl.href,
+    );
+  }
+  const tlsCertFile = raw.tlsCertFile;
+  const tlsKeyFile = raw.tlsKeyFile;
+  if ((tlsCertFile === undefined) !== (tlsKeyFile === undefined)) {
+    throw configError('--tls-cert-file and --tls-key-file go together: set both or neither', tlsCertFile ?? tlsKeyFile);
+  }
+  return {
+    listenHost,
+    listenPort,
+    accessUrl,
+    relayUrl,
+    postgresUrl: raw.postgresUrl,
+    derpServerEnable,
+    derpConfigUrl: raw.derpConfigUrl !== undefined ? parseHttpUrl('derpConfigUrl', raw.derpConfigUrl) : undefined,
+    derpConfigPath: raw.derpConfigPath,
+    experimental: raw.experimental,
+    regionId: positiveInt('regionId'),
+    tlsCertFile,
+    tlsKeyFile,
+    stateDir: raw.stateDir!,
+    heartbeatIntervalMs: durationMs('heartbeatInterval'),
+    latencyThresholdMs: durationMs('latencyThreshold'),
+    shutdownGraceMs: durationMs('shutdownGrace'),
+    queueDepth: positiveInt('queueDepth'),
+    logFormat: oneOf('logFormat'),
+    logLevel: oneOf('logLevel'),
+    sources,
+  };
+}
+
+/** `*:80` → 0.0.0.0:80; `[::1]:80`; `host:port`. Port 0 picks a free port. */
+function parseAddress(text: string): [string, number] | undefined {
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d{1,5})$/.exec(text.trim());
+  if (!m) return undefined;
+  const port = Number(m[3]);
+  if (port > 65535) return undefined;
+  const host = m[1] ?? m[2] ?? '';
+  return [host === '*' || host === '' ? '0.0.0.0' : host, port];
+}
+
+/** Help text for `derpmesh server --help`. */
+export function optionsHelp(): string {
+  return (Object.keys(options) as OptionName[])
+    .map((name) => {
+      const spec: OptionSpec = options[name];
+      const def = spec.default !== undefined ? ` (default ${spec.default})` : '';
+      return `  ${spec.flag}\n      ${spec.description}${def}\n      env: ${spec.env.join(', ')}`;
+    })
+    .join('\n');
+}
+
+/** The README's configuration table, generated from the same declarations. */
+export function optionsMarkdownTable(): string {
+  const rows = (Object.keys(options) as OptionName[]).map((name) => {
+    const spec: OptionSpec = options[name];
+    const def = spec.default === undefined ? '' : name === 'stateDir' ? '`~/.derpmesh`' : `\`${spec.default}\``;
+    return `| ${spec.env.map((e) => `\`${e}\``).join(', ')} | \`${spec.flag}\` | ${def} | ${spec.description} |`;
+  });
+  return ['| env | flag | default | meaning |', '|---|---|---|---|', ...rows].join('\n');
+}

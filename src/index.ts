@@ -1,0 +1,9 @@
+// The library API: embed a relay in your own Node server, run a node, speak DERP as a client.
+export { Relay, type RelayOptions, type ShutdownOptions } from './relay.js';
+export { startHttpServer, type HttpServer, type HttpServerOptions } from './http/server.js';
+export { startNode, type DerpmeshNode } from './node.js';
+export { loadConfig, options as configOptions, type ServerConfig } from './config.js';
+export { DerpmeshError, type DerpmeshErrorCode } from './errors.js';
+export { createLogger, type Logger } from './log.js';
+export { runLoad, type LoadOptions, type LoadReport } from './bench.js';
+export { version } from './version.js';

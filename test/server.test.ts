@@ -1,0 +1,82 @@
+// `derpmesh server` as a real process: it relays, shuts down gracefully with Restarting, and
+// refuses bad configuration with a clear message.
+import { strict as assert } from 'node:assert';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { fileURLToPath } from 'node:url';
+import { describe, test } from 'node:test';
+
+import { DerpClient } from '../src/client/index.js';
+
+const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
+
+function startServer(args: string[], env: NodeJS.ProcessEnv = {}): { child: ChildProcess; output: () => string; url: Promise<string> } {
+  const child = spawn(process.execPath, [cli, 'server', ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let text = '';
+  const url = new Promise<string>((resolve, reject) => {
+    const onData = (d: Buffer) => {
+      text += d.toString();
+      const m = /listen=(http:\/\/\S+)/.exec(text);
+      if (m) resolve(m[1]!);
+    };
+    child.stdout!.on('data', onData);
+    child.stderr!.on('data', onData);
+    child.once('exit', (code) => reject(new Error(`server exited with ${code}: ${text}`)));
+    setTimeout(() => reject(new Error(`server did not start: ${text}`)), 15_000).unref();
+  });
+  url.catch(() => {});
+  return { child, output: () => text, url };
+}
+
+describe('derpmesh server process', () => {
+  test('relays packets, then SIGTERM sends Restarting to every client and exits 0', { timeout: 30_000 }, async () => {
+    const server = startServer(['--http-address', '127.0.0.1:0', '--shutdown-grace', '2s']);
+    try {
+      const url = await server.url;
+      const a = await DerpClient.connect({ url });
+      const b = await DerpClient.connect({ url, transport: 'websocket' });
+      const got = once(b, 'packet');
+      a.send(b.publicKey, Buffer.from('hello through a real process'));
+      const [src, data] = (await got) as [Buffer, Buffer];
+      assert.deepEqual(src, a.publicKey);
+      assert.equal(data.toString(), 'hello through a real process');
+
+      const restarts = [once(a, 'restarting'), once(b, 'restarting')];
+      const exited = once(server.child, 'exit');
+      server.child.kill('SIGTERM');
+      const [[ra], [rb]] = (await Promise.all(restarts)) as [[{ tryForMs: number }], [{ tryForMs: number }]];
+      assert.ok(ra.tryForMs > 0 && rb.tryForMs > 0);
+      const [code] = (await exited) as [number];
+      assert.equal(code, 0, server.output());
+      assert.match(server.output(), /shutting down: sending Restarting/);
+      await Promise.all([a.close(), b.close()]);
+    } finally {
+      server.child.kill('SIGKILL');
+    }
+  });
+
+  test('bad configuration exits 2 with the code and what to do', { timeout: 15_000 }, async () => {
+    const server = startServer([], {
+      CODER_ADDRESS: '127.0.0.1:0',
+      CODER_ACCESS_URL: 'http://lb.example.com',
+      CODER_DERP_SERVER_RELAY_URL: 'http://lb.example.com/',
+    });
+    const [code] = (await once(server.child, 'exit')) as [number];
+    assert.equal(code, 2);
+    assert.match(server.output(), /DERPMESH_ERR_RELAY_URL_IS_ACCESS_URL/);
+    assert.match(server.output(), /Set CODER_DERP_SERVER_RELAY_URL to this node's own address/);
+  });
+
+  test('a port already in use is reported with the address and the fix', { timeout: 15_000 }, async () => {
+    const first = startServer(['--http-address', '127.0.0.1:0']);
+    try {
+      const port = new URL(await first.url).port;
+      const second = startServer(['--http-address', `127.0.0.1:${port}`]);
+      const [code] = (await once(second.child, 'exit')) as [number];
+      assert.equal(code, 2);
+      assert.match(second.output(), new RegExp(`cannot listen on 127.0.0.1:${port}: EADDRINUSE`));
+    } finally {
+      first.child.kill('SIGKILL');
+    }
+  });
+});
