@@ -842,4 +842,6 @@ module.exports.boxOpen = nativeBinding.boxOpen
 module.exports.boxSeal = nativeBinding.boxSeal
 module.exports.encodeFrame = nativeBinding.encodeFrame
 module.exports.generatePrivateKey = nativeBinding.generatePrivateKey
+module.exports.holdClients = nativeBinding.holdClients
 module.exports.publicKeyOf = nativeBinding.publicKeyOf
+module.exports.runLoad = nativeBinding.runLoad

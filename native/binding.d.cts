@@ -45,6 +45,14 @@ export declare class RelayCore {
   setMeshKey(meshKey?: string | undefined | null): void
   /** Sets the problem text sent to clients in a Health frame; "" means healthy. */
   setHealth(problem: string): void
+  /**
+   * Sets the peer relay URLs this relay meshes with; links are added and removed by difference.
+   * URLs are normalized (trailing slash and `/derp` optional); a URL that turns out to be this
+   * relay is marked `self` and not retried.
+   */
+  setMeshPeers(urls: Array<string>): void
+  /** The status of every mesh link, ordered by URL. */
+  meshLinks(): Array<MeshLinkStatus>
   metrics(): Array<Metric>
   /**
    * Graceful shutdown: Restarting to every client, flush, close; resolves when all connections
@@ -69,6 +77,59 @@ export declare function encodeFrame(frameType: number, payload: Buffer): Buffer
 
 /** A new random X25519 private key (32 bytes). */
 export declare function generatePrivateKey(): Buffer
+
+/**
+ * Connects `count` idle clients to `url` and keeps them connected for `holdMs` (memory benchmark).
+ * Resolves with how many connected.
+ */
+export declare function holdClients(url: string, count: number, holdMs: number): Promise<number>
+
+/** What `runLoad` runs: N sender→receiver pairs through a DERP relay. */
+export interface LoadOptions {
+  /** Relay the senders dial, `http://host:port`. */
+  url: string
+  /** Relay the receivers dial (default: `url`); another node measures the mesh path. */
+  receiverUrl?: string
+  pairs?: number
+  packetSize?: number
+  durationMs?: number
+  warmupMs?: number
+  /** Packets per second per sender; unset = as fast as the relay takes them. */
+  ratePerPair?: number
+  /** Packets in flight per pair (sent, not yet received); unset = no cap. */
+  window?: number
+}
+
+export interface LoadReport {
+  pairs: number
+  packetSize: number
+  durationSecs: number
+  packetsSent: number
+  packetsReceived: number
+  packetsPerSec: number
+  gbitPerSec: number
+  lossRatio: number
+  rttP50Us?: number
+  rttP90Us?: number
+  rttP99Us?: number
+  rttSamples: number
+}
+
+/** One outgoing mesh link to a peer relay. */
+export interface MeshLinkStatus {
+  /** The peer URL, normalized. */
+  url: string
+  /** "connecting" | "connected" | "backoff" | "self" | "stopped". */
+  state: string
+  /** The peer relay's public key (64 hex), once a handshake succeeded. */
+  peerKey?: string
+  /** Why the last attempt failed; cleared when connected again. */
+  lastError?: string
+  /** Client keys currently reachable through this link. */
+  forwarders: number
+  /** When the current connection was established, ms since the Unix epoch. */
+  connectedSinceMs?: number
+}
 
 export interface Metric {
   name: string
@@ -96,3 +157,6 @@ export interface RelayOptions {
   keepaliveMs?: number
   keepaliveJitterMs?: number
 }
+
+/** Runs the load generator (in Rust, off the JS thread) and reports. */
+export declare function runLoad(options: LoadOptions): Promise<LoadReport>

@@ -10,6 +10,7 @@ const usage = `derpmesh ${version} — a high-availability DERP relay cluster
 
 Usage:
   derpmesh server [options]     run one node (see \`derpmesh server --help\`)
+  derpmesh cluster --nodes N    run a local HA cluster of N node processes on an embedded Postgres
   derpmesh bench [options]      measure a DERP relay (see \`derpmesh bench --help\`)
   derpmesh config-table         print the configuration table (Markdown)
   derpmesh --version
@@ -45,6 +46,10 @@ async function main(argv: string[]): Promise<void> {
     case 'bench': {
       const { benchCommand } = await import('./bench.js');
       return benchCommand(rest);
+    }
+    case 'cluster': {
+      const { clusterCommand } = await import('./cluster/cluster.js');
+      return clusterCommand(rest);
     }
     case 'config-table':
       process.stdout.write(optionsMarkdownTable() + '\n');

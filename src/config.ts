@@ -86,6 +86,12 @@ export const options = {
     kind: 'string',
     description: 'PEM private key for `--tls-cert-file`.',
   },
+  hostname: {
+    flag: '--hostname',
+    env: ['DERPMESH_HOSTNAME'],
+    kind: 'string',
+    description: 'Name of this node in the replica registry, logs and warnings. Default: the machine hostname.',
+  },
   stateDir: {
     flag: '--state-dir',
     env: ['DERPMESH_STATE_DIR'],
@@ -154,6 +160,7 @@ export interface ServerConfig {
   regionId: number;
   tlsCertFile?: string;
   tlsKeyFile?: string;
+  hostname?: string;
   stateDir: string;
   heartbeatIntervalMs: number;
   latencyThresholdMs: number;
@@ -289,6 +296,7 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     regionId: positiveInt('regionId'),
     tlsCertFile,
     tlsKeyFile,
+    hostname: raw.hostname,
     stateDir: raw.stateDir!,
     heartbeatIntervalMs: durationMs('heartbeatInterval'),
     latencyThresholdMs: durationMs('latencyThreshold'),

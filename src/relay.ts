@@ -7,7 +7,7 @@ import type { Duplex } from 'node:stream';
 import { TLSSocket } from 'node:tls';
 
 import { DerpmeshError } from './errors.js';
-import { native, type Metric } from './native.js';
+import { native, type MeshLinkStatus, type Metric } from './native.js';
 
 /** The WebSocket GUID of RFC 6455, used to compute Sec-WebSocket-Accept. */
 const WEBSOCKET_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
@@ -125,6 +125,19 @@ export class Relay {
       default:
         return false;
     }
+  }
+
+  /**
+   * The peer relays to mesh with (their relay URLs). The core adds and removes links by difference;
+   * each link dials `<url>/derp` with the mesh key, sends WatchConns and reconnects with backoff.
+   */
+  setMeshPeers(urls: string[]): void {
+    this.#core.setMeshPeers(urls);
+  }
+
+  /** State of every mesh link. */
+  meshLinks(): MeshLinkStatus[] {
+    return this.#core.meshLinks();
   }
 
   setMeshKey(meshKey: string | undefined): void {

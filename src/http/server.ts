@@ -12,7 +12,8 @@ import type { Relay } from '../relay.js';
 export type RouteHandler = (req: IncomingMessage, res: ServerResponse) => boolean | Promise<boolean>;
 
 export interface HttpServerOptions {
-  relay: Relay;
+  /** The relay serving /derp; absent with custom relays (then /derp answers 404). */
+  relay?: Relay;
   host: string;
   port: number;
   logger: Logger;
@@ -51,10 +52,10 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
 
   const onRequest = async (req: IncomingMessage, res: ServerResponse) => {
     try {
-      if (relay.handleRequest(req, res)) return;
+      if (relay?.handleRequest(req, res)) return;
       const path = (req.url ?? '').split('?')[0];
       if (path === '/metrics') {
-        const samples: MetricSample[] = [...relay.metrics(), ...counters.samples(), ...(options.metrics?.() ?? [])];
+        const samples: MetricSample[] = [...(relay?.metrics() ?? []), ...counters.samples(), ...(options.metrics?.() ?? [])];
         res.writeHead(200, { 'Content-Type': 'text/plain; version=0.0.4' }).end(renderPrometheus(samples));
         return;
       }
@@ -74,7 +75,7 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
   server.on('request', (req, res) => void onRequest(req, res));
   server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
     clearHeaderTimer(socket);
-    if (!relay.isDerpUpgrade(req)) {
+    if (!relay?.isDerpUpgrade(req)) {
       counters.inc('upgrades_rejected');
       socket.end('HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
       return;

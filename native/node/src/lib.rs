@@ -48,6 +48,23 @@ pub struct Metric {
     pub value: f64,
 }
 
+/// One outgoing mesh link to a peer relay.
+#[napi(object)]
+pub struct MeshLinkStatus {
+    /// The peer URL, normalized.
+    pub url: String,
+    /// "connecting" | "connected" | "backoff" | "self" | "stopped".
+    pub state: String,
+    /// The peer relay's public key (64 hex), once a handshake succeeded.
+    pub peer_key: Option<String>,
+    /// Why the last attempt failed; cleared when connected again.
+    pub last_error: Option<String>,
+    /// Client keys currently reachable through this link.
+    pub forwarders: u32,
+    /// When the current connection was established, ms since the Unix epoch.
+    pub connected_since_ms: Option<f64>,
+}
+
 fn parse_upgrade(upgrade: &str, ws_accept: Option<String>) -> Result<Upgrade> {
     match (upgrade, ws_accept) {
         ("derp", _) => Ok(Upgrade::Derp { fast_start: false }),
@@ -188,6 +205,31 @@ impl RelayCore {
         self.relay.set_health(&problem);
     }
 
+    /// Sets the peer relay URLs this relay meshes with; links are added and removed by difference.
+    /// URLs are normalized (trailing slash and `/derp` optional); a URL that turns out to be this
+    /// relay is marked `self` and not retried.
+    #[napi]
+    pub fn set_mesh_peers(&self, urls: Vec<String>) -> Result<()> {
+        napi::bindgen_prelude::within_runtime_if_available(|| derpmesh_relay::mesh::set_mesh_peers(&self.relay, urls))
+            .map_err(|e| Error::new(Status::GenericFailure, e.to_string()))
+    }
+
+    /// The status of every mesh link, ordered by URL.
+    #[napi]
+    pub fn mesh_links(&self) -> Vec<MeshLinkStatus> {
+        derpmesh_relay::mesh::mesh_links(&self.relay)
+            .into_iter()
+            .map(|l| MeshLinkStatus {
+                url: l.url,
+                state: l.state.as_str().to_string(),
+                peer_key: l.peer_key.map(hex::encode),
+                last_error: l.last_error,
+                forwarders: l.forwarders as u32,
+                connected_since_ms: l.connected_since_ms.map(|ms| ms as f64),
+            })
+            .collect()
+    }
+
     #[napi]
     pub fn metrics(&self) -> Vec<Metric> {
         self.relay
@@ -203,6 +245,7 @@ impl RelayCore {
     #[napi]
     pub async fn shutdown(&self, reconnect_in_ms: u32, try_for_ms: u32, grace_ms: u32) -> Result<()> {
         let relay = self.relay.clone();
+        derpmesh_relay::mesh::links_of(&relay).stop_all();
         relay
             .shutdown(
                 Duration::from_millis(reconnect_in_ms as u64),

@@ -16,6 +16,9 @@ usage: load --url http://HOST:PORT [options]
   --size BYTES        packet payload bytes (default 1400)
   --secs S            measured window in seconds (default 5)
   --warmup S          unmeasured sending before the window, in seconds (default 1)
+  --rate PPS          packets per second per sender (default: as fast as the relay takes them)
+  --window N          most packets in flight per pair (default: no limit); about the relay's
+                      per-client queue size measures its capacity rather than its overload
   --probe-ms MS       latency probe interval per pair, in milliseconds (default 5)
   --fast-start        dial with Derp-Fast-Start: 1
   --threads N         tokio worker threads (default: one per core)
@@ -88,6 +91,12 @@ fn parse(
             "--probe-ms" => {
                 opts.probe_interval =
                     Duration::from_secs_f64(number(&value).ok_or_else(bad)? / 1000.0)
+            }
+            "--rate" => {
+                opts.rate_per_pair = Some(number(&value).filter(|&r| r > 0.0).ok_or_else(bad)?)
+            }
+            "--window" => {
+                opts.window = Some(value.parse().ok().filter(|&n| n > 0).ok_or_else(bad)?)
             }
             "--threads" => threads = Some(value.parse().ok().filter(|&n| n > 0).ok_or_else(bad)?),
             _ => return Err(format!("unknown option {flag}")),

@@ -384,7 +384,7 @@ fn deliver_forwarded(relay: &Arc<Relay>, conn: &Arc<Conn>, state: &mut ReaderSta
         }
         return;
     };
-    let _ = bytes::Buf::advance(&mut f, KEY_LEN);
+    bytes::Buf::advance(&mut f, KEY_LEN);
     f[0] = FrameType::RecvPacket as u8;
     f[1..HEADER_LEN].copy_from_slice(&((KEY_LEN as u64 + payload_len) as u32).to_be_bytes());
     f[HEADER_LEN..HEADER_LEN + KEY_LEN].copy_from_slice(&src);

@@ -8,6 +8,7 @@ pub mod handshake;
 pub mod io;
 pub mod keys;
 pub mod loadgen;
+pub mod mesh;
 pub mod metrics;
 pub mod outbox;
 pub mod relay;

@@ -1,23 +1,25 @@
 //! Load generator: N sender→receiver pairs of DERP clients through any relay, for a fixed time.
 //!
-//! Each sender blasts SendPacket frames to its receiver as fast as its socket takes them, from one
-//! reused buffer of many frames (no per-packet allocation, one write per batch). Every packet starts
-//! with a kind byte saying in which phase it was sent (warmup, measured window), so loss is counted
-//! exactly for the packets sent in the window. Every `probe_interval` a sender marks one packet as a
+//! Each sender blasts SendPacket frames to its receiver as fast as its socket takes them, optionally
+//! paced (`rate_per_pair`) or flow-controlled (`window`), from one reused buffer of many frames: no
+//! per-packet allocation, one write per batch. Every packet starts with a kind byte saying in which
+//! phase it was sent (warmup, measured window), so loss is counted exactly for the packets sent in
+//! the window. Every `probe_interval` a sender marks one packet as a
 //! probe carrying its send time; the receiver echoes it back, and the sender's reader records the
-//! round trip. RTT is therefore latency *under load*: it includes the sender's socket buffer and the
-//! relay's queues.
+//! round trip. Unpaced, RTT is latency *under saturation*: it includes the time spent in the sender's
+//! socket buffer and the relay's full queues. Paced below the relay's capacity, it is the relay's own
+//! forwarding delay.
 //!
 //! Sender and receiver of a pair may use different relay URLs, to measure the mesh path.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
 use crate::client::{dial_with, DerpConn, DialOptions};
@@ -47,6 +49,9 @@ const BATCH_BYTES: usize = 128 << 10;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Dials in flight at once while setting up.
 const DIAL_CONCURRENCY: usize = 64;
+/// With a flow-control window: how long a sender waits for arrivals before counting what it has in
+/// flight as lost (a relay that drops packets would otherwise stall it).
+const LOSS_TIMEOUT: Duration = Duration::from_millis(20);
 /// After the window: how long receivers may keep draining, and the quiet time that ends it early.
 const DRAIN_MAX: Duration = Duration::from_secs(2);
 const DRAIN_QUIET: Duration = Duration::from_millis(100);
@@ -72,6 +77,10 @@ pub struct LoadOptions {
     /// Latency measured at a rate the relay keeps up with shows the relay's own delay rather than
     /// the time packets wait in full buffers.
     pub rate_per_pair: Option<f64>,
+    /// Most packets each pair may have in flight (sent, not yet received); `None` for no limit.
+    /// Unlimited senders overrun a relay's queues, so it spends its CPU reading packets it then
+    /// drops; a window about the size of the relay's per-client queue measures its capacity instead.
+    pub window: Option<usize>,
     /// Dial with `Derp-Fast-Start: 1`.
     pub fast_start: bool,
 }
@@ -87,6 +96,7 @@ impl Default for LoadOptions {
             warmup: Duration::from_secs(1),
             probe_interval: Duration::from_millis(5),
             rate_per_pair: None,
+            window: None,
             fast_start: false,
         }
     }
@@ -98,6 +108,9 @@ impl Default for LoadOptions {
 pub struct LoadReport {
     pub pairs: usize,
     pub packet_size: usize,
+    /// The run's pacing and flow control, so a report describes itself.
+    pub rate_per_pair: Option<f64>,
+    pub window: Option<usize>,
     /// Measured window, as timed.
     pub duration_secs: f64,
     /// Packets sent during the window.
@@ -130,8 +143,8 @@ impl RunState {
     }
 }
 
-/// Counters of one pair. Each is written by one task only.
-#[derive(Default)]
+/// Counters of one pair. Each counter is written by one task only; `wake_at`/`wake` connect the
+/// pair's receiver to its sender.
 struct PairStats {
     sent_in_window: AtomicU64,
     received_in_window: AtomicU64,
@@ -140,6 +153,27 @@ struct PairStats {
     window_packets_arrived: AtomicU64,
     /// Round trips of probes sent during the window, in ns.
     rtt_ns: Mutex<Vec<u64>>,
+    /// Flow control (`window`): every data packet the receiver got, in any phase.
+    arrived_total: AtomicU64,
+    /// The `arrived_total` at which the receiver wakes a sender waiting for window space;
+    /// `u64::MAX` while the sender is not waiting.
+    wake_at: AtomicU64,
+    wake: Notify,
+}
+
+impl Default for PairStats {
+    fn default() -> PairStats {
+        PairStats {
+            sent_in_window: AtomicU64::new(0),
+            received_in_window: AtomicU64::new(0),
+            received_bytes_in_window: AtomicU64::new(0),
+            window_packets_arrived: AtomicU64::new(0),
+            rtt_ns: Mutex::default(),
+            arrived_total: AtomicU64::new(0),
+            wake_at: AtomicU64::new(u64::MAX),
+            wake: Notify::new(),
+        }
+    }
 }
 
 /// Runs the load and reports. Runs on the caller's tokio runtime (use a multi-thread one).
@@ -190,6 +224,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, String> {
             packet_size: opts.packet_size,
             probe_interval: opts.probe_interval,
             rate: opts.rate_per_pair,
+            window: opts.window,
         };
         blasters.spawn(async move {
             match blast(writer, receiver_key, plan, pong_rx, &st, &s).await {
@@ -269,8 +304,13 @@ fn validate(opts: &LoadOptions) -> Result<(), String> {
     }
     if let Some(rate) = opts.rate_per_pair {
         if !(rate.is_finite() && rate > 0.0) {
-            return Err(format!("rate {rate} must be a positive number of packets per second"));
+            return Err(format!(
+                "rate {rate} must be a positive number of packets per second"
+            ));
         }
+    }
+    if opts.window == Some(0) {
+        return Err("window must be at least 1 packet".into());
     }
     if opts.probe_interval.is_zero() {
         return Err("probe interval must be more than 0".into());
@@ -324,6 +364,7 @@ struct SendPlan {
     packet_size: usize,
     probe_interval: Duration,
     rate: Option<f64>,
+    window: Option<usize>,
 }
 
 /// A sender's writing side: rewrites the reused batch only when the phase changes or a probe is due.
@@ -349,6 +390,9 @@ async fn blast(
     let started = Instant::now();
     let mut next_probe = started;
     let mut sent_total: u64 = 0;
+    // Packets given up as lost by the window logic (they may still arrive: then the window is
+    // briefly exceeded, which is harmless).
+    let mut written_off: u64 = 0;
     loop {
         let now_phase = state.phase();
         if now_phase >= PHASE_DRAIN {
@@ -373,6 +417,32 @@ async fn blast(
                     continue;
                 }
                 (due - sent_total).min(frames as u64) as usize
+            }
+        };
+        let count = match plan.window {
+            None => count,
+            Some(window) => {
+                let arrived = stats.arrived_total.load(Relaxed) + written_off;
+                let in_flight = sent_total.saturating_sub(arrived);
+                let free = (window as u64).saturating_sub(in_flight);
+                // Wait until half the window is free, so writes stay batched.
+                if free < (window as u64).div_ceil(2) {
+                    let target = sent_total - window as u64 / 2;
+                    stats
+                        .wake_at
+                        .store(target.saturating_sub(written_off), SeqCst);
+                    if stats.arrived_total.load(SeqCst) + written_off < target {
+                        let woken = tokio::time::timeout(LOSS_TIMEOUT, stats.wake.notified()).await;
+                        if woken.is_err() {
+                            // Nothing arrived for a while: the relay dropped what is in flight.
+                            written_off += sent_total
+                                .saturating_sub(stats.arrived_total.load(Relaxed) + written_off);
+                        }
+                    }
+                    stats.wake_at.store(u64::MAX, Relaxed);
+                    continue;
+                }
+                count.min(free as usize)
             }
         };
         let probe = Instant::now() >= next_probe;
@@ -461,6 +531,12 @@ async fn receive(
             if p[0] & PHASE_MASK == PHASE_MEASURE {
                 stats.window_packets_arrived.fetch_add(1, Relaxed);
             }
+            // SeqCst here and in the sender's store-then-check: otherwise both could miss each other.
+            let arrived = stats.arrived_total.fetch_add(1, SeqCst) + 1;
+            if arrived >= stats.wake_at.load(SeqCst) {
+                stats.wake_at.store(u64::MAX, Relaxed);
+                stats.wake.notify_one();
+            }
             if p[0] & KIND_PROBE != 0 && p.len() >= MIN_PACKET_SIZE {
                 echo[echo_at] = KIND_ECHO | (p[0] & PHASE_MASK);
                 echo[echo_at + 1..echo_at + 9].copy_from_slice(&p[1..9]);
@@ -512,6 +588,8 @@ fn report(opts: &LoadOptions, window: Duration, stats: &[Arc<PairStats>]) -> Loa
     LoadReport {
         pairs: opts.pairs,
         packet_size: opts.packet_size,
+        rate_per_pair: opts.rate_per_pair,
+        window: opts.window,
         duration_secs: secs,
         packets_sent,
         packets_received,
@@ -728,6 +806,45 @@ mod tests {
         // The tiny relay never drops, and the drain waits for everything in flight.
         assert!(r.loss_ratio < 0.01, "{r:?}");
         assert!((r.duration_secs - 0.3).abs() < 0.1, "{r:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn paces_senders_at_the_given_rate() {
+        let (url, relay) = tiny_relay().await;
+        let opts = LoadOptions {
+            url,
+            pairs: 2,
+            packet_size: 100,
+            duration: Duration::from_millis(500),
+            warmup: Duration::from_millis(100),
+            rate_per_pair: Some(2000.0),
+            ..Default::default()
+        };
+        let r = run(opts).await.unwrap();
+        relay.abort();
+        // 2 pairs × 2000/s × 0.5 s.
+        assert!((1800..=2200).contains(&r.packets_sent), "{r:?}");
+        assert!(r.loss_ratio < 0.01, "{r:?}");
+        assert!(r.rtt_samples > 100, "{r:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn window_limits_packets_in_flight() {
+        let (url, relay) = tiny_relay().await;
+        let opts = LoadOptions {
+            url,
+            pairs: 2,
+            packet_size: 1000,
+            duration: Duration::from_millis(300),
+            warmup: Duration::from_millis(100),
+            window: Some(64),
+            ..Default::default()
+        };
+        let r = run(opts).await.unwrap();
+        relay.abort();
+        assert!(r.packets_received > 1000, "{r:?}");
+        assert!(r.loss_ratio < 0.01, "{r:?}");
+        assert!(r.rtt_samples > 0, "{r:?}");
     }
 
     #[tokio::test]

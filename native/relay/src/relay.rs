@@ -54,11 +54,6 @@ pub trait Forwarder: Send + Sync {
     fn forward(&self, frame: OutFrame) -> Enqueued;
 }
 
-struct ForwarderEntry {
-    forwarder: Arc<dyn Forwarder>,
-    /// PeerPresent comes once per connection on the peer, PeerGone once per key: count presences.
-    presences: u32,
-}
 
 #[derive(Default)]
 struct Registry {
@@ -66,8 +61,9 @@ struct Registry {
     clients: HashMap<Key, Vec<Arc<Conn>>>,
     conns: HashMap<u64, Arc<Conn>>,
     watchers: HashMap<u64, Arc<Conn>>,
-    /// Keys reachable through mesh peers, in registration order; the first one is used.
-    forwarders: HashMap<Key, Vec<ForwarderEntry>>,
+    /// Keys reachable through mesh peers, one entry per link, in registration order; the first is used.
+    /// (PeerPresent comes for every connection of a key, PeerGone once for the last: no counting.)
+    forwarders: HashMap<Key, Vec<Arc<dyn Forwarder>>>,
     /// src → (dst → id of the dst connection that received from src): who to tell when src leaves.
     sent_to: HashMap<Key, HashMap<Key, u64>>,
 }
@@ -298,29 +294,24 @@ impl Relay {
     pub fn add_forwarder(&self, key: Key, forwarder: Arc<dyn Forwarder>) {
         let mut reg = self.registry();
         let entries = reg.forwarders.entry(key).or_default();
-        if let Some(e) = entries.iter_mut().find(|e| e.forwarder.link_id() == forwarder.link_id()) {
-            e.presences += 1;
+        if entries.iter().any(|f| f.link_id() == forwarder.link_id()) {
             return;
         }
         if entries.is_empty() {
             self.forwarders.insert(key, forwarder.clone());
             Metrics::inc(&self.metrics.forwarders);
         }
-        entries.push(ForwarderEntry { forwarder, presences: 1 });
+        entries.push(forwarder);
     }
 
-    /// A mesh peer said `key` left it (PeerGone), or the link to it went away (`all_presences`).
-    pub fn remove_forwarder(&self, key: &Key, link_id: u64, all_presences: bool) {
+    /// A mesh peer said `key` left it (PeerGone), or the link to it went away.
+    pub fn remove_forwarder(&self, key: &Key, link_id: u64) {
         let mut reg = self.registry();
         let Some(entries) = reg.forwarders.get_mut(key) else { return };
-        let Some(i) = entries.iter().position(|e| e.forwarder.link_id() == link_id) else { return };
-        entries[i].presences -= 1;
-        if entries[i].presences > 0 && !all_presences {
-            return;
-        }
+        let Some(i) = entries.iter().position(|f| f.link_id() == link_id) else { return };
         entries.remove(i);
         if let Some(next) = entries.first() {
-            self.forwarders.insert(*key, next.forwarder.clone());
+            self.forwarders.insert(*key, next.clone());
             return;
         }
         reg.forwarders.remove(key);
@@ -337,12 +328,12 @@ impl Relay {
             let reg = self.registry();
             reg.forwarders
                 .iter()
-                .filter(|(_, es)| es.iter().any(|e| e.forwarder.link_id() == link_id))
+                .filter(|(_, fs)| fs.iter().any(|f| f.link_id() == link_id))
                 .map(|(k, _)| *k)
                 .collect()
         };
         for k in keys {
-            self.remove_forwarder(&k, link_id, true);
+            self.remove_forwarder(&k, link_id);
         }
     }
 

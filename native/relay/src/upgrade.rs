@@ -90,11 +90,7 @@ async fn websocket_pipe<S: Stream>(stream: S, head: Bytes) -> (Reader, Writer) {
         let inbound = async {
             while let Some(Ok(msg)) = source.next().await {
                 match msg {
-                    Message::Binary(data) => {
-                        if to_relay.write_all(&data).await.is_err() {
-                            break;
-                        }
-                    }
+                    Message::Binary(data) if to_relay.write_all(&data).await.is_err() => break,
                     Message::Close(_) => break,
                     _ => {}
                 }

@@ -1,0 +1,790 @@
+//! Mesh links: this relay's outgoing connections to its peer relays (PROTOCOL.md §5).
+//!
+//! For every peer URL the control plane passes to [`set_mesh_peers`], a link task dials
+//! `<url>/derp` with the relay's own key and the shared mesh key, sends WatchConns, and turns the
+//! peer's PeerPresent/PeerGone stream into forwarders on the local [`Relay`]. While connected, the
+//! link *is* the [`Forwarder`] for the keys it learned: `forward()` queues ForwardPacket frames in
+//! the link's own bounded [`Outbox`], drained by [`run_writer`] onto the link's connection.
+//!
+//! Each connection attempt is a *session* with its own forwarder id, outbox and writer task; when
+//! it ends, every forwarder it registered is removed (`Relay::remove_link`, which also sends
+//! PeerGone(disconnected) to local clients that were talking to keys now unreachable), and the link
+//! reconnects with exponential backoff (100 ms → 5 s, jittered). A link never re-forwards: the
+//! server side delivers ForwardPacket to local clients only.
+//!
+//! Whether the peer accepted WatchConns is learned without guessing: WatchConns is followed by a
+//! Ping in the same write. A relay that refuses WatchConns (wrong or missing mesh key) closes the
+//! connection before it reaches the Ping; a relay that accepts it answers with its snapshot of
+//! PeerPresent frames and then the Pong. The link counts as connected from that Pong.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::client::{self, DerpConn, ServerFrame};
+use crate::frame::{self, KEY_LEN, MAX_FRAME_SIZE, PEER_GONE_DISCONNECTED, PING_LEN};
+use crate::handshake::ClientInfo;
+use crate::keys::{Key, KeyPair};
+use crate::metrics::Metrics;
+use crate::outbox::{run_writer, Enqueued, OutFrame, Outbox, WriterConfig, WriterExit};
+use crate::relay::{Forwarder, Relay};
+
+/// Packets queued per mesh link before the oldest is dropped: a link carries many clients' traffic.
+pub const MESH_QUEUE_DEPTH: usize = 4096;
+/// Disco packets queued per mesh link (their own queue, so bulk traffic cannot starve them).
+pub const MESH_DISCO_QUEUE_DEPTH: usize = 256;
+/// First reconnect delay; doubles per failed attempt up to [`BACKOFF_MAX`], then jittered to 50–100 %.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Connect, HTTP upgrade and DERP handshake together must finish within this.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the Pong that confirms WatchConns was accepted. A peer that neither
+/// closes nor answers by then is treated as connected (it did not refuse WatchConns).
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// The link pings its peer at least this often, whatever the traffic, to notice a dead peer.
+pub const MAX_PING_INTERVAL: Duration = Duration::from_secs(10);
+/// A session whose peer sends nothing (not even a Pong) for this many ping intervals is dead.
+const IDLE_PING_INTERVALS: u32 = 3;
+/// A session that stayed up this long resets the backoff; shorter ones keep growing it (flapping).
+const STABLE_SESSION: Duration = Duration::from_secs(1);
+
+/// Where a link is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Dialing, handshaking, or waiting for the peer to accept WatchConns.
+    Connecting,
+    /// WatchConns accepted; forwarders are being learned and packets forwarded.
+    Connected,
+    /// The last attempt failed (see `last_error`); waiting to retry.
+    Backoff,
+    /// The URL points at this relay (the peer's server key is our own key); not retried.
+    SelfLink,
+    /// Not running: removed, the relay is gone or shutting down, or the URL cannot work (see `last_error`).
+    Stopped,
+}
+
+impl LinkState {
+    /// The name the control plane sees.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Connecting => "connecting",
+            LinkState::Connected => "connected",
+            LinkState::Backoff => "backoff",
+            LinkState::SelfLink => "self",
+            LinkState::Stopped => "stopped",
+        }
+    }
+}
+
+impl fmt::Display for LinkState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A link as the control plane sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkStatus {
+    /// The peer URL, normalized (see [`normalize_url`]).
+    pub url: String,
+    pub state: LinkState,
+    /// The peer's server key, once a handshake succeeded.
+    pub peer_key: Option<Key>,
+    /// Why the last attempt failed; cleared when the link is connected again.
+    pub last_error: Option<String>,
+    /// Client keys currently reachable through this link.
+    pub forwarders: usize,
+    /// When the current session was confirmed, in ms since the Unix epoch.
+    pub connected_since_ms: Option<u64>,
+}
+
+/// Why mesh peers could not be set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MeshError {
+    /// Links are tasks: the call must happen inside a tokio runtime (the binding enters napi's).
+    NoRuntime,
+}
+
+impl fmt::Display for MeshError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MeshError::NoRuntime => f.write_str("mesh links need a tokio runtime, and none is running on this thread"),
+        }
+    }
+}
+
+impl std::error::Error for MeshError {}
+
+// ---------------------------------------------------------------------------------------------
+// URLs
+
+/// URL schemes a mesh link may dial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    /// Recognised, but the core's DERP client has no TLS yet: such links report a clear error.
+    Https,
+}
+
+/// A peer URL reduced to its identity: `scheme://authority[/prefix]`, without trailing slashes
+/// and without the `/derp` suffix (so `http://h:1`, `http://h:1/` and `http://h:1/derp` are one peer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerUrl {
+    /// The normalized form, used as the link's identity and in its status.
+    pub base: String,
+    pub scheme: Scheme,
+}
+
+impl PeerUrl {
+    /// The upgrade URL the link dials.
+    pub fn derp_url(&self) -> String {
+        format!("{}{}", self.base, client::DERP_PATH)
+    }
+}
+
+/// Normalizes a peer relay URL. Scheme and host are lower-cased, surrounding whitespace, trailing
+/// slashes and a trailing `/derp` are removed; a default port is kept as written.
+pub fn normalize_url(url: &str) -> Result<PeerUrl, String> {
+    let trimmed = url.trim();
+    let Some((scheme, rest)) = trimmed.split_once("://") else {
+        return Err(format!("invalid mesh peer URL {trimmed:?}: expected http://host:port"));
+    };
+    let scheme_lc = scheme.to_ascii_lowercase();
+    let scheme = match scheme_lc.as_str() {
+        "http" => Scheme::Http,
+        "https" => Scheme::Https,
+        _ => {
+            return Err(format!(
+                "mesh peer URL {trimmed:?}: scheme {scheme_lc:?} is not http or https"
+            ))
+        }
+    };
+    let rest = rest.split('#').next().unwrap_or("");
+    let split = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(split);
+    if authority.is_empty() || authority.starts_with(':') {
+        return Err(format!("invalid mesh peer URL {trimmed:?}: missing host"));
+    }
+    if authority.contains('@') {
+        return Err(format!("invalid mesh peer URL {trimmed:?}: user info is not allowed"));
+    }
+    let mut path = path.trim_end_matches('/');
+    if let Some(prefix) = path.strip_suffix(client::DERP_PATH) {
+        path = prefix.trim_end_matches('/');
+    }
+    Ok(PeerUrl {
+        base: format!("{scheme_lc}://{}{path}", authority.to_ascii_lowercase()),
+        scheme,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The manager
+
+/// A running link: its status and the means to stop it.
+struct LinkHandle {
+    shared: Arc<LinkShared>,
+    stop: watch::Sender<bool>,
+}
+
+impl LinkHandle {
+    /// Stops the link: its task ends at its next await point and cleans up after itself; the
+    /// forwarders of its current session are removed right away.
+    fn stop(&self, relay: Option<&Relay>) {
+        self.stop.send_replace(true);
+        let session = self.shared.session.load(Relaxed);
+        if let (Some(relay), true) = (relay, session != 0) {
+            relay.remove_link(session);
+        }
+    }
+}
+
+/// Status shared between a link task and the manager.
+struct LinkShared {
+    url: PeerUrl,
+    status: Mutex<StatusInner>,
+    /// Keys learned by the current session.
+    forwarders: AtomicUsize,
+    /// Forwarder id of the current session, 0 when none.
+    session: AtomicU64,
+}
+
+struct StatusInner {
+    state: LinkState,
+    peer_key: Option<Key>,
+    last_error: Option<String>,
+    connected_since_ms: Option<u64>,
+}
+
+impl LinkShared {
+    fn new(url: PeerUrl) -> LinkShared {
+        LinkShared {
+            url,
+            status: Mutex::new(StatusInner {
+                state: LinkState::Connecting,
+                peer_key: None,
+                last_error: None,
+                connected_since_ms: None,
+            }),
+            forwarders: AtomicUsize::new(0),
+            session: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, StatusInner> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_state(&self, state: LinkState) {
+        self.lock().state = state;
+    }
+
+    fn fail(&self, state: LinkState, error: String) {
+        let mut s = self.lock();
+        s.state = state;
+        s.last_error = Some(error);
+        s.connected_since_ms = None;
+    }
+
+    fn status(&self) -> LinkStatus {
+        let s = self.lock();
+        LinkStatus {
+            url: self.url.base.clone(),
+            state: s.state,
+            peer_key: s.peer_key,
+            last_error: s.last_error.clone(),
+            forwarders: self.forwarders.load(Relaxed),
+            connected_since_ms: s.connected_since_ms,
+        }
+    }
+}
+
+/// The mesh links of one relay, keyed by normalized peer URL.
+///
+/// Link tasks hold only a weak reference to the relay: dropping the relay ends them. Dropping the
+/// manager stops every link.
+pub struct MeshLinks {
+    relay: Weak<Relay>,
+    links: Mutex<BTreeMap<String, LinkHandle>>,
+}
+
+impl MeshLinks {
+    pub fn new(relay: &Arc<Relay>) -> MeshLinks {
+        MeshLinks {
+            relay: Arc::downgrade(relay),
+            links: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn links(&self) -> MutexGuard<'_, BTreeMap<String, LinkHandle>> {
+        self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the set of links equal to `urls` (after normalization and de-duplication): new URLs get
+    /// a link task, links whose URL is gone are stopped, the others are left alone. URLs that cannot
+    /// work (malformed, unsupported scheme) get a stopped link whose `last_error` says why.
+    /// Must be called inside a tokio runtime.
+    pub fn set_peers(&self, urls: Vec<String>) -> Result<(), MeshError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| MeshError::NoRuntime)?;
+        let mut wanted: BTreeMap<String, Result<PeerUrl, String>> = BTreeMap::new();
+        for url in urls {
+            match normalize_url(&url) {
+                Ok(p) => {
+                    wanted.insert(p.base.clone(), Ok(p));
+                }
+                Err(e) => {
+                    wanted.insert(url.trim().to_string(), Err(e));
+                }
+            }
+        }
+        let relay = self.relay.upgrade();
+        let mut links = self.links();
+        let removed: Vec<String> = links.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        for k in removed {
+            if let Some(h) = links.remove(&k) {
+                h.stop(relay.as_deref());
+            }
+        }
+        for (k, parsed) in wanted {
+            if links.contains_key(&k) {
+                continue;
+            }
+            let (stop, stop_rx) = watch::channel(false);
+            let handle = match parsed {
+                Ok(url) => {
+                    let shared = Arc::new(LinkShared::new(url));
+                    runtime.spawn(run_link(self.relay.clone(), shared.clone(), stop_rx));
+                    LinkHandle { shared, stop }
+                }
+                Err(e) => {
+                    let shared = Arc::new(LinkShared::new(PeerUrl {
+                        base: k.clone(),
+                        scheme: Scheme::Http,
+                    }));
+                    shared.fail(LinkState::Stopped, e);
+                    LinkHandle { shared, stop }
+                }
+            };
+            links.insert(k, handle);
+        }
+        Ok(())
+    }
+
+    /// Every link's status, ordered by URL.
+    pub fn status(&self) -> Vec<LinkStatus> {
+        self.links().values().map(|h| h.shared.status()).collect()
+    }
+
+    /// Stops every link (as `set_peers(vec![])` would).
+    pub fn stop_all(&self) {
+        let relay = self.relay.upgrade();
+        let links = std::mem::take(&mut *self.links());
+        for h in links.values() {
+            h.stop(relay.as_deref());
+        }
+    }
+}
+
+impl Drop for MeshLinks {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// One manager per relay, found by the relay it belongs to. (The relay has no field for it; this
+/// keeps mesh state out of `Relay` and lets the binding reach it from the relay alone.)
+static MANAGERS: Mutex<Vec<(Weak<Relay>, Arc<MeshLinks>)>> = Mutex::new(Vec::new());
+
+/// The mesh link manager of `relay`, created on first use.
+pub fn links_of(relay: &Arc<Relay>) -> Arc<MeshLinks> {
+    let mut dead = Vec::new();
+    let found = {
+        let mut managers = MANAGERS.lock().unwrap_or_else(|p| p.into_inner());
+        let mut i = 0;
+        while i < managers.len() {
+            if managers[i].0.strong_count() == 0 {
+                dead.push(managers.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        let ptr = Arc::as_ptr(relay);
+        match managers.iter().find(|(w, _)| std::ptr::eq(w.as_ptr(), ptr)) {
+            Some((_, m)) => m.clone(),
+            None => {
+                let m = Arc::new(MeshLinks::new(relay));
+                managers.push((Arc::downgrade(relay), m.clone()));
+                m
+            }
+        }
+    };
+    drop(dead); // stops the links of relays that are gone, outside the lock
+    found
+}
+
+/// Sets the mesh peers of `relay` by difference (see [`MeshLinks::set_peers`]).
+pub fn set_mesh_peers(relay: &Arc<Relay>, urls: Vec<String>) -> Result<(), MeshError> {
+    links_of(relay).set_peers(urls)
+}
+
+/// The status of every mesh link of `relay`.
+pub fn mesh_links(relay: &Arc<Relay>) -> Vec<LinkStatus> {
+    links_of(relay).status()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A link
+
+/// One connection of a link to its peer: the forwarder registered for the keys it learns.
+struct Session {
+    id: u64,
+    outbox: Outbox,
+}
+
+impl Forwarder for Session {
+    fn link_id(&self) -> u64 {
+        self.id
+    }
+
+    fn forward(&self, frame: OutFrame) -> Enqueued {
+        // tail = dst(32) ‖ packet, as assembled by the sending connection.
+        let disco = frame.tail.len() > KEY_LEN && frame::is_disco(&frame.tail[KEY_LEN..]);
+        self.outbox.push_packet(frame, disco)
+    }
+}
+
+/// Undoes a session however it ends (return, error, task abort): its forwarders are removed, its
+/// writer is stopped, the gauge and the status are updated.
+struct SessionGuard {
+    relay: Weak<Relay>,
+    shared: Arc<LinkShared>,
+    session: Arc<Session>,
+    closed: watch::Sender<bool>,
+    /// Counted in `metrics.mesh_links`.
+    up: bool,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.session.outbox.finish(None);
+        self.closed.send_replace(true);
+        let _ = self
+            .shared
+            .session
+            .compare_exchange(self.session.id, 0, Relaxed, Relaxed);
+        if let Some(relay) = self.relay.upgrade() {
+            relay.remove_link(self.session.id);
+            if self.up {
+                Metrics::dec(&relay.metrics.mesh_links);
+            }
+        }
+        self.shared.forwarders.store(0, Relaxed);
+        self.shared.lock().connected_since_ms = None;
+    }
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// The link was stopped (or the relay is gone).
+    Stopped,
+    /// The peer is this relay.
+    SelfLink(Key),
+    /// Retry later. `up_for` is how long the session had been confirmed, if it was.
+    Failed { error: String, up_for: Option<Duration> },
+    /// Retrying cannot help (e.g. an unsupported scheme).
+    Permanent(String),
+}
+
+/// Exponential backoff with jitter.
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let base = BACKOFF_MIN
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(BACKOFF_MAX);
+        self.attempt = self.attempt.saturating_add(1);
+        jitter(base)
+    }
+}
+
+/// A random duration in `[d/2, d]`.
+fn jitter(d: Duration) -> Duration {
+    let half = d / 2;
+    let span = (d - half).as_micros() as u64;
+    half + Duration::from_micros(if span == 0 { 0 } else { random_u64() % (span + 1) })
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::getrandom(&mut b).map(|_| u64::from_le_bytes(b)).unwrap_or(0)
+}
+
+/// Resolves once the flag is set, or once its sender is gone (which also means: stop).
+async fn signalled(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The link task: sessions, one after the other, until stopped.
+async fn run_link(relay: Weak<Relay>, shared: Arc<LinkShared>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Backoff { attempt: 0 };
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let end = match relay.upgrade() {
+            None => SessionEnd::Stopped,
+            Some(r) if r.is_closing() => SessionEnd::Permanent("the relay is shutting down".into()),
+            Some(r) => {
+                let key = r.key().clone();
+                let mesh_key = r.mesh_key();
+                drop(r);
+                match mesh_key {
+                    None => SessionEnd::Failed {
+                        error: "this relay has no mesh key; a peer only accepts mesh links with the shared mesh key"
+                            .into(),
+                        up_for: None,
+                    },
+                    Some(mesh_key) => {
+                        shared.set_state(LinkState::Connecting);
+                        run_session(&relay, &shared, &key, mesh_key, &mut stop).await
+                    }
+                }
+            }
+        };
+        match end {
+            SessionEnd::Stopped => break,
+            SessionEnd::SelfLink(key) => {
+                let mut s = shared.lock();
+                s.state = LinkState::SelfLink;
+                s.peer_key = Some(key);
+                s.last_error = None;
+                return;
+            }
+            SessionEnd::Permanent(error) => {
+                shared.fail(LinkState::Stopped, error);
+                return;
+            }
+            SessionEnd::Failed { error, up_for } => {
+                if up_for.is_some_and(|d| d >= STABLE_SESSION) {
+                    backoff.attempt = 0;
+                }
+                shared.fail(LinkState::Backoff, error);
+                let delay = backoff.next();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = signalled(&mut stop) => break,
+                }
+            }
+        }
+    }
+    shared.set_state(LinkState::Stopped);
+}
+
+/// Dials the peer. `https` is recognised but not implemented yet: the place to add a TLS dial
+/// (rustls, optionally with a private CA) is here.
+async fn dial_peer(url: &PeerUrl, key: &KeyPair, info: &ClientInfo) -> Result<DerpConn, SessionEnd> {
+    match url.scheme {
+        Scheme::Http => match tokio::time::timeout(DIAL_TIMEOUT, client::dial(&url.derp_url(), key, info)).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(SessionEnd::Failed {
+                error: e.to_string(),
+                up_for: None,
+            }),
+            Err(_) => Err(SessionEnd::Failed {
+                error: format!(
+                    "dialing {} timed out after {} s",
+                    url.derp_url(),
+                    DIAL_TIMEOUT.as_secs()
+                ),
+                up_for: None,
+            }),
+        },
+        Scheme::Https => Err(SessionEnd::Permanent(format!(
+            "{}: https mesh links are not supported yet (the relay's DERP client has no TLS); use an http:// relay URL",
+            url.base
+        ))),
+    }
+}
+
+/// One connection: dial, WatchConns, learn forwarders, carry ForwardPackets, until it ends.
+async fn run_session(
+    relay: &Weak<Relay>,
+    shared: &Arc<LinkShared>,
+    key: &KeyPair,
+    mesh_key: String,
+    stop: &mut watch::Receiver<bool>,
+) -> SessionEnd {
+    let info = ClientInfo {
+        version: frame::PROTOCOL_VERSION,
+        mesh_key: Some(mesh_key),
+        can_ack_pings: true,
+        is_prober: false,
+    };
+    let conn = tokio::select! {
+        r = dial_peer(&shared.url, key, &info) => r,
+        _ = signalled(stop) => return SessionEnd::Stopped,
+    };
+    let conn = match conn {
+        Ok(c) => c,
+        Err(end) => return end,
+    };
+    if conn.server_key == *key.public() {
+        return SessionEnd::SelfLink(conn.server_key);
+    }
+    shared.lock().peer_key = Some(conn.server_key);
+
+    let Some(r) = relay.upgrade() else {
+        return SessionEnd::Stopped;
+    };
+    let own_key = *r.public_key();
+    let ping_interval = r.config.keepalive.clamp(Duration::from_millis(100), MAX_PING_INTERVAL);
+    let write_timeout = r.config.write_timeout;
+    let writer_config = WriterConfig {
+        write_timeout,
+        // The pinger below writes whatever the traffic; the writer's own keepalive is a fallback.
+        keepalive: ping_interval * 4,
+        keepalive_jitter: Duration::ZERO,
+    };
+    let session = Arc::new(Session {
+        id: r.next_id(),
+        outbox: Outbox::new(MESH_QUEUE_DEPTH, MESH_DISCO_QUEUE_DEPTH),
+    });
+    drop(r);
+    let (closed_tx, closed_rx) = watch::channel(false);
+    let mut guard = SessionGuard {
+        relay: relay.clone(),
+        shared: shared.clone(),
+        session: session.clone(),
+        closed: closed_tx.clone(),
+        up: false,
+    };
+    shared.session.store(session.id, Relaxed);
+
+    let confirm: [u8; PING_LEN] = random_u64().to_le_bytes();
+    session.outbox.push_control(frame::watch_conns());
+    session.outbox.push_control(frame::ping(&confirm));
+
+    let DerpConn { mut reader, writer, .. } = conn;
+    let writer_task = {
+        let session = session.clone();
+        let closed = closed_rx.clone();
+        let keepalive = frame::ping(&[0; PING_LEN]);
+        tokio::spawn(async move {
+            let exit = run_writer(&session.outbox, writer, closed, &writer_config, &keepalive, || {}).await;
+            closed_tx.send_replace(true);
+            exit
+        })
+    };
+
+    let mut closed = closed_rx;
+    let mut present: HashSet<Key> = HashSet::new();
+    let started = Instant::now();
+    let mut confirmed_at: Option<Instant> = None;
+    let mut last_rx = Instant::now();
+    let idle_timeout = ping_interval * IDLE_PING_INTERVALS;
+    let mut pinger = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+    pinger.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let failed = |error: String, confirmed_at: Option<Instant>| SessionEnd::Failed {
+        error,
+        up_for: confirmed_at.map(|t| t.elapsed()),
+    };
+    loop {
+        let mut confirm_now = false;
+        tokio::select! {
+            _ = signalled(stop) => return SessionEnd::Stopped,
+            _ = signalled(&mut closed) => {
+                let why = match writer_task.await {
+                    Ok(WriterExit::WriteTimeout) => format!(
+                        "writing to the peer stalled for more than {} ms", write_timeout.as_millis()),
+                    Ok(WriterExit::WriteError) => "writing to the peer failed (connection lost)".to_string(),
+                    Ok(WriterExit::Finished) => "the link's control queue overflowed (peer not reading)".to_string(),
+                    Ok(WriterExit::Closed) | Err(_) => "the link's writer stopped".to_string(),
+                };
+                return failed(why, confirmed_at);
+            }
+            f = reader.read_frame(MAX_FRAME_SIZE) => {
+                let f = f.and_then(|(t, f)| client::decode_server_frame(t, f));
+                let f = match f {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let error = if confirmed_at.is_some() {
+                            format!("connection to the peer lost: {e}")
+                        } else {
+                            format!(
+                                "permission denied: the peer closed the link right after WatchConns (mesh key mismatch?): {e}")
+                        };
+                        return failed(error, confirmed_at);
+                    }
+                };
+                last_rx = Instant::now();
+                let Some(r) = relay.upgrade() else { return SessionEnd::Stopped };
+                match f {
+                    ServerFrame::PeerPresent { key, .. } => {
+                        // Only a watcher gets PeerPresent: WatchConns was accepted.
+                        confirm_now = true;
+                        // The peer announces our own link's connection too; that key is us.
+                        if key != own_key && present.insert(key) {
+                            r.add_forwarder(key, session.clone());
+                        }
+                    }
+                    ServerFrame::PeerGone { key, reason } => {
+                        confirm_now = true;
+                        // Not-here answers a forwarded disco packet; only "disconnected" means the key left.
+                        if reason == PEER_GONE_DISCONNECTED && present.remove(&key) {
+                            r.remove_forwarder(&key, session.id);
+                        }
+                    }
+                    ServerFrame::Pong(data) => confirm_now = data == confirm,
+                    ServerFrame::Ping(data) => session.outbox.push_control(frame::pong(&data)),
+                    // KeepAlive only resets the idle timer; packets addressed to this relay's own key,
+                    // Health, Restarting (the peer goes away; the EOF that follows is handled) and
+                    // unknown frames are ignored.
+                    _ => {}
+                }
+                shared.forwarders.store(present.len(), Relaxed);
+            }
+            _ = pinger.tick() => {
+                session.outbox.push_control(frame::ping(&random_u64().to_le_bytes()));
+            }
+            _ = tokio::time::sleep_until(last_rx + idle_timeout) => {
+                return failed(format!("the peer sent nothing for {} ms", idle_timeout.as_millis()), confirmed_at);
+            }
+            _ = tokio::time::sleep_until(started + CONFIRM_TIMEOUT), if confirmed_at.is_none() => confirm_now = true,
+        }
+        if confirm_now && confirmed_at.is_none() {
+            confirmed_at = Some(Instant::now());
+            if let Some(r) = relay.upgrade() {
+                Metrics::inc(&r.metrics.mesh_links);
+                guard.up = true;
+            }
+            let mut s = shared.lock();
+            s.state = LinkState::Connected;
+            s.last_error = None;
+            s.connected_since_ms = Some(now_ms());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_normalize_to_one_identity() {
+        for u in [
+            "http://H:1",
+            " http://h:1/ ",
+            "HTTP://h:1/derp",
+            "http://h:1/derp/",
+            "http://h:1//",
+        ] {
+            let p = normalize_url(u).unwrap();
+            assert_eq!(p.base, "http://h:1", "{u}");
+            assert_eq!(p.derp_url(), "http://h:1/derp");
+            assert_eq!(p.scheme, Scheme::Http);
+        }
+        assert_eq!(
+            normalize_url("http://h:1/prefix/derp").unwrap().base,
+            "http://h:1/prefix"
+        );
+        assert_eq!(normalize_url("http://[::1]:80/").unwrap().base, "http://[::1]:80");
+        assert_eq!(normalize_url("https://relay.example").unwrap().scheme, Scheme::Https);
+        for (bad, why) in [
+            ("relay:80", "expected http"),
+            ("ftp://h", "not http or https"),
+            ("http://", "missing host"),
+            ("http://u@h", "user info"),
+        ] {
+            let err = normalize_url(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let mut b = Backoff { attempt: 0 };
+        let first = b.next();
+        assert!(first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN, "{first:?}");
+        for _ in 0..20 {
+            let d = b.next();
+            assert!(d <= BACKOFF_MAX, "{d:?}");
+        }
+        let d = b.next();
+        assert!(d >= BACKOFF_MAX / 2, "{d:?}");
+    }
+}

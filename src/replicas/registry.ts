@@ -1,0 +1,341 @@
+// The replica registry: register this node in Postgres, heartbeat, discover peers (pubsub push +
+// polling), probe them, and tell the relay which peers to mesh with. Data flows one way:
+// Postgres → registry → `peers` event → relay.
+import { EventEmitter } from 'node:events';
+
+import type pg from 'pg';
+
+import type { HealthReport } from '../health.js';
+import type { Logger } from '../log.js';
+import type { Pubsub } from '../postgres/pubsub.js';
+import { probeDatabase, probeRelay, type ProbeResult } from './probe.js';
+import { fromRow, type Replica, type ReplicaRow } from './replica.js';
+
+/** Pubsub channel carrying the id of a replica that started, stopped or changed its error. */
+export const REPLICA_CHANNEL = 'replica';
+/** Heartbeats a replica may miss before it is stale. */
+export const STALE_AFTER_HEARTBEATS = 3;
+
+export interface SelfDescription {
+  id: string;
+  hostname: string;
+  regionId: number;
+  relayUrl: string;
+  version: string;
+  primary: boolean;
+}
+
+export interface ReplicaRegistryOptions {
+  pool: pg.Pool;
+  pubsub: Pubsub;
+  logger: Logger;
+  self: SelfDescription;
+  heartbeatIntervalMs: number;
+  latencyThresholdMs: number;
+  /** Probe peers' relays every heartbeat (off when this node runs no relay). */
+  probePeers: boolean;
+  /** Stale and stopped rows older than this are deleted (default 1 h). */
+  cleanupAfterMs?: number;
+  /** This node's current health report, stored with every heartbeat (cluster-wide view). */
+  healthReport?: () => HealthReport;
+}
+
+export interface PeerLatency {
+  replicaId: string;
+  hostname: string;
+  relayUrl: string;
+  rttMs?: number;
+  error?: string;
+  /** Round trip above the threshold. */
+  slow: boolean;
+}
+
+export interface RegistryEvents {
+  /** Live peers changed (ids or relay URLs). */
+  peers: [peers: Replica[]];
+  /** Every sync, with all rows. */
+  replicas: [replicas: Replica[]];
+}
+
+export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
+  readonly #o: ReplicaRegistryOptions;
+  readonly #log: Logger;
+  #replicas: Replica[] = [];
+  #peerKey = '';
+  #peerLatency = new Map<string, PeerLatency>();
+  #databaseLatencyMs: number | undefined;
+  #databaseError: string | undefined;
+  /** Since when heartbeats succeed without a break; peers are only judged stale after a full window of it. */
+  #databaseHealthySince: number | undefined;
+  #error = '';
+  #heartbeatTimer: NodeJS.Timeout | undefined;
+  #staleTimer: NodeJS.Timeout | undefined;
+  #syncing: Promise<void> | undefined;
+  #syncAgain = false;
+  #stopped = false;
+  #unsubscribe: (() => void) | undefined;
+  #warnedVersions = new Set<string>();
+  #slowWarned = new Set<string>();
+  #heartbeats = 0;
+
+  constructor(options: ReplicaRegistryOptions) {
+    super();
+    this.#o = options;
+    this.#log = options.logger.child({ component: 'replicas' });
+  }
+
+  get self(): SelfDescription {
+    return this.#o.self;
+  }
+
+  /** Every row seen at the last sync, stale and stopped included. */
+  replicas(): Replica[] {
+    return this.#replicas;
+  }
+
+  /** Live peers (not this node, not stopped, heartbeating). */
+  peers(): Replica[] {
+    return this.#replicas.filter((r) => r.id !== this.#o.self.id && this.#isLive(r));
+  }
+
+  peerLatencies(): PeerLatency[] {
+    return [...this.#peerLatency.values()];
+  }
+
+  databaseLatencyMs(): number | undefined {
+    return this.#databaseLatencyMs;
+  }
+
+  databaseError(): string | undefined {
+    return this.#databaseError;
+  }
+
+  isStale(r: Replica): boolean {
+    return r.ageMs > STALE_AFTER_HEARTBEATS * this.#o.heartbeatIntervalMs;
+  }
+
+  /** Registers this node, subscribes to changes, and starts heartbeating. */
+  async start(): Promise<void> {
+    await this.#insert();
+    this.#unsubscribe = await this.#o.pubsub.subscribe(REPLICA_CHANNEL, {
+      onMessage: (id) => {
+        if (id !== this.#o.self.id) this.requestSync();
+      },
+      onDropped: () => this.requestSync(),
+    });
+    this.#databaseHealthySince = Date.now();
+    await this.#publish();
+    await this.sync();
+    this.#log.info('registered replica', { id: this.#o.self.id, relayUrl: this.#o.self.relayUrl || undefined, peers: this.peers().length });
+    this.#scheduleHeartbeat();
+  }
+
+  /** Soft stop: mark the row stopped and tell peers at once. */
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    clearTimeout(this.#heartbeatTimer);
+    clearTimeout(this.#staleTimer);
+    this.#unsubscribe?.();
+    try {
+      await this.#o.pool.query('UPDATE replicas SET stopped_at = now(), updated_at = now() WHERE id = $1', [this.#o.self.id]);
+      await this.#publish();
+    } catch (err) {
+      this.#log.warn('could not mark replica stopped; peers will drop it after 3 heartbeats', { err });
+    }
+  }
+
+  /** Re-reads the table soon; calls while a sync runs are coalesced into one more. */
+  requestSync(): void {
+    if (this.#stopped) return;
+    if (this.#syncing) {
+      this.#syncAgain = true;
+      return;
+    }
+    void this.sync();
+  }
+
+  async sync(): Promise<void> {
+    if (this.#syncing) {
+      this.#syncAgain = true;
+      return this.#syncing;
+    }
+    this.#syncing = (async () => {
+      do {
+        this.#syncAgain = false;
+        try {
+          await this.#syncOnce();
+        } catch (err) {
+          this.#log.debug('replica sync failed', { err });
+        }
+      } while (this.#syncAgain && !this.#stopped);
+    })();
+    try {
+      await this.#syncing;
+    } finally {
+      this.#syncing = undefined;
+    }
+  }
+
+  async #syncOnce(): Promise<void> {
+    const { rows } = await this.#o.pool.query<ReplicaRow>(
+      `SELECT *, (EXTRACT(EPOCH FROM (now() - updated_at)) * 1000)::bigint AS age_ms FROM replicas ORDER BY started_at, id`,
+    );
+    this.#replicas = rows.map(fromRow);
+    this.emit('replicas', this.#replicas);
+    const peers = this.peers();
+    for (const p of peers) {
+      if (p.version !== this.#o.self.version && !this.#warnedVersions.has(p.id)) {
+        this.#warnedVersions.add(p.id);
+        this.#log.warn('peer runs a different derpmesh version', { peer: p.hostname, peerId: p.id, peerVersion: p.version, ourVersion: this.#o.self.version });
+      }
+    }
+    const key = peers.map((p) => `${p.id}=${p.relayUrl}@${p.regionId}`).join(',');
+    if (key !== this.#peerKey) {
+      this.#peerKey = key;
+      this.#log.info('peers changed', { peers: peers.map((p) => p.hostname + (p.relayUrl ? ` ${p.relayUrl}` : '')).join(', ') || 'none' });
+      this.emit('peers', peers);
+    }
+    this.#scheduleStaleCheck(peers);
+  }
+
+  /** Re-sync the moment the oldest live peer would turn stale, so a dead peer goes within 3 heartbeats. */
+  #scheduleStaleCheck(peers: Replica[]): void {
+    clearTimeout(this.#staleTimer);
+    if (peers.length === 0 || this.#stopped) return;
+    const limit = STALE_AFTER_HEARTBEATS * this.#o.heartbeatIntervalMs;
+    const soonest = Math.min(...peers.map((p) => limit - p.ageMs));
+    this.#staleTimer = setTimeout(() => this.requestSync(), Math.max(soonest, 0) + 20);
+    this.#staleTimer.unref();
+  }
+
+  #isLive(r: Replica): boolean {
+    if (r.stoppedAt !== null) return false;
+    if (!this.isStale(r)) return true;
+    // After our own database outage everyone's heartbeats look old: give peers a full window to
+    // heartbeat again before dropping them (the relay mesh keeps working meanwhile).
+    const window = STALE_AFTER_HEARTBEATS * this.#o.heartbeatIntervalMs;
+    return this.#databaseHealthySince === undefined || Date.now() - this.#databaseHealthySince < window;
+  }
+
+  #scheduleHeartbeat(): void {
+    if (this.#stopped) return;
+    this.#heartbeatTimer = setTimeout(() => void this.#heartbeat().finally(() => this.#scheduleHeartbeat()), this.#o.heartbeatIntervalMs);
+    this.#heartbeatTimer.unref();
+  }
+
+  async #heartbeat(): Promise<void> {
+    this.#heartbeats++;
+    const [database, probes] = await Promise.all([this.#probeDatabase(), this.#probePeers()]);
+    if (!database) return;
+    const errors = probes.filter((p) => p.error).map((p) => `failed to reach relay ${p.hostname} (${p.relayUrl}): ${p.error}`);
+    const error = errors.join('; ');
+    const peerLatencies = Object.fromEntries(probes.filter((p) => p.rttMs !== undefined).map((p) => [p.replicaId, Math.round(p.rttMs! * 1000)]));
+    const health = this.#o.healthReport?.() ?? null;
+    try {
+      const result = await this.#o.pool.query(
+        `UPDATE replicas SET updated_at = now(), database_latency = $2, error = $3, peer_latencies = $4, health = $5, relay_url = $6, stopped_at = NULL
+         WHERE id = $1`,
+        [this.#o.self.id, Math.round((this.#databaseLatencyMs ?? 0) * 1000), error, JSON.stringify(peerLatencies), JSON.stringify(health), this.#o.self.relayUrl],
+      );
+      if (result.rowCount === 0) {
+        this.#log.warn('our replica row is gone (cleaned up by a peer or deleted by hand); registering again', { id: this.#o.self.id });
+        await this.#insert();
+        await this.#publish();
+      }
+      if (error !== this.#error) {
+        this.#error = error;
+        if (error) this.#log.warn('peer relays unreachable', { error });
+        await this.#publish();
+      }
+      if (this.#heartbeats % 60 === 0) await this.#cleanup();
+    } catch (err) {
+      this.#noteDatabaseFailure(err);
+      return;
+    }
+    await this.sync();
+  }
+
+  async #probeDatabase(): Promise<boolean> {
+    try {
+      this.#databaseLatencyMs = await probeDatabase(this.#o.pool);
+      if (this.#databaseError !== undefined) {
+        this.#log.info('database reachable again', { rttMs: round(this.#databaseLatencyMs) });
+        this.#databaseError = undefined;
+        this.#databaseHealthySince = Date.now();
+      }
+      if (this.#databaseLatencyMs > this.#o.latencyThresholdMs) {
+        this.#log.warn('database round trip above threshold', { rttMs: round(this.#databaseLatencyMs), thresholdMs: this.#o.latencyThresholdMs });
+      }
+      return true;
+    } catch (err) {
+      this.#noteDatabaseFailure(err);
+      return false;
+    }
+  }
+
+  #noteDatabaseFailure(err: unknown): void {
+    const message = (err as Error).message;
+    if (this.#databaseError === undefined) {
+      this.#log.warn('database unreachable: discovery paused, the relay keeps forwarding', { err: message });
+    }
+    this.#databaseError = message;
+    this.#databaseHealthySince = undefined;
+  }
+
+  async #probePeers(): Promise<PeerLatency[]> {
+    if (!this.#o.probePeers) {
+      this.#peerLatency.clear();
+      return [];
+    }
+    const peers = this.peers().filter((p) => p.regionId === this.#o.self.regionId && p.relayUrl !== '');
+    const results = await Promise.all(peers.map(async (p) => [p, await probeRelay(p.relayUrl)] as const));
+    const latencies = results.map(([p, r]: readonly [Replica, ProbeResult]) => this.#notePeerLatency(p, r));
+    this.#peerLatency = new Map(latencies.map((l) => [l.replicaId, l]));
+    return latencies;
+  }
+
+  #notePeerLatency(peer: Replica, result: ProbeResult): PeerLatency {
+    const slow = result.rttMs !== undefined && result.rttMs > this.#o.latencyThresholdMs;
+    if (slow && !this.#slowWarned.has(peer.id)) {
+      this.#log.warn('peer relay round trip above threshold', {
+        peer: peer.hostname,
+        peerId: peer.id,
+        relayUrl: peer.relayUrl,
+        rttMs: round(result.rttMs!),
+        thresholdMs: this.#o.latencyThresholdMs,
+      });
+      this.#slowWarned.add(peer.id);
+    } else if (!slow && result.rttMs !== undefined && this.#slowWarned.delete(peer.id)) {
+      this.#log.info('peer relay round trip back under threshold', { peer: peer.hostname, rttMs: round(result.rttMs) });
+    }
+    return { replicaId: peer.id, hostname: peer.hostname, relayUrl: peer.relayUrl, rttMs: result.rttMs, error: result.error, slow };
+  }
+
+  async #insert(): Promise<void> {
+    const s = this.#o.self;
+    await this.#o.pool.query(
+      `INSERT INTO replicas (id, hostname, region_id, relay_url, version, started_at, updated_at, "primary")
+       VALUES ($1, $2, $3, $4, $5, now(), now(), $6)
+       ON CONFLICT (id) DO UPDATE SET updated_at = now(), stopped_at = NULL`,
+      [s.id, s.hostname, s.regionId, s.relayUrl, s.version, s.primary],
+    );
+  }
+
+  async #publish(): Promise<void> {
+    try {
+      await this.#o.pubsub.publish(REPLICA_CHANNEL, this.#o.self.id);
+    } catch (err) {
+      this.#log.debug('could not publish replica change; peers will see it at their next poll', { err });
+    }
+  }
+
+  async #cleanup(): Promise<void> {
+    const ms = this.#o.cleanupAfterMs ?? 3_600_000;
+    const { rowCount } = await this.#o.pool.query(`DELETE FROM replicas WHERE updated_at < now() - make_interval(secs => $1) AND id <> $2`, [ms / 1000, this.#o.self.id]);
+    if (rowCount) this.#log.info('removed old replica rows', { count: rowCount });
+  }
+}
+
+function round(ms: number): number {
+  return Math.round(ms * 100) / 100;
+}
