@@ -98,7 +98,12 @@ export class DerpClient extends EventEmitter<DerpClientEvents> {
   readonly #options: DerpClientOptions;
   readonly #connectTimeoutMs: number;
   readonly #backoff: Backoff | undefined;
+  /** Pinned by the user: a relay with another key is refused. */
+  readonly #pinnedServerKey: Buffer | undefined;
+  /** The key of the relay this client last connected to (or the pinned one). */
   #serverPublicKey: Buffer | undefined;
+  /** The key fast start seals ClientInfo to before the relay has said its key. */
+  #likelyServerKey: Buffer | undefined;
   #connection: DerpConnection | undefined;
   #connecting: AbortController | undefined;
   #reconnectTimer: NodeJS.Timeout | undefined;
@@ -135,7 +140,9 @@ export class DerpClient extends EventEmitter<DerpClientEvents> {
     if (options.serverPublicKey !== undefined) assertKey(options.serverPublicKey, 'serverPublicKey');
     this.#privateKey = options.privateKey ?? generatePrivateKey();
     this.publicKey = publicKeyOf(this.#privateKey);
+    this.#pinnedServerKey = options.serverPublicKey;
     this.#serverPublicKey = options.serverPublicKey;
+    this.#likelyServerKey = options.serverPublicKey;
     this.#connectTimeoutMs = options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
     if (!(this.#connectTimeoutMs > 0)) {
       throw derpClientError('DERP_ERR_INVALID_OPTION', 'connectTimeoutMs must be a positive number', {
@@ -167,6 +174,11 @@ export class DerpClient extends EventEmitter<DerpClientEvents> {
   /** The relay's last Health text ('' = healthy). */
   get health(): string {
     return this.#health;
+  }
+
+  /** Bytes queued for the relay but not yet written to the socket; 0 when not connected. */
+  get bufferedBytes(): number {
+    return this.#connection?.transport.bufferedBytes ?? 0;
   }
 
   /** Local address of the current connection (what watchers see in PeerPresent). */
@@ -301,6 +313,9 @@ export class DerpClient extends EventEmitter<DerpClientEvents> {
   }
 
   async #open(): Promise<void> {
+    // Health is per connection: a new one is healthy until the relay says otherwise (its Health
+    // frame may arrive with ServerInfo, before open() resolves).
+    this.#health = '';
     const controller = new AbortController();
     this.#connecting = controller;
     let connection: DerpConnection;
@@ -312,7 +327,8 @@ export class DerpClient extends EventEmitter<DerpClientEvents> {
           fastStart: this.#options.fastStart ?? false,
           privateKey: this.#privateKey,
           publicKey: this.publicKey,
-          serverPublicKey: this.#serverPublicKey,
+          expectedServerKey: this.#pinnedServerKey,
+          likelyServerKey: this.#likelyServerKey,
           clientInfo: {
             meshKey: this.#options.meshKey,
             canAckPings: this.#options.canAckPings ?? true,
@@ -327,6 +343,10 @@ export class DerpClient extends EventEmitter<DerpClientEvents> {
           close: (error) => this.#onConnectionClose(connection, error),
         },
       );
+    } catch (err) {
+      // Under fast start a stale learned key would fail every attempt; learn it afresh.
+      this.#likelyServerKey = this.#pinnedServerKey;
+      throw err;
     } finally {
       this.#connecting = undefined;
     }
@@ -336,6 +356,7 @@ export class DerpClient extends EventEmitter<DerpClientEvents> {
     }
     this.#connection = connection;
     this.#serverPublicKey = connection.serverPublicKey;
+    this.#likelyServerKey = connection.serverPublicKey;
     if (this.#preferred !== undefined) connection.write(encodeFrame(FrameType.NotePreferred, Buffer.from([this.#preferred ? 1 : 0])));
     if (this.#watching) connection.write(encodeFrame(FrameType.WatchConns));
   }

@@ -1,11 +1,11 @@
 // One DERP connection: dial, handshake (ServerKey → ClientInfo → ServerInfo), then decoded frames
 // out and encoded frames in. No reconnecting; DerpClient does that.
+import type { ConnectionOptions as TlsOptions } from 'node:tls';
 import { native } from '../native.js';
 import { derpClientError } from './errors.js';
 import { type ClientInfo, type ServerInfo, clientInfoFrame, openServerInfo, parseServerKey } from './handshake.js';
 import { type ServerMessage, decodeServerFrame } from './messages.js';
 import { type Transport, type TransportKind, dial } from './transport.js';
-import type { ConnectionOptions as TlsOptions } from 'node:tls';
 
 export interface ConnectionOptions {
   url: URL;
@@ -13,8 +13,10 @@ export interface ConnectionOptions {
   fastStart: boolean;
   privateKey: Buffer;
   publicKey: Buffer;
-  /** Expected server key. Under fast start over TCP it lets ClientInfo go out with the request. */
-  serverPublicKey: Buffer | undefined;
+  /** The relay's key must be this one (pinned by the user). */
+  expectedServerKey: Buffer | undefined;
+  /** The relay's key as far as it is known (pinned, or learned earlier): under fast start over TCP, ClientInfo is sealed to it and goes out with the request. */
+  likelyServerKey: Buffer | undefined;
   clientInfo: ClientInfo;
   tls: TlsOptions | undefined;
   /** Limit for dial plus handshake. */
@@ -70,8 +72,8 @@ export class DerpConnection {
 
     // Under fast start over TCP with a known server key, ClientInfo rides in the request's write.
     const early =
-      options.fastStart && options.kind === 'tcp' && options.serverPublicKey !== undefined
-        ? clientInfoFrame(options.privateKey, options.publicKey, options.serverPublicKey, options.clientInfo)
+      options.fastStart && options.kind === 'tcp' && options.likelyServerKey !== undefined
+        ? clientInfoFrame(options.privateKey, options.publicKey, options.likelyServerKey, options.clientInfo)
         : undefined;
     return dial({
       url: options.url,
@@ -175,9 +177,16 @@ export class DerpConnection {
   #onHandshakeFrame(frameType: number, payload: Buffer): void {
     if (this.#state === 'serverKey') {
       const serverKey = parseServerKey(frameType, payload);
-      const expected = this.#options.serverPublicKey;
-      if (expected !== undefined && !expected.equals(serverKey)) {
+      const { expectedServerKey, likelyServerKey } = this.#options;
+      if (expectedServerKey !== undefined && !expectedServerKey.equals(serverKey)) {
         throw derpClientError('DERP_ERR_HANDSHAKE', `the relay's key ${serverKey.toString('hex')} is not the expected one`, {
+          value: serverKey.toString('hex'),
+        });
+      }
+      if (this.#clientInfoSent && !likelyServerKey!.equals(serverKey)) {
+        // ClientInfo went out sealed to a key the relay no longer has (another node behind the
+        // same address); the relay will refuse it, so give up on this attempt at once.
+        throw derpClientError('DERP_ERR_HANDSHAKE', `the relay's key changed to ${serverKey.toString('hex')}; retry without fast start`, {
           value: serverKey.toString('hex'),
         });
       }

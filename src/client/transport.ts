@@ -21,6 +21,8 @@ export interface Transport {
   /** Local address and port of the underlying TCP connection, when known. */
   readonly localAddress: string | undefined;
   readonly localPort: number | undefined;
+  /** Bytes written but not yet handed to the kernel (backpressure). */
+  readonly bufferedBytes: number;
   /** Delivers the bytes received so far, then every later chunk, to `handlers`. Call once. */
   start(handlers: TransportHandlers): void;
   write(bytes: Buffer): void;
@@ -45,6 +47,11 @@ export interface DialOptions {
 
 /** The WebSocket subprotocol of DERP. */
 export const WEBSOCKET_PROTOCOL = 'derp';
+/**
+ * Largest WebSocket message this client sends. Go relays (derper) read at most 32 KiB per message
+ * and close the connection otherwise; the stream may be cut anywhere, so larger frames are split.
+ */
+export const MAX_WEBSOCKET_MESSAGE = 32 * 1024;
 /** A relay whose response head is longer than this is not a DERP relay. */
 const MAX_RESPONSE_HEAD = 16 * 1024;
 const HEAD_END = Buffer.from('\r\n\r\n');
@@ -216,8 +223,18 @@ class SocketTransport implements Transport {
     if (this.#closed) handlers.close(this.#error);
   }
 
+  get bufferedBytes(): number {
+    return this.#socket.writableLength;
+  }
+
   write(bytes: Buffer): void {
-    if (!this.#socket.destroyed) this.#socket.write(bytes);
+    if (this.#socket.destroyed) return;
+    // Frames written in the same tick leave in one writev.
+    if (this.#socket.writableCorked === 0) {
+      this.#socket.cork();
+      process.nextTick(() => this.#socket.uncork());
+    }
+    this.#socket.write(bytes);
   }
 
   end(): void {
@@ -341,8 +358,15 @@ class WebSocketTransport implements Transport {
     if (this.#closed) handlers.close(this.#error);
   }
 
+  get bufferedBytes(): number {
+    return this.#socket.bufferedAmount;
+  }
+
   write(bytes: Buffer): void {
-    if (this.#socket.readyState === WebSocket.OPEN) this.#socket.send(bytes, { binary: true });
+    if (this.#socket.readyState !== WebSocket.OPEN) return;
+    for (let offset = 0; offset < bytes.length; offset += MAX_WEBSOCKET_MESSAGE) {
+      this.#socket.send(bytes.subarray(offset, offset + MAX_WEBSOCKET_MESSAGE), { binary: true });
+    }
   }
 
   end(): void {

