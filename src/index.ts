@@ -7,3 +7,7 @@ export { DerpmeshError, type DerpmeshErrorCode } from './errors.js';
 export { createLogger, type Logger } from './log.js';
 export { runLoad, type LoadOptions, type LoadReport } from './bench.js';
 export { version } from './version.js';
+export * from './client/index.js';
+export { ReplicaRegistry, type PeerLatency } from './replicas/registry.js';
+export type { Replica } from './replicas/replica.js';
+export type { HealthReport, HealthSection, HealthCode, Severity } from './health.js';

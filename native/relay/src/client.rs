@@ -1,15 +1,24 @@
-//! A DERP client: HTTP upgrade over plain TCP, the handshake, and typed frames.
+//! A DERP client: HTTP upgrade over plain TCP or TLS, the handshake, and typed frames.
 //!
-//! Used by the load generator, by tests, and by anything else in the core that must talk to a relay.
-//! TLS (`https://` relay URLs) is not supported yet.
+//! Used by the load generator, by mesh links, by tests, and by anything else in the core that must
+//! talk to a relay. `https://` URLs are dialed over TLS (rustls with the *ring* provider); the
+//! server certificate is verified against the public web PKI roots plus any private CA given in
+//! [`TlsOptions`].
 
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::frame::{self, FrameType, HEADER_LEN, KEY_LEN, MAX_FRAME_SIZE, PING_LEN};
 use crate::handshake::{client_handshake, ClientInfo, HandshakeError};
@@ -18,6 +27,8 @@ use crate::keys::{Key, KeyPair};
 
 /// How long the TCP connect may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the TLS handshake (`https://` URLs) may take.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the server may take to send the whole HTTP response head.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A response head larger than this is not a DERP server talking.
@@ -30,10 +41,15 @@ pub const DERP_PATH: &str = "/derp";
 pub enum ClientError {
     /// The URL could not be parsed.
     InvalidUrl { url: String, reason: &'static str },
-    /// The URL scheme is not (yet) supported, e.g. `https`.
+    /// The URL scheme is not supported, e.g. `ws`.
     UnsupportedScheme { url: String, scheme: String },
+    /// The TLS settings are unusable (e.g. the private CA PEM holds no certificate).
+    TlsConfig { reason: String },
     /// The TCP connection could not be made.
     Connect { addr: String, source: io::Error },
+    /// The TLS handshake failed; `source` wraps the [`rustls::Error`] when there is one
+    /// (see [`ClientError::tls_error`]).
+    Tls { addr: String, source: io::Error },
     /// A step did not finish in time.
     Timeout { addr: String, step: &'static str },
     /// Reading or writing the socket failed during a step.
@@ -62,9 +78,17 @@ impl fmt::Display for ClientError {
             }
             ClientError::UnsupportedScheme { url, scheme } => write!(
                 f,
-                "relay URL {url:?}: scheme {scheme:?} is not supported yet (use http://host:port)"
+                "relay URL {url:?}: scheme {scheme:?} is not supported (use http://host:port or https://host:port)"
             ),
+            ClientError::TlsConfig { reason } => write!(f, "TLS settings: {reason}"),
             ClientError::Connect { addr, source } => write!(f, "connect to {addr} failed: {source}"),
+            ClientError::Tls { addr, source } => {
+                write!(f, "TLS handshake with {addr} failed: {source}")?;
+                match self.tls_error().and_then(tls_hint) {
+                    Some(hint) => write!(f, " — {hint}"),
+                    None => Ok(()),
+                }
+            }
             ClientError::Timeout { addr, step } => write!(f, "{addr}: timed out {step}"),
             ClientError::Io { addr, step, source } => write!(f, "{addr}: {step} failed: {source}"),
             ClientError::ClosedBeforeResponse { addr, received } => write!(
@@ -88,16 +112,58 @@ impl fmt::Display for ClientError {
 impl std::error::Error for ClientError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            ClientError::Connect { source, .. } | ClientError::Io { source, .. } => Some(source),
+            ClientError::Connect { source, .. } | ClientError::Io { source, .. } | ClientError::Tls { source, .. } => {
+                Some(source)
+            }
             ClientError::Handshake(e) => Some(e),
             _ => None,
         }
     }
 }
 
+impl ClientError {
+    /// The rustls error behind a failed TLS handshake, if that is what failed.
+    pub fn tls_error(&self) -> Option<&rustls::Error> {
+        match self {
+            ClientError::Tls { source, .. } => source.get_ref()?.downcast_ref::<rustls::Error>(),
+            _ => None,
+        }
+    }
+
+    /// The TLS handshake failed because no trusted CA signed the peer's certificate.
+    pub fn is_unknown_issuer(&self) -> bool {
+        matches!(
+            self.tls_error(),
+            Some(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer))
+        )
+    }
+}
+
+/// What to do about a TLS failure, when something can be said.
+fn tls_hint(e: &rustls::Error) -> Option<&'static str> {
+    use CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
+            Some("the relay's certificate is not signed by a trusted CA; give the CA that signed it as a private CA")
+        }
+        rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            Some("the URL's host is not among the certificate's names; dial a name the certificate covers")
+        }
+        rustls::Error::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+        ) => Some("check the certificate's validity period and this machine's clock"),
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+            Some("the peer does not speak TLS here; if it serves plain HTTP, use an http:// URL")
+        }
+        _ => None,
+    }
+}
+
 /// The parts of a relay URL the client needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayUrl {
+    /// `https://`: the connection runs over TLS.
+    pub tls: bool,
     /// Host name or IP address, IPv6 without brackets.
     pub host: String,
     pub port: u16,
@@ -108,7 +174,8 @@ pub struct RelayUrl {
 }
 
 impl RelayUrl {
-    /// Parses `http://host[:port][/path]`. `https`, `ws` and `wss` are reported as unsupported.
+    /// Parses `http://host[:port][/path]` or `https://host[:port][/path]` (default ports 80 and 443).
+    /// `ws` and `wss` are reported as unsupported.
     pub fn parse(url: &str) -> Result<RelayUrl, ClientError> {
         let invalid = |reason| ClientError::InvalidUrl {
             url: url.to_string(),
@@ -117,12 +184,16 @@ impl RelayUrl {
         let Some((scheme, rest)) = url.split_once("://") else {
             return Err(invalid("expected http://host:port"));
         };
-        if !scheme.eq_ignore_ascii_case("http") {
+        let tls = if scheme.eq_ignore_ascii_case("http") {
+            false
+        } else if scheme.eq_ignore_ascii_case("https") {
+            true
+        } else {
             return Err(ClientError::UnsupportedScheme {
                 url: url.to_string(),
                 scheme: scheme.to_ascii_lowercase(),
             });
-        }
+        };
         let split = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         let (authority, tail) = rest.split_at(split);
         let tail = tail.split('#').next().unwrap_or("");
@@ -150,6 +221,7 @@ impl RelayUrl {
             return Err(invalid("missing host"));
         }
         let port = match port {
+            None if tls => 443,
             None => 80,
             Some(p) => p
                 .parse::<u16>()
@@ -163,6 +235,7 @@ impl RelayUrl {
             tail.to_string()
         };
         Ok(RelayUrl {
+            tls,
             host: host.to_string(),
             port,
             authority: authority.to_string(),
@@ -199,6 +272,121 @@ pub struct DialOptions {
     /// Send `Derp-Fast-Start: 1`: the server sends no HTTP response and the DERP stream starts at
     /// once. A server that answers with `101` anyway is handled too.
     pub fast_start: bool,
+}
+
+/// TLS settings for `https://` relay URLs. The default verifies the relay's certificate, for the
+/// URL's host (which is also sent as SNI), against the public web PKI roots built in from
+/// `webpki-roots` (Mozilla's list).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// Extra trusted CA certificates in PEM (one or more `-----BEGIN CERTIFICATE-----` blocks), for
+    /// relays whose certificates a private CA signed. Trusted in addition to the public roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// **Insecure escape hatch, off by default.** Accept any certificate for any name: the traffic
+    /// is still encrypted, but anyone on the path can impersonate the relay (and so, for a mesh
+    /// link, read and alter everything forwarded to it). For tests and first setup only; prefer
+    /// `ca_pem`.
+    pub insecure_skip_verify: bool,
+}
+
+impl fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("ca_pem", &self.ca_pem.as_ref().map(|p| format!("{} bytes", p.len())))
+            .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .finish()
+    }
+}
+
+impl TlsOptions {
+    /// Builds the rustls client configuration. Fails when `ca_pem` holds no usable certificate;
+    /// callers that keep the options around call this once up front to report that early.
+    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::TlsConfig { reason: e.to_string() })?;
+        let roots = self.root_store()?;
+        let mut config = if self.insecure_skip_verify {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoCertificateVerification(provider)))
+                .with_no_client_auth()
+        } else {
+            builder.with_root_certificates(roots).with_no_client_auth()
+        };
+        // DERP is an HTTP/1.1 upgrade; never let a server pick h2.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// The public roots plus the private CAs (checked even when verification is off).
+    fn root_store(&self) -> Result<RootCertStore, ClientError> {
+        let mut roots = RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let Some(pem) = &self.ca_pem else {
+            return Ok(roots);
+        };
+        let bad = |reason: String| ClientError::TlsConfig { reason };
+        let mut added = 0;
+        for (i, cert) in CertificateDer::pem_slice_iter(pem).enumerate() {
+            let cert = cert.map_err(|e| bad(format!("private CA PEM: certificate #{} is unreadable: {e}", i + 1)))?;
+            roots.add(cert).map_err(|e| {
+                bad(format!(
+                    "private CA PEM: certificate #{} is not a usable CA certificate: {e}",
+                    i + 1
+                ))
+            })?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(bad(
+                "private CA PEM holds no \"-----BEGIN CERTIFICATE-----\" block".to_string()
+            ));
+        }
+        Ok(roots)
+    }
+}
+
+/// The verifier behind [`TlsOptions::insecure_skip_verify`]: any certificate, any name. Handshake
+/// signatures are still checked, so the peer must at least hold the key of the certificate it sent.
+#[derive(Debug)]
+struct NoCertificateVerification(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoCertificateVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// An established DERP connection, after the handshake. The fields are public so the halves can be
@@ -244,7 +432,8 @@ pub enum ServerFrame {
     },
 }
 
-/// Dials `url` (`http://host:port` or `http://host:port/derp`), upgrades and runs the handshake.
+/// Dials `url` (`http://host:port`, `https://host:port`, optionally with a path such as `/derp`),
+/// upgrades and runs the handshake. `https` uses the default [`TlsOptions`] (public roots only).
 pub async fn dial(url: &str, key: &KeyPair, info: &ClientInfo) -> Result<DerpConn, ClientError> {
     dial_with(url, key, info, &DialOptions::default()).await
 }
@@ -256,29 +445,66 @@ pub async fn dial_with(
     info: &ClientInfo,
     options: &DialOptions,
 ) -> Result<DerpConn, ClientError> {
+    dial_tls(url, key, info, options, &TlsOptions::default()).await
+}
+
+/// [`dial_with`] with TLS settings for `https://` URLs (ignored for `http://`).
+pub async fn dial_tls(
+    url: &str,
+    key: &KeyPair,
+    info: &ClientInfo,
+    options: &DialOptions,
+    tls: &TlsOptions,
+) -> Result<DerpConn, ClientError> {
     let url = RelayUrl::parse(url)?;
     let addr = url.addr();
-    let stream = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        TcpStream::connect((url.host.as_str(), url.port)),
-    )
-    .await
-    .map_err(|_| ClientError::Timeout {
-        addr: addr.clone(),
-        step: "connecting",
-    })?
-    .map_err(|source| ClientError::Connect {
-        addr: addr.clone(),
-        source,
-    })?;
+    // Settings and name first: a bad CA file or host fails without touching the network.
+    let tls = match url.tls {
+        false => None,
+        true => {
+            let name = ServerName::try_from(url.host.clone()).map_err(|_| ClientError::InvalidUrl {
+                url: format!("https://{}", url.authority),
+                reason: "the host is not a valid TLS server name",
+            })?;
+            Some((TlsConnector::from(tls.client_config()?), name))
+        }
+    };
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((url.host.as_str(), url.port)))
+        .await
+        .map_err(|_| ClientError::Timeout {
+            addr: addr.clone(),
+            step: "connecting",
+        })?
+        .map_err(|source| ClientError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
     stream.set_nodelay(true).map_err(|source| ClientError::Io {
         addr: addr.clone(),
         step: "setting TCP_NODELAY",
         source,
     })?;
-    let (mut read_half, mut write_half) = stream.into_split();
-    write_half
-        .write_all(url.request(options.fast_start).as_bytes())
+    let (mut reader, mut writer): (Reader, Writer) = match tls {
+        None => {
+            let (r, w) = stream.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        Some((connector, name)) => {
+            let stream = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, connector.connect(name, stream))
+                .await
+                .map_err(|_| ClientError::Timeout {
+                    addr: addr.clone(),
+                    step: "during the TLS handshake",
+                })?
+                .map_err(|source| ClientError::Tls {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            let (r, w) = tokio::io::split(stream);
+            (Box::new(r), Box::new(w))
+        }
+    };
+    crate::io::write_all(&mut writer, url.request(options.fast_start).as_bytes())
         .await
         .map_err(|source| ClientError::Io {
             addr: addr.clone(),
@@ -286,18 +512,14 @@ pub async fn dial_with(
             source,
         })?;
 
-    let head = tokio::time::timeout(
-        RESPONSE_TIMEOUT,
-        read_upgrade(&mut read_half, &addr, options.fast_start),
-    )
-    .await
-    .map_err(|_| ClientError::Timeout {
-        addr: addr.clone(),
-        step: "waiting for the HTTP upgrade response",
-    })??;
+    let head = tokio::time::timeout(RESPONSE_TIMEOUT, read_upgrade(&mut reader, &addr, options.fast_start))
+        .await
+        .map_err(|_| ClientError::Timeout {
+            addr: addr.clone(),
+            step: "waiting for the HTTP upgrade response",
+        })??;
 
-    let mut reader = FrameReader::new(Box::new(read_half) as Reader, &head);
-    let mut writer: Writer = Box::new(write_half);
+    let mut reader = FrameReader::new(reader, &head);
     let server_key = client_handshake(&mut reader, &mut writer, key, info)
         .await
         .map_err(ClientError::Handshake)?;
@@ -311,11 +533,7 @@ pub async fn dial_with(
 /// Reads the upgrade response and returns the bytes that followed it (the start of the DERP stream).
 /// With fast start, the server normally sends no response: everything read is DERP stream, unless it
 /// starts with `HTTP/`.
-async fn read_upgrade<R: AsyncRead + Unpin>(
-    r: &mut R,
-    addr: &str,
-    fast_start: bool,
-) -> Result<Vec<u8>, ClientError> {
+async fn read_upgrade<R: AsyncRead + Unpin>(r: &mut R, addr: &str, fast_start: bool) -> Result<Vec<u8>, ClientError> {
     let mut buf = Vec::with_capacity(1024);
     if fast_start {
         // A DERP frame header and "HTTP/" are both 5 bytes; a ServerKey frame starts with 0x01.
@@ -331,9 +549,7 @@ async fn read_upgrade<R: AsyncRead + Unpin>(
             break len;
         }
         if buf.len() > MAX_RESPONSE_HEAD {
-            return Err(ClientError::ResponseTooLarge {
-                addr: addr.to_string(),
-            });
+            return Err(ClientError::ResponseTooLarge { addr: addr.to_string() });
         }
         read_more(r, &mut buf, addr).await?;
     };
@@ -347,11 +563,7 @@ async fn read_upgrade<R: AsyncRead + Unpin>(
     Ok(buf.split_off(head_len))
 }
 
-async fn read_more<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut Vec<u8>,
-    addr: &str,
-) -> Result<(), ClientError> {
+async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, addr: &str) -> Result<(), ClientError> {
     let mut chunk = [0u8; 2048];
     let n = r.read(&mut chunk).await.map_err(|source| ClientError::Io {
         addr: addr.to_string(),
@@ -403,10 +615,7 @@ pub fn parse_response_head(head: &[u8]) -> Result<ResponseHead, ClientError> {
     let mut parts = status_line.splitn(3, ' ');
     let version = parts.next().unwrap_or("");
     let code = parts.next().unwrap_or("");
-    if !version.starts_with("HTTP/1.")
-        || code.len() != 3
-        || !code.bytes().all(|b| b.is_ascii_digit())
-    {
+    if !version.starts_with("HTTP/1.") || code.len() != 3 || !code.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
     let status = code.parse().map_err(|_| bad())?;
@@ -505,10 +714,7 @@ pub fn decode_server_frame(frame_type: u8, mut f: BytesMut) -> io::Result<Server
                 return Err(short("PeerGone"));
             }
             // Relays before the reason byte existed send only the key: that meant "disconnected".
-            let reason = payload
-                .get(KEY_LEN)
-                .copied()
-                .unwrap_or(frame::PEER_GONE_DISCONNECTED);
+            let reason = payload.get(KEY_LEN).copied().unwrap_or(frame::PEER_GONE_DISCONNECTED);
             ServerFrame::PeerGone {
                 key: key(&payload),
                 reason,
@@ -538,24 +744,17 @@ pub fn decode_server_frame(frame_type: u8, mut f: BytesMut) -> io::Result<Server
             }
             present
         }
-        Some(FrameType::Health) => {
-            ServerFrame::Health(String::from_utf8_lossy(&payload).into_owned())
-        }
+        Some(FrameType::Health) => ServerFrame::Health(String::from_utf8_lossy(&payload).into_owned()),
         Some(FrameType::Restarting) => {
             if payload.len() < 8 {
                 return Err(short("Restarting"));
             }
             ServerFrame::Restarting {
-                reconnect_in_ms: u32::from_be_bytes([
-                    payload[0], payload[1], payload[2], payload[3],
-                ]),
+                reconnect_in_ms: u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]),
                 try_for_ms: u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]),
             }
         }
-        _ => ServerFrame::Other {
-            frame_type,
-            payload,
-        },
+        _ => ServerFrame::Other { frame_type, payload },
     })
 }
 
@@ -568,10 +767,7 @@ mod tests {
     #[test]
     fn url_forms() {
         let u = RelayUrl::parse("http://127.0.0.1:3340").unwrap();
-        assert_eq!(
-            (u.host.as_str(), u.port, u.path.as_str()),
-            ("127.0.0.1", 3340, "/derp")
-        );
+        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("127.0.0.1", 3340, "/derp"));
         assert_eq!(u.authority, "127.0.0.1:3340");
         let u = RelayUrl::parse("http://relay.example/derp").unwrap();
         assert_eq!(
@@ -580,22 +776,91 @@ mod tests {
         );
         assert_eq!(u.authority, "relay.example");
         let u = RelayUrl::parse("HTTP://[::1]:8080/").unwrap();
-        assert_eq!(
-            (u.host.as_str(), u.port, u.path.as_str()),
-            ("::1", 8080, "/derp")
-        );
+        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("::1", 8080, "/derp"));
         assert_eq!(u.addr(), "[::1]:8080");
         let u = RelayUrl::parse("http://h:1/prefix/derp?x=1#frag").unwrap();
         assert_eq!(u.path, "/prefix/derp?x=1");
         assert_eq!(RelayUrl::parse("http://h:1?x=1").unwrap().path, "/derp?x=1");
+        assert!(!RelayUrl::parse("http://h").unwrap().tls);
+        let u = RelayUrl::parse("HTTPS://relay.example").unwrap();
+        assert!(u.tls);
+        assert_eq!(
+            (u.port, u.authority.as_str(), u.path.as_str()),
+            (443, "relay.example", "/derp")
+        );
+        assert_eq!(RelayUrl::parse("https://h:8443/derp").unwrap().port, 8443);
+    }
+
+    #[test]
+    fn tls_options_check_the_private_ca() {
+        assert!(TlsOptions::default().client_config().is_ok());
+        let insecure = TlsOptions {
+            insecure_skip_verify: true,
+            ..Default::default()
+        };
+        assert!(insecure.client_config().is_ok());
+        for (pem, why) in [
+            (&b"not a pem"[..], "holds no"),
+            (
+                b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                "certificate #1",
+            ),
+            (
+                b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+                "certificate #1",
+            ),
+        ] {
+            let tls = TlsOptions {
+                ca_pem: Some(pem.to_vec()),
+                insecure_skip_verify: false,
+            };
+            let err = tls.client_config().unwrap_err().to_string();
+            assert!(err.starts_with("TLS settings: ") && err.contains(why), "{err}");
+        }
+        assert!(format!(
+            "{:?}",
+            TlsOptions {
+                ca_pem: Some(vec![0; 3]),
+                insecure_skip_verify: false
+            }
+        )
+        .contains("3 bytes"));
+    }
+
+    #[tokio::test]
+    async fn https_to_a_plain_http_server_says_so() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        });
+        let key = KeyPair::generate();
+        let err = dial(
+            &format!("https://localhost:{}", addr.port()),
+            &key,
+            &ClientInfo::default(),
+        )
+        .await
+        .err()
+        .expect("a plain HTTP server cannot complete a TLS handshake");
+        let msg = err.to_string();
+        assert!(matches!(err, ClientError::Tls { .. }), "{msg}");
+        assert!(
+            msg.starts_with(&format!("TLS handshake with localhost:{} failed: ", addr.port())),
+            "{msg}"
+        );
+        assert!(msg.contains("use an http:// URL"), "{msg}");
     }
 
     #[test]
     fn bad_urls_say_why() {
-        let err = RelayUrl::parse("https://relay.example")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("\"https\" is not supported yet"), "{err}");
+        let err = RelayUrl::parse("wss://relay.example").unwrap_err().to_string();
+        assert!(err.contains("\"wss\" is not supported"), "{err}");
         for (url, why) in [
             ("127.0.0.1:80", "expected http://host:port"),
             ("http://:80", "missing host"),
@@ -655,10 +920,7 @@ mod tests {
                 data: Bytes::from_static(b"hi")
             }
         );
-        assert_eq!(
-            decode(frame::ping(&[7; 8])).unwrap(),
-            ServerFrame::Ping([7; 8])
-        );
+        assert_eq!(decode(frame::ping(&[7; 8])).unwrap(), ServerFrame::Ping([7; 8]));
         assert_eq!(
             decode(frame::peer_gone(&[1; 32], frame::PEER_GONE_NOT_HERE)).unwrap(),
             ServerFrame::PeerGone {
@@ -696,10 +958,7 @@ mod tests {
 
     /// A one-connection relay stand-in: optional 101, ServerKey, handshake, then echoes one packet
     /// back to its sender.
-    async fn fake_server(
-        fast_start_honoured: bool,
-        status: &'static str,
-    ) -> (String, tokio::task::JoinHandle<()>) {
+    async fn fake_server(fast_start_honoured: bool, status: &'static str) -> (String, tokio::task::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let task = tokio::spawn(async move {
@@ -718,9 +977,7 @@ mod tests {
             let server = KeyPair::generate();
             let mut out = Vec::new();
             if !(fast && fast_start_honoured) {
-                out.extend_from_slice(
-                    format!("HTTP/1.1 {status}\r\nUpgrade: DERP\r\n\r\n").as_bytes(),
-                );
+                out.extend_from_slice(format!("HTTP/1.1 {status}\r\nUpgrade: DERP\r\n\r\n").as_bytes());
                 if !status.starts_with("101") {
                     stream.write_all(&out).await.unwrap();
                     return;
@@ -751,9 +1008,7 @@ mod tests {
             version: 2,
             ..Default::default()
         };
-        let mut conn = dial_with(url, &key, &info, &DialOptions { fast_start })
-            .await
-            .unwrap();
+        let mut conn = dial_with(url, &key, &info, &DialOptions { fast_start }).await.unwrap();
         conn.send_packet(key.public(), b"hello").await.unwrap();
         assert_eq!(
             conn.recv().await.unwrap(),
@@ -793,15 +1048,8 @@ mod tests {
             .await
             .err()
             .unwrap();
-        assert!(
-            matches!(err, ClientError::BadStatus { status: 426, .. }),
-            "{err}"
-        );
-        assert!(
-            err.to_string()
-                .contains("\"HTTP/1.1 426 Upgrade Required\""),
-            "{err}"
-        );
+        assert!(matches!(err, ClientError::BadStatus { status: 426, .. }), "{err}");
+        assert!(err.to_string().contains("\"HTTP/1.1 426 Upgrade Required\""), "{err}");
         server.await.unwrap();
     }
 
@@ -810,18 +1058,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let err = dial(
-            &format!("http://{addr}"),
-            &KeyPair::generate(),
-            &ClientInfo::default(),
-        )
-        .await
-        .err()
-        .unwrap();
+        let err = dial(&format!("http://{addr}"), &KeyPair::generate(), &ClientInfo::default())
+            .await
+            .err()
+            .unwrap();
         assert!(matches!(err, ClientError::Connect { .. }), "{err}");
         assert!(
-            err.to_string()
-                .starts_with(&format!("connect to {addr} failed")),
+            err.to_string().starts_with(&format!("connect to {addr} failed")),
             "{err}"
         );
     }

@@ -16,6 +16,10 @@
 //! Ping in the same write. A relay that refuses WatchConns (wrong or missing mesh key) closes the
 //! connection before it reaches the Ping; a relay that accepts it answers with its snapshot of
 //! PeerPresent frames and then the Pong. The link counts as connected from that Pong.
+//!
+//! `https://` peers are dialed over TLS with the relay's [`MeshTls`] settings (see
+//! [`set_mesh_tls`]): the public web PKI roots, plus a private CA if one is given, or, as an
+//! explicitly insecure escape hatch, no certificate verification at all.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -26,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::client::{self, DerpConn, ServerFrame};
+use crate::client::{self, ClientError, DerpConn, DialOptions, ServerFrame, TlsOptions};
 use crate::frame::{self, KEY_LEN, MAX_FRAME_SIZE, PEER_GONE_DISCONNECTED, PING_LEN};
 use crate::handshake::ClientInfo;
 use crate::keys::{Key, KeyPair};
@@ -103,17 +107,40 @@ pub struct LinkStatus {
     pub connected_since_ms: Option<u64>,
 }
 
-/// Why mesh peers could not be set.
+/// Why mesh peers (or the mesh TLS settings) could not be set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MeshError {
     /// Links are tasks: the call must happen inside a tokio runtime (the binding enters napi's).
     NoRuntime,
+    /// The TLS settings are unusable, e.g. the CA PEM holds no certificate (the reason).
+    Tls(String),
 }
 
 impl fmt::Display for MeshError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MeshError::NoRuntime => f.write_str("mesh links need a tokio runtime, and none is running on this thread"),
+            MeshError::Tls(e) => write!(f, "mesh TLS settings: {e}"),
+        }
+    }
+}
+
+/// How mesh links verify `https://` peers. The default trusts the public web PKI roots only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshTls {
+    /// PEM of the private CA(s) that signed the peers' certificates, trusted in addition to the
+    /// public roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// **Insecure:** accept any peer certificate (see [`TlsOptions::insecure_skip_verify`]). The
+    /// links stay encrypted but anyone on the path can pose as a peer. Off by default.
+    pub insecure: bool,
+}
+
+impl MeshTls {
+    fn options(&self) -> TlsOptions {
+        TlsOptions {
+            ca_pem: self.ca_pem.clone(),
+            insecure_skip_verify: self.insecure,
         }
     }
 }
@@ -127,7 +154,7 @@ impl std::error::Error for MeshError {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
     Http,
-    /// Recognised, but the core's DERP client has no TLS yet: such links report a clear error.
+    /// Dialed over TLS with the relay's [`MeshTls`] settings.
     Https,
 }
 
@@ -271,6 +298,8 @@ impl LinkShared {
 pub struct MeshLinks {
     relay: Weak<Relay>,
     links: Mutex<BTreeMap<String, LinkHandle>>,
+    /// TLS settings for `https` peers, shared with the link tasks: read at every dial.
+    tls: Arc<Mutex<TlsOptions>>,
 }
 
 impl MeshLinks {
@@ -278,6 +307,31 @@ impl MeshLinks {
         MeshLinks {
             relay: Arc::downgrade(relay),
             links: Mutex::new(BTreeMap::new()),
+            tls: Arc::new(Mutex::new(TlsOptions::default())),
+        }
+    }
+
+    /// Sets how `https` peers are verified. The settings are checked here (a CA PEM without a
+    /// usable certificate is an error, and nothing changes). Every link uses them from its next
+    /// dial on (a failing link retries within [`BACKOFF_MAX`]); connected links are kept.
+    pub fn set_tls(&self, tls: MeshTls) -> Result<(), MeshError> {
+        let options = tls.options();
+        options.client_config().map_err(|e| {
+            MeshError::Tls(match e {
+                ClientError::TlsConfig { reason } => reason,
+                other => other.to_string(),
+            })
+        })?;
+        *self.tls.lock().unwrap_or_else(|p| p.into_inner()) = options;
+        Ok(())
+    }
+
+    /// The current TLS settings for `https` peers.
+    pub fn tls(&self) -> MeshTls {
+        let t = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+        MeshTls {
+            ca_pem: t.ca_pem.clone(),
+            insecure: t.insecure_skip_verify,
         }
     }
 
@@ -318,7 +372,7 @@ impl MeshLinks {
             let handle = match parsed {
                 Ok(url) => {
                     let shared = Arc::new(LinkShared::new(url));
-                    runtime.spawn(run_link(self.relay.clone(), shared.clone(), stop_rx));
+                    runtime.spawn(run_link(self.relay.clone(), shared.clone(), self.tls.clone(), stop_rx));
                     LinkHandle { shared, stop }
                 }
                 Err(e) => {
@@ -390,6 +444,11 @@ pub fn links_of(relay: &Arc<Relay>) -> Arc<MeshLinks> {
 /// Sets the mesh peers of `relay` by difference (see [`MeshLinks::set_peers`]).
 pub fn set_mesh_peers(relay: &Arc<Relay>, urls: Vec<String>) -> Result<(), MeshError> {
     links_of(relay).set_peers(urls)
+}
+
+/// Sets how the mesh links of `relay` verify `https://` peers (see [`MeshLinks::set_tls`]).
+pub fn set_mesh_tls(relay: &Arc<Relay>, tls: MeshTls) -> Result<(), MeshError> {
+    links_of(relay).set_tls(tls)
 }
 
 /// The status of every mesh link of `relay`.
@@ -499,7 +558,12 @@ fn now_ms() -> u64 {
 }
 
 /// The link task: sessions, one after the other, until stopped.
-async fn run_link(relay: Weak<Relay>, shared: Arc<LinkShared>, mut stop: watch::Receiver<bool>) {
+async fn run_link(
+    relay: Weak<Relay>,
+    shared: Arc<LinkShared>,
+    tls: Arc<Mutex<TlsOptions>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = Backoff { attempt: 0 };
     loop {
         if *stop.borrow() {
@@ -520,7 +584,8 @@ async fn run_link(relay: Weak<Relay>, shared: Arc<LinkShared>, mut stop: watch::
                     },
                     Some(mesh_key) => {
                         shared.set_state(LinkState::Connecting);
-                        run_session(&relay, &shared, &key, mesh_key, &mut stop).await
+                        let tls = tls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        run_session(&relay, &shared, &key, mesh_key, &tls, &mut stop).await
                     }
                 }
             }
@@ -554,29 +619,37 @@ async fn run_link(relay: Weak<Relay>, shared: Arc<LinkShared>, mut stop: watch::
     shared.set_state(LinkState::Stopped);
 }
 
-/// Dials the peer. `https` is recognised but not implemented yet: the place to add a TLS dial
-/// (rustls, optionally with a private CA) is here.
-async fn dial_peer(url: &PeerUrl, key: &KeyPair, info: &ClientInfo) -> Result<DerpConn, SessionEnd> {
-    match url.scheme {
-        Scheme::Http => match tokio::time::timeout(DIAL_TIMEOUT, client::dial(&url.derp_url(), key, info)).await {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => Err(SessionEnd::Failed {
-                error: e.to_string(),
-                up_for: None,
-            }),
-            Err(_) => Err(SessionEnd::Failed {
-                error: format!(
-                    "dialing {} timed out after {} s",
-                    url.derp_url(),
-                    DIAL_TIMEOUT.as_secs()
-                ),
-                up_for: None,
-            }),
-        },
-        Scheme::Https => Err(SessionEnd::Permanent(format!(
-            "{}: https mesh links are not supported yet (the relay's DERP client has no TLS); use an http:// relay URL",
-            url.base
-        ))),
+/// Dials the peer; `https` peers over TLS with `tls`.
+async fn dial_peer(url: &PeerUrl, key: &KeyPair, info: &ClientInfo, tls: &TlsOptions) -> Result<DerpConn, SessionEnd> {
+    let derp_url = url.derp_url();
+    let options = DialOptions::default();
+    let dial = client::dial_tls(&derp_url, key, info, &options, tls);
+    match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(SessionEnd::Failed {
+            error: dial_error(&e, tls),
+            up_for: None,
+        }),
+        Err(_) => Err(SessionEnd::Failed {
+            error: format!("dialing {derp_url} timed out after {} s", DIAL_TIMEOUT.as_secs()),
+            up_for: None,
+        }),
+    }
+}
+
+/// A dial failure as the link status shows it: an untrusted certificate names the setting to change.
+fn dial_error(e: &ClientError, tls: &TlsOptions) -> String {
+    match (e, e.tls_error()) {
+        (ClientError::Tls { addr, .. }, Some(inner)) if e.is_unknown_issuer() => format!(
+            "TLS handshake with {addr} failed: {inner} — set DERPMESH_MESH_CA_FILE (relay option meshCaPem) to the \
+             CA that signed the peer's certificate{}",
+            if tls.ca_pem.is_some() {
+                " (the configured mesh CA did not sign it)"
+            } else {
+                ""
+            }
+        ),
+        _ => e.to_string(),
     }
 }
 
@@ -586,6 +659,7 @@ async fn run_session(
     shared: &Arc<LinkShared>,
     key: &KeyPair,
     mesh_key: String,
+    tls: &TlsOptions,
     stop: &mut watch::Receiver<bool>,
 ) -> SessionEnd {
     let info = ClientInfo {
@@ -595,7 +669,7 @@ async fn run_session(
         is_prober: false,
     };
     let conn = tokio::select! {
-        r = dial_peer(&shared.url, key, &info) => r,
+        r = dial_peer(&shared.url, key, &info, tls) => r,
         _ = signalled(stop) => return SessionEnd::Stopped,
     };
     let conn = match conn {
