@@ -5,6 +5,10 @@ import { join } from 'node:path';
 
 import { configError, DerpmeshError } from './errors.js';
 
+function defaultStateDir(): string {
+  return process.getuid?.() === 0 ? '/var/lib/derpmesh' : join(homedir(), '.derpmesh');
+}
+
 type Kind = 'string' | 'url' | 'bool' | 'duration' | 'int' | 'address' | 'enum';
 
 interface OptionSpec {
@@ -96,8 +100,8 @@ export const options = {
     flag: '--state-dir',
     env: ['DERPMESH_STATE_DIR'],
     kind: 'string',
-    default: join(homedir(), '.derpmesh'),
-    description: 'Where the embedded Postgres keeps its data.',
+    default: defaultStateDir(),
+    description: 'Where the embedded Postgres keeps its data. Default `~/.derpmesh`; `/var/lib/derpmesh` as root (Postgres runs as its own user and cannot enter /root).',
   },
   heartbeatInterval: {
     flag: '--heartbeat-interval',
@@ -333,7 +337,7 @@ export function optionsHelp(): string {
 export function optionsMarkdownTable(): string {
   const rows = (Object.keys(options) as OptionName[]).map((name) => {
     const spec: OptionSpec = options[name];
-    const def = spec.default === undefined ? '' : name === 'stateDir' ? '`~/.derpmesh`' : `\`${spec.default}\``;
+    const def = spec.default === undefined || name === 'stateDir' ? '' : `\`${spec.default}\``;
     return `| ${spec.env.map((e) => `\`${e}\``).join(', ')} | \`${spec.flag}\` | ${def} | ${spec.description} |`;
   });
   return ['| env | flag | default | meaning |', '|---|---|---|---|', ...rows].join('\n');

@@ -77,7 +77,11 @@ async function start(config: ServerConfig, logger: Logger, extras: NodeExtras, c
     log.info('custom relays configured: the relay URL is ignored and nodes do not mesh; Postgres is the only rendezvous', { relayUrl: config.relayUrl.href });
   }
   const relayUrl = customRelays ? '' : (config.relayUrl?.href.replace(/\/$/, '') ?? '');
-  const relay = config.derpServerEnable ? new Relay({ queueDepth: config.queueDepth, meshKey, ...extras.relay }) : undefined;
+  // Custom relays: clients use the relays of the custom map, so this node runs none.
+  const relay = customRelays ? undefined : new Relay({ queueDepth: config.queueDepth, meshKey, ...extras.relay });
+  if (!config.derpServerEnable && !config.derpConfigUrl && !config.derpConfigPath) {
+    log.warn('the embedded relay is disabled and no custom relay map is set (CODER_DERP_CONFIG_URL or CODER_DERP_CONFIG_PATH): /derpmap is empty and clients have no relay');
+  }
   if (relay) cleanups.push(() => relay.close({ graceMs: config.shutdownGraceMs }));
 
   const pubsub = new Pubsub({ connectionString: databaseUrl, pool, logger: log });
@@ -257,12 +261,19 @@ async function start(config: ServerConfig, logger: Logger, extras: NodeExtras, c
 
 /** The DERP map clients use: the custom one when configured, else one embedded region. */
 async function loadDerpMap(config: ServerConfig): Promise<unknown> {
-  if (config.derpConfigPath) return JSON.parse(readFileSync(config.derpConfigPath, 'utf8'));
+  if (config.derpConfigPath) {
+    try {
+      return JSON.parse(readFileSync(config.derpConfigPath, 'utf8'));
+    } catch (err) {
+      throw configError(`CODER_DERP_CONFIG_PATH ${config.derpConfigPath} must be a readable JSON relay map: ${(err as Error).message}`, config.derpConfigPath);
+    }
+  }
   if (config.derpConfigUrl) {
     const res = await fetch(config.derpConfigUrl, { signal: AbortSignal.timeout(10_000) });
     if (!res.ok) throw configError(`CODER_DERP_CONFIG_URL answered ${res.status}; it must serve the relay map as JSON`, config.derpConfigUrl.href);
     return res.json();
   }
+  if (!config.derpServerEnable) return { Regions: {} };
   const access = config.accessUrl;
   const https = access.protocol === 'https:';
   return {

@@ -3,11 +3,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { createServer } from 'node:net';
-import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 
-import { parseDuration } from '../config.js';
+import { options, parseDuration } from '../config.js';
 import { configError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { startEmbeddedPostgres } from '../postgres/embedded.js';
@@ -23,7 +22,8 @@ round-robin TCP balancer as the access URL. Ctrl-C stops everything cleanly.
   --nodes N             number of nodes (default 3)
   --access-port P       port of the access URL (default 3000)
   --base-port P         first node port; node i listens on P+i-1 (default 3001)
-  --state-dir DIR       where the embedded Postgres keeps its data (default ~/.derpmesh)
+  --state-dir DIR       where the embedded Postgres keeps its data (default ~/.derpmesh,
+                        /var/lib/derpmesh as root)
   --heartbeat-interval  replica heartbeat (default 1s for a local cluster)
 `;
 
@@ -72,7 +72,7 @@ export async function clusterCommand(argv: string[]): Promise<void> {
   if (parseDuration(heartbeat) === undefined) throw configError(`--heartbeat-interval must be a duration like 1s, got ${JSON.stringify(heartbeat)}`, heartbeat);
 
   const logger = createLogger({ fields: { node: 'cluster' } });
-  const stateDir = values['state-dir'] ?? process.env.DERPMESH_STATE_DIR ?? join(process.env.HOME ?? '.', '.derpmesh');
+  const stateDir = values['state-dir'] ?? process.env.DERPMESH_STATE_DIR ?? options.stateDir.default;
   const postgres = await startEmbeddedPostgres({ stateDir, logger });
   const ports: number[] = [];
   for (let i = 0; i < count; i++) ports.push(basePortArg === 0 ? await freePort() : basePortArg + i);
@@ -92,6 +92,9 @@ export async function clusterCommand(argv: string[]): Promise<void> {
         DERPMESH_HEARTBEAT_INTERVAL: heartbeat,
       },
       stdio: ['ignore', 'inherit', 'inherit'],
+      // Own process group: a terminal's Ctrl-C reaches only this process, which then stops each
+      // node gracefully (Restarting to clients, stopped_at) with one SIGTERM.
+      detached: true,
     });
     child.on('exit', (code, signal) => {
       if (!stopping) logger.warn('node exited', { name, code, signal });
@@ -99,6 +102,10 @@ export async function clusterCommand(argv: string[]): Promise<void> {
     return child;
   });
 
+  // Never leave nodes behind if this process dies without stopping them.
+  process.on('exit', () => {
+    for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+  });
   let stopping = false;
   const stop = async () => {
     if (stopping) return;
@@ -122,7 +129,7 @@ export async function clusterCommand(argv: string[]): Promise<void> {
 
   try {
     const views = await waitForCluster(ports, count, 60_000);
-    process.stdout.write(formatCluster(accessUrl, ports, views));
+    process.stdout.write(formatCluster(accessUrl, views));
     process.stdout.write(`\nAccess URL ${accessUrl} (round robin over the nodes). Ctrl-C to stop.\n`);
   } catch (err) {
     logger.error('cluster did not come up', { err });
@@ -155,7 +162,7 @@ async function waitForCluster(ports: number[], count: number, timeoutMs: number)
   }
 }
 
-function formatCluster(accessUrl: string, ports: number[], views: ReplicaView[][]): string {
+function formatCluster(accessUrl: string, views: ReplicaView[][]): string {
   const replicas = views[0]!.filter((r) => r.state === 'live').sort((a, b) => a.hostname.localeCompare(b.hostname));
   const lines = [`\nderpmesh cluster: ${replicas.length} nodes, access URL ${accessUrl}\n`];
   lines.push('node     listen                  relay URL               database rtt');
@@ -169,6 +176,5 @@ function formatCluster(accessUrl: string, ports: number[], views: ReplicaView[][
     const cells = replicas.map((to) => (to.id === from.id ? '-' : from.peer_latencies[to.id] === undefined ? '?' : (from.peer_latencies[to.id]! / 1000).toFixed(2)));
     lines.push(from.hostname.padEnd(9) + cells.map((c) => c.padStart(9)).join(''));
   }
-  void ports;
   return lines.join('\n') + '\n';
 }

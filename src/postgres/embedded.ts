@@ -2,9 +2,9 @@
 // directory. The first node to start it owns it; other nodes on the same machine and state
 // directory find it through `embedded-postgres.json` and share it.
 import { randomBytes } from 'node:crypto';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createServer, type AddressInfo } from 'node:net';
-import { join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import pg from 'pg';
 import { DerpmeshError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -61,6 +61,22 @@ async function freePort(): Promise<number> {
   });
 }
 
+/** As root, Postgres runs as another user: every directory above the data must let it pass. */
+function assertTraversable(dir: string): void {
+  if (process.getuid?.() !== 0) return;
+  for (let d = resolve(dir); ; d = dirname(d)) {
+    if ((statSync(d).mode & 0o001) === 0) {
+      throw new DerpmeshError(
+        'DERPMESH_ERR_CONFIG',
+        `the embedded Postgres runs as an unprivileged user and cannot enter ${d} (mode ${(statSync(d).mode & 0o777).toString(8)}); ` +
+          `set DERPMESH_STATE_DIR (--state-dir) to a directory outside it, e.g. /var/lib/derpmesh`,
+        d,
+      );
+    }
+    if (dirname(d) === d) return;
+  }
+}
+
 const urlOf = (d: Descriptor) => `postgres://${USER}:${d.password}@127.0.0.1:${d.port}/${DATABASE}`;
 
 export async function startEmbeddedPostgres(options: { stateDir: string; logger: Logger; timeoutMs?: number }): Promise<EmbeddedPostgres> {
@@ -71,6 +87,7 @@ export async function startEmbeddedPostgres(options: { stateDir: string; logger:
   const lockPath = join(dir, 'starting.lock');
   // Traversable: when we run as root, Postgres runs as its own user and must reach the data directory.
   mkdirSync(dir, { recursive: true, mode: 0o755 });
+  assertTraversable(dir);
   const deadline = Date.now() + (options.timeoutMs ?? 60_000);
   for (;;) {
     if (existsSync(descriptorPath)) {

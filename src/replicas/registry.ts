@@ -13,6 +13,8 @@ import { fromRow, type Replica, type ReplicaRow } from './replica.js';
 
 /** Pubsub channel carrying the id of a replica that started, stopped or changed its error. */
 export const REPLICA_CHANNEL = 'replica';
+/** Consecutive probes above the latency threshold before a peer is reported slow. */
+export const SLOW_PROBES_TO_WARN = 2;
 /** Heartbeats a replica may miss before it is stale. */
 export const STALE_AFTER_HEARTBEATS = 3;
 
@@ -76,6 +78,7 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
   #unsubscribe: (() => void) | undefined;
   #warnedVersions = new Set<string>();
   #slowWarned = new Set<string>();
+  #slowStreak = new Map<string, number>();
   #heartbeats = 0;
 
   constructor(options: ReplicaRegistryOptions) {
@@ -295,7 +298,11 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
   }
 
   #notePeerLatency(peer: Replica, result: ProbeResult): PeerLatency {
-    const slow = result.rttMs !== undefined && result.rttMs > this.#o.latencyThresholdMs;
+    // Two slow probes in a row before warning: one scheduling hiccup on a busy host is not a slow link.
+    const over = result.rttMs !== undefined && result.rttMs > this.#o.latencyThresholdMs;
+    const streak = over ? (this.#slowStreak.get(peer.id) ?? 0) + 1 : 0;
+    this.#slowStreak.set(peer.id, streak);
+    const slow = streak >= SLOW_PROBES_TO_WARN;
     if (slow && !this.#slowWarned.has(peer.id)) {
       this.#log.warn('peer relay round trip above threshold', {
         peer: peer.hostname,
