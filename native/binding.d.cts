@@ -156,6 +156,16 @@ export interface RelayOptions {
   /** KeepAlive period (default 60000 ms) and its random extra (default 5000 ms). */
   keepaliveMs?: number
   keepaliveJitterMs?: number
+  /**
+   * PEM of the private CA(s) that signed the peers' certificates, for `https://` mesh peers;
+   * trusted in addition to the public web PKI roots. Throws if it holds no usable certificate.
+   */
+  meshCaPem?: Buffer
+  /**
+   * INSECURE: do not verify `https://` mesh peers' certificates at all (the links stay
+   * encrypted, but anyone on the path can pose as a peer). Default false; prefer `meshCaPem`.
+   */
+  meshTlsInsecure?: boolean
 }
 
 /** Runs the load generator (in Rust, off the JS thread) and reports. */

@@ -19,7 +19,8 @@ fn invalid(msg: impl Into<String>) -> Error {
 }
 
 fn key_from(buf: &[u8], what: &str) -> Result<Key> {
-    buf.try_into().map_err(|_| invalid(format!("{what} must be 32 bytes, got {}", buf.len())))
+    buf.try_into()
+        .map_err(|_| invalid(format!("{what} must be 32 bytes, got {}", buf.len())))
 }
 
 /// Options of a relay; every field is optional.
@@ -38,6 +39,12 @@ pub struct RelayOptions {
     /// KeepAlive period (default 60000 ms) and its random extra (default 5000 ms).
     pub keepalive_ms: Option<u32>,
     pub keepalive_jitter_ms: Option<u32>,
+    /// PEM of the private CA(s) that signed the peers' certificates, for `https://` mesh peers;
+    /// trusted in addition to the public web PKI roots. Throws if it holds no usable certificate.
+    pub mesh_ca_pem: Option<Buffer>,
+    /// INSECURE: do not verify `https://` mesh peers' certificates at all (the links stay
+    /// encrypted, but anyone on the path can pose as a peer). Default false; prefer `meshCaPem`.
+    pub mesh_tls_insecure: Option<bool>,
 }
 
 #[napi(object)]
@@ -71,12 +78,17 @@ fn parse_upgrade(upgrade: &str, ws_accept: Option<String>) -> Result<Upgrade> {
         ("derp-fast-start", _) => Ok(Upgrade::Derp { fast_start: true }),
         ("websocket", Some(accept)) => Ok(Upgrade::WebSocket { accept }),
         ("websocket", None) => Err(invalid("websocket upgrade needs the Sec-WebSocket-Accept value")),
-        (other, _) => Err(invalid(format!("unknown upgrade kind {other:?}: expected derp, derp-fast-start or websocket"))),
+        (other, _) => Err(invalid(format!(
+            "unknown upgrade kind {other:?}: expected derp, derp-fast-start or websocket"
+        ))),
     }
 }
 
 fn socket_addr(address: &str, port: u32) -> SocketAddr {
-    let ip = address.trim_start_matches("::ffff:").parse::<IpAddr>().unwrap_or(IpAddr::from([0u8; 4]));
+    let ip = address
+        .trim_start_matches("::ffff:")
+        .parse::<IpAddr>()
+        .unwrap_or(IpAddr::from([0u8; 4]));
     SocketAddr::new(ip, port as u16)
 }
 
@@ -98,6 +110,8 @@ impl RelayCore {
             write_timeout_ms: None,
             keepalive_ms: None,
             keepalive_jitter_ms: None,
+            mesh_ca_pem: None,
+            mesh_tls_insecure: None,
         });
         let key = match &o.private_key {
             Some(k) => KeyPair::from_private(key_from(k, "privateKey")?),
@@ -114,6 +128,11 @@ impl RelayCore {
         };
         let relay = Relay::new(key, config);
         relay.set_mesh_key(o.mesh_key);
+        let mesh_tls = derpmesh_relay::mesh::MeshTls {
+            ca_pem: o.mesh_ca_pem.map(|b| b.to_vec()),
+            insecure: o.mesh_tls_insecure.unwrap_or(false),
+        };
+        derpmesh_relay::mesh::set_mesh_tls(&relay, mesh_tls).map_err(|e| invalid(e.to_string()))?;
         Ok(RelayCore { relay })
     }
 
@@ -191,7 +210,10 @@ impl RelayCore {
             upgrade,
             remote,
         ));
-        Ok(Bridge { input: std::sync::Mutex::new(Some(tx)), output: Mutex::new(out_rx) })
+        Ok(Bridge {
+            input: std::sync::Mutex::new(Some(tx)),
+            output: Mutex::new(out_rx),
+        })
     }
 
     #[napi]
@@ -236,7 +258,12 @@ impl RelayCore {
             .metrics
             .snapshot()
             .into_iter()
-            .map(|m| Metric { name: m.name.to_string(), kind: m.kind.to_string(), help: m.help.to_string(), value: m.value as f64 })
+            .map(|m| Metric {
+                name: m.name.to_string(),
+                kind: m.kind.to_string(),
+                help: m.help.to_string(),
+                value: m.value as f64,
+            })
             .collect()
     }
 
@@ -263,17 +290,25 @@ fn dup_tcp_stream(fd: i32) -> Result<std::net::TcpStream> {
     // SAFETY: fcntl only duplicates the descriptor; the copy is owned by the TcpStream below.
     let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
     if copy < 0 {
-        return Err(invalid(format!("cannot duplicate socket descriptor {fd}: {}", std::io::Error::last_os_error())));
+        return Err(invalid(format!(
+            "cannot duplicate socket descriptor {fd}: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     // SAFETY: `copy` is a fresh descriptor we own.
     let stream = unsafe { std::net::TcpStream::from_raw_fd(copy) };
-    stream.set_nonblocking(true).map_err(|e| invalid(format!("cannot set descriptor non-blocking: {e}")))?;
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| invalid(format!("cannot set descriptor non-blocking: {e}")))?;
     Ok(stream)
 }
 
 #[cfg(not(unix))]
 fn dup_tcp_stream(_fd: i32) -> Result<std::net::TcpStream> {
-    Err(Error::new(Status::GenericFailure, "descriptor hand-over is not available on this platform; use openBridge"))
+    Err(Error::new(
+        Status::GenericFailure,
+        "descriptor hand-over is not available on this platform; use openBridge",
+    ))
 }
 
 /// The caller's end of a bridged connection.
@@ -315,28 +350,38 @@ pub fn generate_private_key() -> Buffer {
 /// The public key of a private key.
 #[napi]
 pub fn public_key_of(private_key: Buffer) -> Result<Buffer> {
-    Ok(KeyPair::from_private(key_from(&private_key, "privateKey")?).public().to_vec().into())
+    Ok(KeyPair::from_private(key_from(&private_key, "privateKey")?)
+        .public()
+        .to_vec()
+        .into())
 }
 
 /// NaCl box of `message` from `privateKey` to `peerPublicKey`: nonce(24) ‖ tag(16) ‖ ciphertext.
 #[napi]
 pub fn box_seal(private_key: Buffer, peer_public_key: Buffer, message: Buffer) -> Result<Buffer> {
     let pair = KeyPair::from_private(key_from(&private_key, "privateKey")?);
-    Ok(pair.seal(&key_from(&peer_public_key, "peerPublicKey")?, &message).into())
+    Ok(pair
+        .seal(&key_from(&peer_public_key, "peerPublicKey")?, &message)
+        .into())
 }
 
 /// Opens a box sealed by `peerPublicKey` to `privateKey`; `null` if it does not authenticate.
 #[napi]
 pub fn box_open(private_key: Buffer, peer_public_key: Buffer, sealed: Buffer) -> Result<Option<Buffer>> {
     let pair = KeyPair::from_private(key_from(&private_key, "privateKey")?);
-    Ok(pair.open(&key_from(&peer_public_key, "peerPublicKey")?, &sealed).map(Into::into))
+    Ok(pair
+        .open(&key_from(&peer_public_key, "peerPublicKey")?, &sealed)
+        .map(Into::into))
 }
 
 /// One frame: type(1) ‖ length(4, BE) ‖ payload.
 #[napi]
 pub fn encode_frame(frame_type: u8, payload: Buffer) -> Result<Buffer> {
     if payload.len() > MAX_FRAME_SIZE {
-        return Err(invalid(format!("frame payload of {} bytes exceeds {MAX_FRAME_SIZE}", payload.len())));
+        return Err(invalid(format!(
+            "frame payload of {} bytes exceeds {MAX_FRAME_SIZE}",
+            payload.len()
+        )));
     }
     let t = FrameType::from_u8(frame_type).ok_or_else(|| invalid(format!("unknown frame type {frame_type:#04x}")))?;
     Ok(frame::encode(t, &[&payload]).to_vec().into())
@@ -369,13 +414,19 @@ impl FrameParser {
         while let Some((t, len)) = frame::read_header(&self.buf[at..]) {
             let len = len as usize;
             if len > MAX_FRAME_SIZE {
-                return Err(Error::new(Status::GenericFailure, format!("frame of {len} bytes exceeds the {MAX_FRAME_SIZE}-byte limit")));
+                return Err(Error::new(
+                    Status::GenericFailure,
+                    format!("frame of {len} bytes exceeds the {MAX_FRAME_SIZE}-byte limit"),
+                ));
             }
             if self.buf.len() - at < HEADER_LEN + len {
                 break;
             }
             let payload = self.buf[at + HEADER_LEN..at + HEADER_LEN + len].to_vec();
-            frames.push(DecodedFrame { frame_type: t, payload: payload.into() });
+            frames.push(DecodedFrame {
+                frame_type: t,
+                payload: payload.into(),
+            });
             at += HEADER_LEN + len;
         }
         self.buf.drain(..at);
@@ -438,13 +489,17 @@ pub async fn run_load(options: LoadOptions) -> Result<LoadReport> {
         receiver_url: options.receiver_url,
         pairs: options.pairs.map_or(d.pairs, |v| v as usize),
         packet_size: options.packet_size.map_or(d.packet_size, |v| v as usize),
-        duration: options.duration_ms.map_or(d.duration, |v| Duration::from_millis(v as u64)),
+        duration: options
+            .duration_ms
+            .map_or(d.duration, |v| Duration::from_millis(v as u64)),
         warmup: options.warmup_ms.map_or(d.warmup, |v| Duration::from_millis(v as u64)),
         rate_per_pair: options.rate_per_pair,
         window: options.window.map(|w| w as usize),
         ..d
     };
-    let r = loadgen::run(opts).await.map_err(|e| Error::new(Status::GenericFailure, e))?;
+    let r = loadgen::run(opts)
+        .await
+        .map_err(|e| Error::new(Status::GenericFailure, e))?;
     let us = |v: Option<u64>| v.map(|v| v as f64);
     Ok(LoadReport {
         pairs: r.pairs as u32,
@@ -468,7 +523,12 @@ pub async fn run_load(options: LoadOptions) -> Result<LoadReport> {
 pub async fn hold_clients(url: String, count: u32, hold_ms: u32) -> Result<u32> {
     use derpmesh_relay::client;
     use derpmesh_relay::handshake::ClientInfo;
-    let info = ClientInfo { version: 2, mesh_key: None, can_ack_pings: true, is_prober: false };
+    let info = ClientInfo {
+        version: 2,
+        mesh_key: None,
+        can_ack_pings: true,
+        is_prober: false,
+    };
     let mut conns = Vec::with_capacity(count as usize);
     for chunk in 0..count.div_ceil(64) {
         let n = 64.min(count - chunk * 64);

@@ -45,10 +45,7 @@ fn main() -> ExitCode {
             };
             match runtime.block_on(loadgen::run(opts)) {
                 Ok(report) => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&report).expect("report serializes")
-                    );
+                    println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -65,9 +62,7 @@ fn main() -> ExitCode {
 }
 
 /// `Ok(None)` means help was asked for.
-fn parse(
-    mut args: impl Iterator<Item = String>,
-) -> Result<Option<(LoadOptions, Option<usize>)>, String> {
+fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<(LoadOptions, Option<usize>)>, String> {
     let mut opts = LoadOptions::default();
     let mut threads = None;
     while let Some(flag) = args.next() {
@@ -88,16 +83,9 @@ fn parse(
             "--size" => opts.packet_size = value.parse().map_err(|_| bad())?,
             "--secs" => opts.duration = Duration::from_secs_f64(number(&value).ok_or_else(bad)?),
             "--warmup" => opts.warmup = Duration::from_secs_f64(number(&value).ok_or_else(bad)?),
-            "--probe-ms" => {
-                opts.probe_interval =
-                    Duration::from_secs_f64(number(&value).ok_or_else(bad)? / 1000.0)
-            }
-            "--rate" => {
-                opts.rate_per_pair = Some(number(&value).filter(|&r| r > 0.0).ok_or_else(bad)?)
-            }
-            "--window" => {
-                opts.window = Some(value.parse().ok().filter(|&n| n > 0).ok_or_else(bad)?)
-            }
+            "--probe-ms" => opts.probe_interval = Duration::from_secs_f64(number(&value).ok_or_else(bad)? / 1000.0),
+            "--rate" => opts.rate_per_pair = Some(number(&value).filter(|&r| r > 0.0).ok_or_else(bad)?),
+            "--window" => opts.window = Some(value.parse().ok().filter(|&n| n > 0).ok_or_else(bad)?),
             "--threads" => threads = Some(value.parse().ok().filter(|&n| n > 0).ok_or_else(bad)?),
             _ => return Err(format!("unknown option {flag}")),
         }

@@ -45,7 +45,8 @@ impl Conn {
 
     pub(crate) fn peer_present_frame(&self) -> Bytes {
         let (ip, port) = Relay::peer_addr_flags(&self.remote);
-        let flags = match (self.can_mesh as u8 * PEER_PRESENT_MESH_PEER) | (self.is_prober as u8 * PEER_PRESENT_PROBER) {
+        let flags = match (self.can_mesh as u8 * PEER_PRESENT_MESH_PEER) | (self.is_prober as u8 * PEER_PRESENT_PROBER)
+        {
             0 => PEER_PRESENT_REGULAR,
             special => special,
         };
@@ -70,7 +71,9 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
     if relay.is_closing() {
         return;
     }
-    let Ok((reader, mut writer)) = upgrade::open(transport, &upgrade, &mut head).await else { return };
+    let Ok((reader, mut writer)) = upgrade::open(transport, &upgrade, &mut head).await else {
+        return;
+    };
 
     let mut preamble = BytesMut::new();
     if upgrade == (Upgrade::Derp { fast_start: false }) {
@@ -80,7 +83,9 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
     let mut reader = FrameReader::new(reader, &head);
     drop(head);
     let handshake = async {
-        io::write_all(&mut writer, &preamble).await.map_err(|_| HandshakeError::Io)?;
+        io::write_all(&mut writer, &preamble)
+            .await
+            .map_err(|_| HandshakeError::Io)?;
         handshake::read_client_info(&mut reader, relay.key()).await
     };
     let (key, info) = match handshake.await {
@@ -111,7 +116,10 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
     if !health.is_empty() {
         hello.extend_from_slice(&frame::health(&health));
     }
-    if tokio::time::timeout(relay.config.write_timeout, io::write_all(&mut writer, &hello)).await.map_or(true, |r| r.is_err()) {
+    if tokio::time::timeout(relay.config.write_timeout, io::write_all(&mut writer, &hello))
+        .await
+        .map_or(true, |r| r.is_err())
+    {
         relay.unregister(&conn);
         count_handshake_failure(&relay.metrics, HandshakeError::Io);
         return;
@@ -125,9 +133,14 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
         let conn = conn.clone();
         let closed = closed_rx.clone();
         tokio::spawn(async move {
-            let exit = run_writer(&conn.outbox, writer, closed, &relay.writer_config, &relay.keepalive_frame, || {
-                Metrics::inc(&relay.metrics.keepalives_sent)
-            })
+            let exit = run_writer(
+                &conn.outbox,
+                writer,
+                closed,
+                &relay.writer_config,
+                &relay.keepalive_frame,
+                || Metrics::inc(&relay.metrics.keepalives_sent),
+            )
             .await;
             if exit == WriterExit::WriteTimeout {
                 Metrics::inc(&relay.metrics.write_timeouts);
@@ -191,7 +204,10 @@ impl NotHereLimiter {
     const BURST: f64 = 3.0;
 
     fn new() -> Self {
-        NotHereLimiter { tokens: Self::BURST, last: Instant::now() }
+        NotHereLimiter {
+            tokens: Self::BURST,
+            last: Instant::now(),
+        }
     }
 
     fn allow(&mut self) -> bool {
@@ -244,7 +260,12 @@ impl PacketCounts {
     }
 }
 
-async fn read_loop(relay: &Arc<Relay>, conn: &Arc<Conn>, reader: &mut FrameReader, mut closed: watch::Receiver<bool>) -> ReadExit {
+async fn read_loop(
+    relay: &Arc<Relay>,
+    conn: &Arc<Conn>,
+    reader: &mut FrameReader,
+    mut closed: watch::Receiver<bool>,
+) -> ReadExit {
     let mut state = ReaderState {
         recorded: ahash::AHashMap::new(),
         recorded_forwarded: ahash::AHashMap::new(),
@@ -374,7 +395,14 @@ fn send_packet(relay: &Arc<Relay>, conn: &Arc<Conn>, state: &mut ReaderState, mu
         Route::Local(dst_conn) => {
             f[0] = FrameType::RecvPacket as u8;
             f[HEADER_LEN..HEADER_LEN + KEY_LEN].copy_from_slice(&conn.key);
-            enqueue_local(relay, &dst_conn, OutFrame::whole(f.freeze()), disco, payload_len, &mut state.counts);
+            enqueue_local(
+                relay,
+                &dst_conn,
+                OutFrame::whole(f.freeze()),
+                disco,
+                payload_len,
+                &mut state.counts,
+            );
             if state.recorded.get(&dst) != Some(&dst_conn.id) {
                 state.recorded.insert(dst, dst_conn.id);
                 relay.note_sent(&conn.key, &dst_conn);
@@ -386,7 +414,11 @@ fn send_packet(relay: &Arc<Relay>, conn: &Arc<Conn>, state: &mut ReaderState, mu
             let mut head = BytesMut::with_capacity(HEADER_LEN + KEY_LEN);
             frame::put_header(&mut head, FrameType::ForwardPacket, KEY_LEN + body.len());
             head.put_slice(&conn.key);
-            if forwarder.forward(OutFrame { head: head.freeze(), tail: body }) == Enqueued::DroppedOldest {
+            if forwarder.forward(OutFrame {
+                head: head.freeze(),
+                tail: body,
+            }) == Enqueued::DroppedOldest
+            {
                 Metrics::inc(&m.packets_dropped_queue_full);
             }
             state.counts.forwarded_out += 1;
@@ -424,7 +456,14 @@ fn deliver_forwarded(relay: &Arc<Relay>, conn: &Arc<Conn>, state: &mut ReaderSta
     f[0] = FrameType::RecvPacket as u8;
     f[1..HEADER_LEN].copy_from_slice(&((KEY_LEN as u64 + payload_len) as u32).to_be_bytes());
     f[HEADER_LEN..HEADER_LEN + KEY_LEN].copy_from_slice(&src);
-    enqueue_local(relay, &dst_conn, OutFrame::whole(f.freeze()), disco, payload_len, &mut state.counts);
+    enqueue_local(
+        relay,
+        &dst_conn,
+        OutFrame::whole(f.freeze()),
+        disco,
+        payload_len,
+        &mut state.counts,
+    );
     if state.recorded_forwarded.get(&(src, dst)) != Some(&dst_conn.id) {
         state.recorded_forwarded.insert((src, dst), dst_conn.id);
         relay.note_sent(&src, &dst_conn);

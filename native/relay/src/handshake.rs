@@ -84,7 +84,10 @@ impl ClientInfo {
         for (name, value) in obj {
             match (name.to_ascii_lowercase().as_str(), value) {
                 ("version", Value::Number(n)) => {
-                    info.version = n.as_u64().and_then(|v| u32::try_from(v).ok()).ok_or(HandshakeError::BadJson)?
+                    info.version = n
+                        .as_u64()
+                        .and_then(|v| u32::try_from(v).ok())
+                        .ok_or(HandshakeError::BadJson)?
                 }
                 ("meshkey", Value::String(s)) if !s.is_empty() => info.mesh_key = Some(s),
                 ("meshkey", Value::String(_) | Value::Null) => {}
@@ -115,10 +118,7 @@ pub fn client_info_frame(client: &KeyPair, server: &Key, info: &ClientInfo) -> B
 }
 
 /// Server side: reads and checks ClientInfo (the ServerKey frame has already been written).
-pub async fn read_client_info(
-    reader: &mut FrameReader,
-    server: &KeyPair,
-) -> Result<(Key, ClientInfo), HandshakeError> {
+pub async fn read_client_info(reader: &mut FrameReader, server: &KeyPair) -> Result<(Key, ClientInfo), HandshakeError> {
     let read = async {
         let (t, len) = reader.next_header().await.map_err(|_| HandshakeError::Io)?;
         if t != FrameType::ClientInfo as u8 {
@@ -137,7 +137,9 @@ pub async fn read_client_info(
     if is_zero(&client_key) {
         return Err(HandshakeError::ZeroKey);
     }
-    let json = server.open(&client_key, &payload[KEY_LEN..]).ok_or(HandshakeError::BoxOpen)?;
+    let json = server
+        .open(&client_key, &payload[KEY_LEN..])
+        .ok_or(HandshakeError::BoxOpen)?;
     Ok((client_key, ClientInfo::from_json(&json)?))
 }
 
@@ -150,22 +152,35 @@ pub async fn client_handshake(
     info: &ClientInfo,
 ) -> Result<Key, HandshakeError> {
     let steps = async {
-        let (t, f) = reader.read_frame(MAX_FRAME_SIZE).await.map_err(|_| HandshakeError::Io)?;
-        if t != FrameType::ServerKey as u8 || f.len() < HEADER_LEN + 8 + KEY_LEN || f[HEADER_LEN..HEADER_LEN + 8] != frame::MAGIC {
+        let (t, f) = reader
+            .read_frame(MAX_FRAME_SIZE)
+            .await
+            .map_err(|_| HandshakeError::Io)?;
+        if t != FrameType::ServerKey as u8
+            || f.len() < HEADER_LEN + 8 + KEY_LEN
+            || f[HEADER_LEN..HEADER_LEN + 8] != frame::MAGIC
+        {
             return Err(HandshakeError::BadServerKey);
         }
         let server_key = frame::key_at(&f, HEADER_LEN + 8);
         crate::io::write_all(writer, &client_info_frame(client, &server_key, info))
             .await
             .map_err(|_| HandshakeError::Io)?;
-        let (t, f) = reader.read_frame(MAX_FRAME_SIZE).await.map_err(|_| HandshakeError::Io)?;
+        let (t, f) = reader
+            .read_frame(MAX_FRAME_SIZE)
+            .await
+            .map_err(|_| HandshakeError::Io)?;
         if t != FrameType::ServerInfo as u8 {
             return Err(HandshakeError::BadServerInfo);
         }
-        client.open(&server_key, &f[HEADER_LEN..]).ok_or(HandshakeError::BadServerInfo)?;
+        client
+            .open(&server_key, &f[HEADER_LEN..])
+            .ok_or(HandshakeError::BadServerInfo)?;
         Ok(server_key)
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, steps).await.map_err(|_| HandshakeError::Timeout)?
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, steps)
+        .await
+        .map_err(|_| HandshakeError::Timeout)?
 }
 
 #[cfg(test)]
@@ -174,16 +189,27 @@ mod tests {
 
     #[test]
     fn client_info_fields_match_case_insensitively() {
-        let info = ClientInfo::from_json(br#"{"VERSION":2,"MeshKey":"abc","canackpings":true,"isProber":true}"#).unwrap();
+        let info =
+            ClientInfo::from_json(br#"{"VERSION":2,"MeshKey":"abc","canackpings":true,"isProber":true}"#).unwrap();
         assert_eq!(
             info,
-            ClientInfo { version: 2, mesh_key: Some("abc".into()), can_ack_pings: true, is_prober: true }
+            ClientInfo {
+                version: 2,
+                mesh_key: Some("abc".into()),
+                can_ack_pings: true,
+                is_prober: true
+            }
         );
     }
 
     #[test]
     fn client_info_json_round_trip_and_omits_empty_mesh_key() {
-        let info = ClientInfo { version: 2, mesh_key: None, can_ack_pings: true, is_prober: false };
+        let info = ClientInfo {
+            version: 2,
+            mesh_key: None,
+            can_ack_pings: true,
+            is_prober: false,
+        };
         let json = String::from_utf8(info.to_json()).unwrap();
         assert!(!json.to_lowercase().contains("meshkey"));
         assert_eq!(ClientInfo::from_json(json.as_bytes()).unwrap(), info);
@@ -194,7 +220,10 @@ mod tests {
         assert_eq!(ClientInfo::from_json(b"not json"), Err(HandshakeError::BadJson));
         assert_eq!(ClientInfo::from_json(b"[1]"), Err(HandshakeError::BadJson));
         assert_eq!(ClientInfo::from_json(br#"{"meshKey":5}"#), Err(HandshakeError::BadJson));
-        assert_eq!(ClientInfo::from_json(br#"{"version":-1}"#), Err(HandshakeError::BadJson));
+        assert_eq!(
+            ClientInfo::from_json(br#"{"version":-1}"#),
+            Err(HandshakeError::BadJson)
+        );
         assert!(ClientInfo::from_json(br#"{"unknown":{}}"#).is_ok());
     }
 
@@ -209,14 +238,23 @@ mod tests {
         let srv = tokio::spawn(async move {
             let mut w: Writer = Box::new(sw);
             let mut r = FrameReader::new(Box::new(sr), &[]);
-            crate::io::write_all(&mut w, &frame::server_key(server.public())).await.unwrap();
+            crate::io::write_all(&mut w, &frame::server_key(server.public()))
+                .await
+                .unwrap();
             let (key, info) = read_client_info(&mut r, &server).await.unwrap();
-            crate::io::write_all(&mut w, &server_info_frame(&server, &key)).await.unwrap();
+            crate::io::write_all(&mut w, &server_info_frame(&server, &key))
+                .await
+                .unwrap();
             (key, info)
         });
         let mut r = FrameReader::new(Box::new(cr), &[]);
         let mut w: Writer = Box::new(cw);
-        let info = ClientInfo { version: 2, mesh_key: Some("k".into()), can_ack_pings: true, is_prober: false };
+        let info = ClientInfo {
+            version: 2,
+            mesh_key: Some("k".into()),
+            can_ack_pings: true,
+            is_prober: false,
+        };
         let got_server = client_handshake(&mut r, &mut w, &client, &info).await.unwrap();
         assert_eq!(got_server, server_pub);
         let (key, seen) = srv.await.unwrap();
@@ -229,7 +267,10 @@ mod tests {
         let server = KeyPair::generate();
         let ping = frame::ping(&[0; 8]);
         let mut r = FrameReader::new(Box::new(tokio::io::empty()), &ping);
-        assert_eq!(read_client_info(&mut r, &server).await, Err(HandshakeError::BadFirstFrame));
+        assert_eq!(
+            read_client_info(&mut r, &server).await,
+            Err(HandshakeError::BadFirstFrame)
+        );
 
         let stranger = KeyPair::generate();
         let bad = client_info_frame(&KeyPair::generate(), stranger.public(), &ClientInfo::default());

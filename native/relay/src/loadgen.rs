@@ -23,9 +23,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
 use crate::client::{dial_with, DerpConn, DialOptions};
-use crate::frame::{
-    self, FrameType, HEADER_LEN, KEY_LEN, MAX_FRAME_SIZE, MAX_PACKET_SIZE, PING_LEN,
-};
+use crate::frame::{self, FrameType, HEADER_LEN, KEY_LEN, MAX_FRAME_SIZE, MAX_PACKET_SIZE, PING_LEN};
 use crate::handshake::ClientInfo;
 use crate::io::{FrameReader, Writer};
 use crate::keys::{Key, KeyPair};
@@ -180,10 +178,7 @@ impl Default for PairStats {
 /// Every step is bounded: a relay that dies or stalls makes this fail with a message, not hang.
 pub async fn run(opts: LoadOptions) -> Result<LoadReport, String> {
     validate(&opts)?;
-    let receiver_url = opts
-        .receiver_url
-        .clone()
-        .unwrap_or_else(|| opts.url.clone());
+    let receiver_url = opts.receiver_url.clone().unwrap_or_else(|| opts.url.clone());
     let (senders, receivers) = dial_pairs(&opts, &receiver_url).await?;
 
     let state = Arc::new(RunState {
@@ -196,9 +191,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, String> {
     let mut readers = JoinSet::new();
     let mut blasters = JoinSet::new();
 
-    for (i, ((sender_key, sender), (receiver_key, receiver))) in
-        senders.into_iter().zip(receivers).enumerate()
-    {
+    for (i, ((sender_key, sender), (receiver_key, receiver))) in senders.into_iter().zip(receivers).enumerate() {
         let s = stats[i].clone();
         let (st, tx) = (state.clone(), err_tx.clone());
         readers.spawn(async move {
@@ -304,9 +297,7 @@ fn validate(opts: &LoadOptions) -> Result<(), String> {
     }
     if let Some(rate) = opts.rate_per_pair {
         if !(rate.is_finite() && rate > 0.0) {
-            return Err(format!(
-                "rate {rate} must be a positive number of packets per second"
-            ));
+            return Err(format!("rate {rate} must be a positive number of packets per second"));
         }
     }
     if opts.window == Some(0) {
@@ -350,10 +341,7 @@ async fn dial_pairs(opts: &LoadOptions, receiver_url: &str) -> Result<(Dialed, D
         .try_collect()
         .await?;
     conns.sort_by_key(|(n, _, _)| *n);
-    let mut senders: Dialed = conns
-        .into_iter()
-        .map(|(_, key, conn)| (key, conn))
-        .collect();
+    let mut senders: Dialed = conns.into_iter().map(|(_, key, conn)| (key, conn)).collect();
     let receivers = senders.drain(..opts.pairs).collect();
     Ok((senders, receivers))
 }
@@ -428,15 +416,12 @@ async fn blast(
                 // Wait until half the window is free, so writes stay batched.
                 if free < (window as u64).div_ceil(2) {
                     let target = sent_total - window as u64 / 2;
-                    stats
-                        .wake_at
-                        .store(target.saturating_sub(written_off), SeqCst);
+                    stats.wake_at.store(target.saturating_sub(written_off), SeqCst);
                     if stats.arrived_total.load(SeqCst) + written_off < target {
                         let woken = tokio::time::timeout(LOSS_TIMEOUT, stats.wake.notified()).await;
                         if woken.is_err() {
                             // Nothing arrived for a while: the relay dropped what is in flight.
-                            written_off += sent_total
-                                .saturating_sub(stats.arrived_total.load(Relaxed) + written_off);
+                            written_off += sent_total.saturating_sub(stats.arrived_total.load(Relaxed) + written_off);
                         }
                     }
                     stats.wake_at.store(u64::MAX, Relaxed);
@@ -467,10 +452,7 @@ async fn write(writer: &mut Writer, data: &[u8]) -> Result<(), String> {
     match tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(data)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("write to relay failed: {e}")),
-        Err(_) => Err(format!(
-            "relay accepted no data for {} s",
-            WRITE_TIMEOUT.as_secs()
-        )),
+        Err(_) => Err(format!("relay accepted no data for {} s", WRITE_TIMEOUT.as_secs())),
     }
 }
 
@@ -504,16 +486,9 @@ async fn read_echoes(
 }
 
 /// A receiver: counts packets, echoes probes to `sender`, answers Pings, ignores everything else.
-async fn receive(
-    conn: DerpConn,
-    sender: Key,
-    state: &RunState,
-    stats: &PairStats,
-) -> Result<(), String> {
+async fn receive(conn: DerpConn, sender: Key, state: &RunState, stats: &PairStats) -> Result<(), String> {
     let DerpConn {
-        mut reader,
-        mut writer,
-        ..
+        mut reader, mut writer, ..
     } = conn;
     let mut echo = frame::send_packet(&sender, &[0u8; MIN_PACKET_SIZE]).to_vec();
     let echo_at = HEADER_LEN + KEY_LEN;
@@ -524,9 +499,7 @@ async fn receive(
             let p = &f[HEADER_LEN + KEY_LEN..];
             if state.phase() == PHASE_MEASURE {
                 stats.received_in_window.fetch_add(1, Relaxed);
-                stats
-                    .received_bytes_in_window
-                    .fetch_add(p.len() as u64, Relaxed);
+                stats.received_bytes_in_window.fetch_add(p.len() as u64, Relaxed);
             }
             if p[0] & PHASE_MASK == PHASE_MEASURE {
                 stats.window_packets_arrived.fetch_add(1, Relaxed);
@@ -572,8 +545,7 @@ fn read_error(e: std::io::Error) -> String {
 }
 
 fn report(opts: &LoadOptions, window: Duration, stats: &[Arc<PairStats>]) -> LoadReport {
-    let sum =
-        |f: fn(&PairStats) -> &AtomicU64| stats.iter().map(|s| f(s).load(Relaxed)).sum::<u64>();
+    let sum = |f: fn(&PairStats) -> &AtomicU64| stats.iter().map(|s| f(s).load(Relaxed)).sum::<u64>();
     let packets_sent = sum(|s| &s.sent_in_window);
     let packets_received = sum(|s| &s.received_in_window);
     let bytes = sum(|s| &s.received_bytes_in_window);
@@ -655,12 +627,9 @@ mod tests {
             ..Default::default()
         };
         assert!(validate(&ok).is_ok());
-        assert!(validate(&LoadOptions {
-            pairs: 0,
-            ..ok.clone()
-        })
-        .unwrap_err()
-        .contains("pairs"));
+        assert!(validate(&LoadOptions { pairs: 0, ..ok.clone() })
+            .unwrap_err()
+            .contains("pairs"));
         assert!(validate(&LoadOptions {
             packet_size: 8,
             ..ok.clone()
@@ -696,10 +665,7 @@ mod tests {
         assert_eq!(r.packets_per_sec, 4.0);
         assert_eq!(r.gbit_per_sec, 8.0 * 8000.0 / 2.0 / 1e9);
         assert!((r.loss_ratio - 0.1).abs() < 1e-9);
-        assert_eq!(
-            (r.rtt_p50_us, r.rtt_p99_us, r.rtt_samples),
-            (Some(2), Some(3), 3)
-        );
+        assert_eq!((r.rtt_p50_us, r.rtt_p99_us, r.rtt_samples), (Some(2), Some(3), 3));
         let json = serde_json::to_value(&r).unwrap();
         for field in [
             "pairs",
@@ -750,9 +716,13 @@ mod tests {
                         .unwrap();
                     let mut reader = FrameReader::new(Box::new(r), &head[end..]);
                     let mut writer: Writer = Box::new(w);
-                    crate::io::write_all(&mut writer, &frame::server_key(server.public())).await.unwrap();
+                    crate::io::write_all(&mut writer, &frame::server_key(server.public()))
+                        .await
+                        .unwrap();
                     let (key, _) = read_client_info(&mut reader, &server).await.unwrap();
-                    crate::io::write_all(&mut writer, &server_info_frame(&server, &key)).await.unwrap();
+                    crate::io::write_all(&mut writer, &server_info_frame(&server, &key))
+                        .await
+                        .unwrap();
                     let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(256);
                     clients.lock().unwrap().insert(key, tx);
                     let write_loop = async move {
@@ -859,10 +829,7 @@ mod tests {
         })
         .await
         .unwrap_err();
-        assert!(
-            err.contains("dial receiver 0") && err.contains("connect to"),
-            "{err}"
-        );
+        assert!(err.contains("dial receiver 0") && err.contains("connect to"), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,10 @@ pub struct OutFrame {
 
 impl OutFrame {
     pub fn whole(frame: Bytes) -> OutFrame {
-        OutFrame { head: frame, tail: Bytes::new() }
+        OutFrame {
+            head: frame,
+            tail: Bytes::new(),
+        }
     }
 }
 
@@ -55,7 +58,12 @@ pub enum Enqueued {
 
 impl Outbox {
     pub fn new(packet_limit: usize, disco_limit: usize) -> Outbox {
-        Outbox { queues: Mutex::new(Queues::default()), wake: Notify::new(), packet_limit, disco_limit }
+        Outbox {
+            queues: Mutex::new(Queues::default()),
+            wake: Notify::new(),
+            packet_limit,
+            disco_limit,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queues> {
@@ -67,7 +75,11 @@ impl Outbox {
         if q.finish {
             return Enqueued::Closed;
         }
-        let (queue, limit) = if disco { (&mut q.disco, self.disco_limit) } else { (&mut q.packets, self.packet_limit) };
+        let (queue, limit) = if disco {
+            (&mut q.disco, self.disco_limit)
+        } else {
+            (&mut q.packets, self.packet_limit)
+        };
         let dropped = queue.len() >= limit && queue.pop_front().is_some();
         queue.push_back(frame);
         drop(q);

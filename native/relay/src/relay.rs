@@ -54,7 +54,6 @@ pub trait Forwarder: Send + Sync {
     fn forward(&self, frame: OutFrame) -> Enqueued;
 }
 
-
 #[derive(Default)]
 struct Registry {
     /// Every handshaken connection per key, oldest first.
@@ -215,7 +214,9 @@ impl Relay {
         if reg.watchers.remove(&conn.id).is_some() {
             Metrics::dec(&self.metrics.watchers);
         }
-        let Some(list) = reg.clients.get_mut(&conn.key) else { return };
+        let Some(list) = reg.clients.get_mut(&conn.key) else {
+            return;
+        };
         list.retain(|c| c.id != conn.id);
         if let Some(newest) = list.last().cloned() {
             if list.len() == 1 {
@@ -241,7 +242,9 @@ impl Relay {
 
     /// `src` left the region: tell every connection that received packets from it.
     fn notify_peer_gone(&self, reg: &mut Registry, src: &Key) {
-        let Some(receivers) = reg.sent_to.remove(src) else { return };
+        let Some(receivers) = reg.sent_to.remove(src) else {
+            return;
+        };
         let gone = frame::peer_gone(src, PEER_GONE_DISCONNECTED);
         for conn_id in receivers.values() {
             if let Some(c) = reg.conns.get(conn_id) {
@@ -253,7 +256,11 @@ impl Relay {
 
     /// Records that `dst_conn` received a packet from `src` (callers cache this to do it once per pair).
     pub(crate) fn note_sent(&self, src: &Key, dst_conn: &Conn) {
-        self.registry().sent_to.entry(*src).or_default().insert(dst_conn.key, dst_conn.id);
+        self.registry()
+            .sent_to
+            .entry(*src)
+            .or_default()
+            .insert(dst_conn.key, dst_conn.id);
     }
 
     /// Last writer is active: a duplicate connection that sends becomes the one packets go to.
@@ -307,8 +314,12 @@ impl Relay {
     /// A mesh peer said `key` left it (PeerGone), or the link to it went away.
     pub fn remove_forwarder(&self, key: &Key, link_id: u64) {
         let mut reg = self.registry();
-        let Some(entries) = reg.forwarders.get_mut(key) else { return };
-        let Some(i) = entries.iter().position(|f| f.link_id() == link_id) else { return };
+        let Some(entries) = reg.forwarders.get_mut(key) else {
+            return;
+        };
+        let Some(i) = entries.iter().position(|f| f.link_id() == link_id) else {
+            return;
+        };
         entries.remove(i);
         if let Some(next) = entries.first() {
             self.forwarders.insert(*key, next.clone());

@@ -103,7 +103,11 @@ async fn websocket_pipe<S: Stream>(stream: S, head: Bytes) -> (Reader, Writer) {
                 match from_relay.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if sink.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                        if sink
+                            .send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }
