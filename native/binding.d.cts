@@ -62,10 +62,10 @@ export declare class RelayCore {
 }
 
 /** Opens a box sealed by `peerPublicKey` to `privateKey`; `null` if it does not authenticate. */
-export declare function boxOpen(privateKey: Buffer, peerPublicKey: Buffer, sealed: Buffer): Buffer | null
+export declare function boxOpen(privateKey: Uint8Array, peerPublicKey: Uint8Array, sealed: Uint8Array): Buffer | null
 
 /** NaCl box of `message` from `privateKey` to `peerPublicKey`: nonce(24) ‖ tag(16) ‖ ciphertext. */
-export declare function boxSeal(privateKey: Buffer, peerPublicKey: Buffer, message: Buffer): Buffer
+export declare function boxSeal(privateKey: Uint8Array, peerPublicKey: Uint8Array, message: Uint8Array): Buffer
 
 export interface DecodedFrame {
   frameType: number
@@ -73,7 +73,7 @@ export interface DecodedFrame {
 }
 
 /** One frame: type(1) ‖ length(4, BE) ‖ payload. */
-export declare function encodeFrame(frameType: number, payload: Buffer): Buffer
+export declare function encodeFrame(frameType: number, payload: Uint8Array): Buffer
 
 /** A new random X25519 private key (32 bytes). */
 export declare function generatePrivateKey(): Buffer
@@ -139,7 +139,7 @@ export interface Metric {
 }
 
 /** The public key of a private key. */
-export declare function publicKeyOf(privateKey: Buffer): Buffer
+export declare function publicKeyOf(privateKey: Uint8Array): Buffer
 
 /** Options of a relay; every field is optional. */
 export interface RelayOptions {

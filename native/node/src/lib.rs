@@ -341,50 +341,48 @@ impl Bridge {
     }
 }
 
+// Buffers returned to JS are copied into V8 memory: an external buffer wrapping a Rust Vec costs a
+// finalizer per buffer, several times the work of these small copies.
+
 /// A new random X25519 private key (32 bytes).
 #[napi]
-pub fn generate_private_key() -> Buffer {
-    KeyPair::generate().private_bytes().to_vec().into()
+pub fn generate_private_key(env: &Env) -> Result<BufferSlice<'_>> {
+    BufferSlice::copy_from(env, KeyPair::generate().private_bytes())
 }
 
 /// The public key of a private key.
 #[napi]
-pub fn public_key_of(private_key: Buffer) -> Result<Buffer> {
-    Ok(KeyPair::from_private(key_from(&private_key, "privateKey")?)
-        .public()
-        .to_vec()
-        .into())
+pub fn public_key_of<'env>(env: &'env Env, private_key: &[u8]) -> Result<BufferSlice<'env>> {
+    BufferSlice::copy_from(env, KeyPair::from_private(key_from(private_key, "privateKey")?).public())
 }
 
 /// NaCl box of `message` from `privateKey` to `peerPublicKey`: nonce(24) ‖ tag(16) ‖ ciphertext.
 #[napi]
-pub fn box_seal(private_key: Buffer, peer_public_key: Buffer, message: Buffer) -> Result<Buffer> {
-    let pair = KeyPair::from_private(key_from(&private_key, "privateKey")?);
-    Ok(pair
-        .seal(&key_from(&peer_public_key, "peerPublicKey")?, &message)
-        .into())
+pub fn box_seal<'env>(env: &'env Env, private_key: &[u8], peer_public_key: &[u8], message: &[u8]) -> Result<BufferSlice<'env>> {
+    let pair = KeyPair::from_private(key_from(private_key, "privateKey")?);
+    BufferSlice::copy_from(env, pair.seal(&key_from(peer_public_key, "peerPublicKey")?, message))
 }
 
 /// Opens a box sealed by `peerPublicKey` to `privateKey`; `null` if it does not authenticate.
 #[napi]
-pub fn box_open(private_key: Buffer, peer_public_key: Buffer, sealed: Buffer) -> Result<Option<Buffer>> {
-    let pair = KeyPair::from_private(key_from(&private_key, "privateKey")?);
-    Ok(pair
-        .open(&key_from(&peer_public_key, "peerPublicKey")?, &sealed)
-        .map(Into::into))
+pub fn box_open<'env>(
+    env: &'env Env,
+    private_key: &[u8],
+    peer_public_key: &[u8],
+    sealed: &[u8],
+) -> Result<Option<BufferSlice<'env>>> {
+    let pair = KeyPair::from_private(key_from(private_key, "privateKey")?);
+    pair.open(&key_from(peer_public_key, "peerPublicKey")?, sealed).map(|m| BufferSlice::copy_from(env, m)).transpose()
 }
 
 /// One frame: type(1) ‖ length(4, BE) ‖ payload.
 #[napi]
-pub fn encode_frame(frame_type: u8, payload: Buffer) -> Result<Buffer> {
+pub fn encode_frame<'env>(env: &'env Env, frame_type: u8, payload: &[u8]) -> Result<BufferSlice<'env>> {
     if payload.len() > MAX_FRAME_SIZE {
-        return Err(invalid(format!(
-            "frame payload of {} bytes exceeds {MAX_FRAME_SIZE}",
-            payload.len()
-        )));
+        return Err(invalid(format!("frame payload of {} bytes exceeds {MAX_FRAME_SIZE}", payload.len())));
     }
     let t = FrameType::from_u8(frame_type).ok_or_else(|| invalid(format!("unknown frame type {frame_type:#04x}")))?;
-    Ok(frame::encode(t, &[&payload]).to_vec().into())
+    BufferSlice::copy_from(env, frame::encode(t, &[payload]))
 }
 
 #[napi(object)]
