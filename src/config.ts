@@ -90,6 +90,12 @@ export const options = {
     kind: 'string',
     description: 'PEM private key for `--tls-cert-file`.',
   },
+  meshCaFile: {
+    flag: '--mesh-ca-file',
+    env: ['DERPMESH_MESH_CA_FILE'],
+    kind: 'string',
+    description: 'PEM CA certificate(s) trusted for https relay URLs of peers, besides the public roots (private CAs).',
+  },
   hostname: {
     flag: '--hostname',
     env: ['DERPMESH_HOSTNAME'],
@@ -164,6 +170,7 @@ export interface ServerConfig {
   regionId: number;
   tlsCertFile?: string;
   tlsKeyFile?: string;
+  meshCaFile?: string;
   hostname?: string;
   stateDir: string;
   heartbeatIntervalMs: number;
@@ -300,6 +307,7 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     regionId: positiveInt('regionId'),
     tlsCertFile,
     tlsKeyFile,
+    meshCaFile: raw.meshCaFile,
     hostname: raw.hostname,
     stateDir: raw.stateDir!,
     heartbeatIntervalMs: durationMs('heartbeatInterval'),

@@ -78,7 +78,8 @@ async function start(config: ServerConfig, logger: Logger, extras: NodeExtras, c
   }
   const relayUrl = customRelays ? '' : (config.relayUrl?.href.replace(/\/$/, '') ?? '');
   // Custom relays: clients use the relays of the custom map, so this node runs none.
-  const relay = customRelays ? undefined : new Relay({ queueDepth: config.queueDepth, meshKey, ...extras.relay });
+  const meshCaPem = config.meshCaFile ? readMeshCa(config.meshCaFile) : undefined;
+  const relay = customRelays ? undefined : new Relay({ queueDepth: config.queueDepth, meshKey, meshCaPem, ...extras.relay });
   if (!config.derpServerEnable && !config.derpConfigUrl && !config.derpConfigPath) {
     log.warn('the embedded relay is disabled and no custom relay map is set (CODER_DERP_CONFIG_URL or CODER_DERP_CONFIG_PATH): /derpmap is empty and clients have no relay');
   }
@@ -257,6 +258,14 @@ async function start(config: ServerConfig, logger: Logger, extras: NodeExtras, c
         log.info('stopped');
       })()),
   };
+}
+
+function readMeshCa(path: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (err) {
+    throw configError(`DERPMESH_MESH_CA_FILE ${path} cannot be read: ${(err as Error).message}`, path);
+  }
 }
 
 /** The DERP map clients use: the custom one when configured, else one embedded region. */

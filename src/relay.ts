@@ -26,6 +26,10 @@ export interface RelayOptions {
   /** KeepAlive period (default 60000 ms) plus up to `keepaliveJitterMs` (default 5000 ms). */
   keepaliveMs?: number;
   keepaliveJitterMs?: number;
+  /** PEM CA certificate(s) trusted for https peer relay URLs, besides the public roots. */
+  meshCaPem?: Buffer;
+  /** Skip certificate verification on mesh links (testing only). */
+  meshTlsInsecure?: boolean;
 }
 
 export interface ShutdownOptions {

@@ -353,12 +353,20 @@ pub fn generate_private_key(env: &Env) -> Result<BufferSlice<'_>> {
 /// The public key of a private key.
 #[napi]
 pub fn public_key_of<'env>(env: &'env Env, private_key: &[u8]) -> Result<BufferSlice<'env>> {
-    BufferSlice::copy_from(env, KeyPair::from_private(key_from(private_key, "privateKey")?).public())
+    BufferSlice::copy_from(
+        env,
+        KeyPair::from_private(key_from(private_key, "privateKey")?).public(),
+    )
 }
 
 /// NaCl box of `message` from `privateKey` to `peerPublicKey`: nonce(24) ‖ tag(16) ‖ ciphertext.
 #[napi]
-pub fn box_seal<'env>(env: &'env Env, private_key: &[u8], peer_public_key: &[u8], message: &[u8]) -> Result<BufferSlice<'env>> {
+pub fn box_seal<'env>(
+    env: &'env Env,
+    private_key: &[u8],
+    peer_public_key: &[u8],
+    message: &[u8],
+) -> Result<BufferSlice<'env>> {
     let pair = KeyPair::from_private(key_from(private_key, "privateKey")?);
     BufferSlice::copy_from(env, pair.seal(&key_from(peer_public_key, "peerPublicKey")?, message))
 }
@@ -372,14 +380,19 @@ pub fn box_open<'env>(
     sealed: &[u8],
 ) -> Result<Option<BufferSlice<'env>>> {
     let pair = KeyPair::from_private(key_from(private_key, "privateKey")?);
-    pair.open(&key_from(peer_public_key, "peerPublicKey")?, sealed).map(|m| BufferSlice::copy_from(env, m)).transpose()
+    pair.open(&key_from(peer_public_key, "peerPublicKey")?, sealed)
+        .map(|m| BufferSlice::copy_from(env, m))
+        .transpose()
 }
 
 /// One frame: type(1) ‖ length(4, BE) ‖ payload.
 #[napi]
 pub fn encode_frame<'env>(env: &'env Env, frame_type: u8, payload: &[u8]) -> Result<BufferSlice<'env>> {
     if payload.len() > MAX_FRAME_SIZE {
-        return Err(invalid(format!("frame payload of {} bytes exceeds {MAX_FRAME_SIZE}", payload.len())));
+        return Err(invalid(format!(
+            "frame payload of {} bytes exceeds {MAX_FRAME_SIZE}",
+            payload.len()
+        )));
     }
     let t = FrameType::from_u8(frame_type).ok_or_else(|| invalid(format!("unknown frame type {frame_type:#04x}")))?;
     BufferSlice::copy_from(env, frame::encode(t, &[payload]))

@@ -579,7 +579,7 @@ async fn urls_are_normalized_self_is_detected_and_bad_urls_say_why() {
             format!("{}/", a.url),
             format!("{}/derp", a.url),
             format!(" {} ", a.url),
-            "https://relay.example:443".to_string(),
+            "wss://relay.example:443".to_string(),
             "relay.example:80".to_string(),
         ];
         mesh::set_mesh_peers(&a.relay, urls).unwrap();
@@ -590,16 +590,9 @@ async fn urls_are_normalized_self_is_detected_and_bad_urls_say_why() {
         let links = a.links();
         assert_eq!(links.len(), 3, "{links:?}");
         assert_eq!(a.link(&a.url).unwrap().peer_key, Some(a.key()));
-        wait_for("the https link gives up", || {
-            a.link("https://relay.example:443")
-                .is_some_and(|l| l.state == LinkState::Stopped)
-        })
-        .await;
-        let https = a.link("https://relay.example:443").unwrap();
-        assert!(https
-            .last_error
-            .unwrap()
-            .contains("https mesh links are not supported yet"));
+        let wss = a.link("wss://relay.example:443").unwrap();
+        assert_eq!(wss.state, LinkState::Stopped);
+        assert!(wss.last_error.unwrap().contains("is not http or https"));
         let bad = a.link("relay.example:80").unwrap();
         assert_eq!(bad.state, LinkState::Stopped);
         assert!(bad.last_error.unwrap().contains("expected http://host:port"));

@@ -269,7 +269,12 @@ async fn https_links_with_the_private_ca_carry_packets_both_ways() {
         assert_eq!(link.peer_key, Some(b.key()));
         assert!(link.last_error.is_none(), "{link:?}");
         // The self link over https is recognised too.
-        assert_eq!(a.link(&a.url).unwrap().state, LinkState::SelfLink);
+        let self_link = || a.link(&a.url).is_some_and(|l| l.state == LinkState::SelfLink);
+        wait_for("the self link recognised", self_link, || {
+            format!("{:?}", a.link(&a.url))
+        })
+        .await;
+        assert_eq!(a.link(&a.url).unwrap().peer_key, Some(a.key()));
 
         deliver(&mut ca, ka, &mut cb, kb, b"a to b over https").await;
         deliver(&mut cb, kb, &mut ca, ka, b"b to a over https").await;
