@@ -462,7 +462,17 @@ pub fn mesh_links(relay: &Arc<Relay>) -> Vec<LinkStatus> {
 /// One connection of a link to its peer: the forwarder registered for the keys it learns.
 struct Session {
     id: u64,
+    /// The watching connection's queue: control frames, and lane 0 of forwarded packets.
     outbox: Outbox,
+    /// Queues of the extra data connections (lanes 1..).
+    lanes: Vec<Outbox>,
+}
+
+/// Connections per link. The peer reads each connection in one task, so forwarded packets spread
+/// over several connections are handled on several cores; every packet of one source takes the
+/// same lane, which keeps its order. Only the first connection watches (WatchConns).
+pub fn data_lanes() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4)
 }
 
 impl Forwarder for Session {
@@ -471,9 +481,14 @@ impl Forwarder for Session {
     }
 
     fn forward(&self, frame: OutFrame) -> Enqueued {
-        // tail = dst(32) ‖ packet, as assembled by the sending connection.
+        // head = header ‖ src(32); tail = dst(32) ‖ packet, as assembled by the sending connection.
         let disco = frame.tail.len() > KEY_LEN && frame::is_disco(&frame.tail[KEY_LEN..]);
-        self.outbox.push_packet(frame, disco)
+        let lane = frame
+            .head
+            .get(frame::HEADER_LEN)
+            .map_or(0, |&b| b as usize % (self.lanes.len() + 1));
+        let outbox = if lane == 0 { &self.outbox } else { &self.lanes[lane - 1] };
+        outbox.push_packet(frame, disco)
     }
 }
 
@@ -491,6 +506,9 @@ struct SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.session.outbox.finish(None);
+        for lane in &self.session.lanes {
+            lane.finish(None);
+        }
         self.closed.send_replace(true);
         let _ = self
             .shared
@@ -681,6 +699,18 @@ async fn run_session(
     }
     shared.lock().peer_key = Some(conn.server_key);
 
+    let mut lane_conns = Vec::new();
+    for _ in 1..data_lanes() {
+        let lane = tokio::select! {
+            r = dial_peer(&shared.url, key, &info, tls) => r,
+            _ = signalled(stop) => return SessionEnd::Stopped,
+        };
+        match lane {
+            Ok(c) => lane_conns.push(c),
+            Err(end) => return end,
+        }
+    }
+
     let Some(r) = relay.upgrade() else {
         return SessionEnd::Stopped;
     };
@@ -696,6 +726,10 @@ async fn run_session(
     let session = Arc::new(Session {
         id: r.next_id(),
         outbox: Outbox::new(MESH_QUEUE_DEPTH, MESH_DISCO_QUEUE_DEPTH),
+        lanes: lane_conns
+            .iter()
+            .map(|_| Outbox::new(MESH_QUEUE_DEPTH, MESH_DISCO_QUEUE_DEPTH))
+            .collect(),
     });
     drop(r);
     let (closed_tx, closed_rx) = watch::channel(false);
@@ -711,6 +745,44 @@ async fn run_session(
     let confirm: [u8; PING_LEN] = random_u64().to_le_bytes();
     session.outbox.push_control(frame::watch_conns());
     session.outbox.push_control(frame::ping(&confirm));
+
+    for (i, DerpConn { mut reader, writer, .. }) in lane_conns.into_iter().enumerate() {
+        // A data lane: its writer drains the lane's queue; its reader answers pings and otherwise
+        // only watches for the connection's end, which ends the whole session.
+        let (session, closed_tx) = (session.clone(), closed_tx.clone());
+        let writer_closed = closed_rx.clone();
+        let writer_tx = closed_tx.clone();
+        let keepalive = frame::ping(&[0; PING_LEN]);
+        let lane_config = writer_config;
+        let lane_session = session.clone();
+        tokio::spawn(async move {
+            run_writer(
+                &lane_session.lanes[i],
+                writer,
+                writer_closed,
+                &lane_config,
+                &keepalive,
+                || {},
+            )
+            .await;
+            writer_tx.send_replace(true);
+        });
+        let mut reader_closed = closed_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let f = tokio::select! {
+                    f = reader.read_frame(MAX_FRAME_SIZE) => f,
+                    _ = signalled(&mut reader_closed) => return,
+                };
+                match f.and_then(|(t, f)| client::decode_server_frame(t, f)) {
+                    Ok(ServerFrame::Ping(data)) => session.lanes[i].push_control(frame::pong(&data)),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            closed_tx.send_replace(true);
+        });
+    }
 
     let DerpConn { mut reader, writer, .. } = conn;
     let writer_task = {

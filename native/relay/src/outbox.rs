@@ -140,6 +140,7 @@ pub enum WriterExit {
     WriteTimeout,
 }
 
+#[derive(Debug, Clone, Copy)]
 pub struct WriterConfig {
     pub write_timeout: Duration,
     pub keepalive: Duration,
