@@ -18,7 +18,6 @@
 // whatever the result (this is a measurement); the verdict is printed.
 import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -27,6 +26,7 @@ import { parseArgs } from 'node:util';
 import { runLoad, type LoadReport } from '../src/bench.js';
 import { parseDuration } from '../src/config.js';
 import { startPostgres } from '../test/helpers/postgres.js';
+import { freePort } from '../src/net.js';
 
 const CLI = fileURLToPath(new URL('../src/cli.js', import.meta.url));
 const DERPER_SH = fileURLToPath(new URL('../../bench/derper.sh', import.meta.url));
@@ -134,16 +134,6 @@ function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 async function startDerpmesh(postgresUrl: string): Promise<RelayProcess> {
   const port = await freePort();

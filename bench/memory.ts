@@ -9,12 +9,12 @@
 // paths are already paid for). The target: ≤ 10 KiB per idle client.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 
 import { native } from '../src/native.js';
 import { startPostgres } from '../test/helpers/postgres.js';
+import { freePort } from '../src/net.js';
 
 const CLI = fileURLToPath(new URL('../src/cli.js', import.meta.url));
 const NATIVE_MODULE = new URL('../src/native.js', import.meta.url).href;
@@ -43,16 +43,6 @@ function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 function spawnChild(command: string, args: string[]): { child: ChildProcess; stderr: () => string; exited: () => string | undefined } {
   const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'] });

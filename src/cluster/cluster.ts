@@ -2,13 +2,13 @@
 // Postgres, each on its own port with its own relay URL, behind a round-robin access URL.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 
 import { options, parseDuration } from '../config.js';
 import { configError } from '../errors.js';
 import { createLogger } from '../log.js';
+import { freePort } from '../net.js';
 import { startEmbeddedPostgres } from '../postgres/embedded.js';
 import { startBalancer } from './balancer.js';
 
@@ -36,16 +36,6 @@ interface ReplicaView {
   peer_latencies: Record<string, number>;
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 export async function clusterCommand(argv: string[]): Promise<void> {
   const { values } = parseArgs({

@@ -3,11 +3,11 @@
 // directory find it through `embedded-postgres.json` and share it.
 import { randomBytes } from 'node:crypto';
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { createServer, type AddressInfo } from 'node:net';
 import { dirname, join, resolve } from 'node:path';
-import pg from 'pg';
+
 import { DerpmeshError } from '../errors.js';
 import type { Logger } from '../log.js';
+import { freePort, postgresAnswers } from '../net.js';
 
 export interface EmbeddedPostgres {
   url: string;
@@ -36,30 +36,7 @@ function alive(pid: number): boolean {
   }
 }
 
-async function reachable(url: string): Promise<boolean> {
-  const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 2_000 });
-  client.on('error', () => {});
-  try {
-    await client.connect();
-    await client.query('SELECT 1');
-    return true;
-  } catch {
-    return false;
-  } finally {
-    await client.end().catch(() => {});
-  }
-}
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 /** As root, Postgres runs as another user: every directory above the data must let it pass. */
 function assertTraversable(dir: string): void {
@@ -92,7 +69,7 @@ export async function startEmbeddedPostgres(options: { stateDir: string; logger:
   for (;;) {
     if (existsSync(descriptorPath)) {
       const d = JSON.parse(readFileSync(descriptorPath, 'utf8')) as Descriptor;
-      if (alive(d.pid) && (await reachable(urlOf(d)))) {
+      if (alive(d.pid) && (await postgresAnswers(urlOf(d)))) {
         logger.info('using the embedded Postgres another local node started', { dataDir, port: d.port });
         return { url: urlOf(d), dataDir, owner: false, release: async () => {} };
       }

@@ -7,7 +7,7 @@
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { chownSync, existsSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import pg from 'pg';
+import { postgresAnswers } from '../net.js';
 
 const startTimeoutMs = 30_000;
 const stopTimeoutMs = 10_000;
@@ -168,18 +168,8 @@ export class PostgresServer {
     return `postgres://${credentials}@127.0.0.1:${port}/postgres`;
   }
 
-  async #accepting(): Promise<boolean> {
-    const client = new pg.Client({ connectionString: this.maintenanceUrl(), connectionTimeoutMillis: 1_000 });
-    client.on('error', () => {});
-    try {
-      await client.connect();
-      await client.query('SELECT 1');
-      return true;
-    } catch {
-      return false;
-    } finally {
-      await client.end().catch(() => {});
-    }
+  #accepting(): Promise<boolean> {
+    return postgresAnswers(this.maintenanceUrl(), 1_000);
   }
 
   #run(file: string, args: string[]): Promise<void> {

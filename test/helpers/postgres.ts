@@ -3,11 +3,14 @@
 // src/postgres/server.ts). stop() removes everything; a test process that exits without stop() still
 // takes the server and the directory with it.
 import { chownSync, mkdtempSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
 import { findPostgresBinDir, postgresIdentity, PostgresServer } from '../../src/postgres/server.js';
+
+import { freePort } from '../../src/net.js';
+
+export { freePort };
 
 export interface TestPostgres {
   /** postgres://derpmesh@127.0.0.1:PORT/derpmesh */
@@ -26,17 +29,6 @@ export interface TestPostgres {
 const databaseUser = 'derpmesh';
 const databaseName = 'derpmesh';
 
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      const port = typeof address === 'object' && address ? address.port : 0;
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 export async function startPostgres(): Promise<TestPostgres> {
   const binDir = findPostgresBinDir();
