@@ -128,6 +128,30 @@ describe('HA configuration', { timeout: 110_000 }, () => {
     assert.match(a.output(), /peer relay round trip back under threshold .*peer=slow-b/);
   });
 
+  test('an unreachable peer relay goes into the error column, the API and health', async () => {
+    const db = await database();
+    const deadPort = await freePort();
+    const a = await node('reach-a', db);
+    // B advertises a relay URL where nothing listens.
+    await node('reach-b', db, { relayUrl: `http://127.0.0.1:${deadPort}` });
+    const client = new pg.Client({ connectionString: db });
+    await client.connect();
+    try {
+      const { value: error } = await waitFor('A writing B into its error column', 10_000, async () => {
+        const { rows } = await client.query<{ error: string }>(`SELECT error FROM replicas WHERE hostname = 'reach-a'`);
+        return rows[0]?.error.includes('failed to reach relay reach-b') ? rows[0].error : undefined;
+      });
+      assert.match(error, new RegExp(`127\\.0\\.0\\.1:${deadPort}`));
+    } finally {
+      await client.end();
+    }
+    const mesh = (await a.health()).nodes.find((n) => n.hostname === 'reach-a')!.sections.mesh!;
+    assert.equal(mesh.code, 'MESH_PEER_UNREACHABLE');
+    assert.match(mesh.message, /reach-b/);
+    const { replicas } = await a.replicas();
+    assert.ok(replicas.find((r) => r.hostname === 'reach-b')?.unreachable_from_here);
+  });
+
   test('relay URL equal to the access URL: refuses to start, exit 2, says why', async () => {
     const port = await freePort();
     const url = `http://127.0.0.1:${port}`;

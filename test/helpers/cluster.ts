@@ -17,6 +17,7 @@ export interface ReplicaView {
   peer_latencies: Record<string, number>;
   latency_from_here_ms?: number;
   latency_warning?: string;
+  unreachable_from_here?: string;
 }
 
 export interface NodeProcess {
