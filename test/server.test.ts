@@ -3,6 +3,9 @@
 import { strict as assert } from 'node:assert';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, test } from 'node:test';
 
@@ -11,7 +14,14 @@ import { DerpClient } from '../src/client/index.js';
 const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
 
 function startServer(args: string[], env: NodeJS.ProcessEnv = {}): { child: ChildProcess; output: () => string; url: Promise<string> } {
-  const child = spawn(process.execPath, [cli, 'server', ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  // Its own state directory: the embedded Postgres of a test never mixes with anything else.
+  const stateDir = mkdtempSync(join(tmpdir(), 'derpmesh-server-test-'));
+  chmodSync(stateDir, 0o755);
+  const child = spawn(process.execPath, [cli, 'server', ...args], {
+    env: { ...process.env, DERPMESH_STATE_DIR: stateDir, ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  child.once('exit', () => setTimeout(() => rmSync(stateDir, { recursive: true, force: true }), 2_000).unref());
   let text = '';
   const url = new Promise<string>((resolve, reject) => {
     const onData = (d: Buffer) => {
@@ -48,7 +58,7 @@ describe('derpmesh server process', () => {
       assert.ok(ra.tryForMs > 0 && rb.tryForMs > 0);
       const [code] = (await exited) as [number];
       assert.equal(code, 0, server.output());
-      assert.match(server.output(), /shutting down: sending Restarting/);
+      assert.match(server.output(), /shutting down: telling peers, sending Restarting to clients/);
       await Promise.all([a.close(), b.close()]);
     } finally {
       server.child.kill('SIGKILL');

