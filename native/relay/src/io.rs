@@ -13,18 +13,14 @@ pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Read buffer of an idle connection; it grows while a connection is busy and shrinks back when idle,
 /// so thousands of idle clients cost little memory.
-const IDLE_READ_BUF: usize = 1 << 10;
+const IDLE_READ_BUF: usize = 2 << 10;
 const BUSY_READ_BUF: usize = 64 << 10;
-/// Reserve more room before a read when less than this is free.
-const MIN_READ: usize = 512;
 
 /// Reads DERP frames from a byte stream. Frames come out as `BytesMut` holding header and payload,
 /// split off the read buffer without copying, so a forwarder can rewrite them in place.
 pub struct FrameReader {
     inner: Reader,
     buf: BytesMut,
-    /// Bytes the last read returned: a hint of how busy the connection is.
-    last_read: usize,
 }
 
 impl FrameReader {
@@ -32,19 +28,13 @@ impl FrameReader {
     pub fn new(inner: Reader, head: &[u8]) -> FrameReader {
         let mut buf = BytesMut::with_capacity(IDLE_READ_BUF.max(head.len()));
         buf.extend_from_slice(head);
-        FrameReader {
-            inner,
-            buf,
-            last_read: 0,
-        }
+        FrameReader { inner, buf }
     }
 
     async fn fill(&mut self, need: usize) -> io::Result<()> {
         while self.buf.len() < need {
-            let free = self.buf.capacity() - self.buf.len();
-            if free < MIN_READ || need > self.buf.capacity() {
-                // Busy connections (the last read brought a lot) get big reads; idle ones stay small.
-                let target = if self.last_read >= MIN_READ {
+            if self.buf.capacity() - self.buf.len() < 1024 || need > self.buf.capacity() {
+                let target = if self.buf.capacity() >= IDLE_READ_BUF {
                     BUSY_READ_BUF
                 } else {
                     IDLE_READ_BUF
@@ -55,7 +45,6 @@ impl FrameReader {
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            self.last_read = n;
         }
         Ok(())
     }
