@@ -4,7 +4,6 @@ export type DerpmeshErrorCode =
   | 'DERPMESH_ERR_CONFIG'
   | 'DERPMESH_ERR_RELAY_URL_IS_ACCESS_URL'
   | 'DERPMESH_ERR_LISTEN'
-  | 'DERPMESH_ERR_NATIVE'
   | 'DERPMESH_ERR_UPGRADE';
 
 export class DerpmeshError extends Error {

@@ -11,6 +11,7 @@ import { configError } from './errors.js';
 import { mostSevere, section, worst, type HealthReport, type HealthSection } from './health.js';
 import { apiRoutes } from './http/api.js';
 import { startHttpServer, type HttpServer } from './http/server.js';
+import { statusPage } from './http/status.js';
 import type { Logger } from './log.js';
 import type { MetricSample } from './metrics.js';
 import { startEmbeddedPostgres, type EmbeddedPostgres } from './postgres/embedded.js';
@@ -213,6 +214,7 @@ async function start(config: ServerConfig, logger: Logger, extras: NodeExtras, c
         return true;
       },
       ...apiRoutes({ registry, health, warnings, derpMap: () => derpMap }),
+      statusPage(registry, config.latencyThresholdMs, warnings),
     ],
   });
   cleanups.push(() => http.close());

@@ -43,15 +43,10 @@ export interface ShutdownOptions {
 
 type UpgradeKind = 'derp' | 'derp-fast-start' | 'websocket';
 
-/** Counters of what Node rejected before the relay core saw it. */
-export interface UpgradeCounters {
-  upgradesRejected: number;
-  upgradesBridged: number;
-}
-
 export class Relay {
   readonly #core: InstanceType<typeof native.RelayCore>;
-  readonly counters: UpgradeCounters = { upgradesRejected: 0, upgradesBridged: 0 };
+  /** What Node decided before the relay core saw a connection. */
+  readonly #upgrades = { refused: 0, bridged: 0 };
   #closed = false;
 
   constructor(options: RelayOptions = {}) {
@@ -76,7 +71,7 @@ export class Relay {
   handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
     const kind = this.#classify(req);
     if (this.#closed || kind === undefined) {
-      this.counters.upgradesRejected++;
+      this.#upgrades.refused++;
       const body = this.#closed ? 'relay is shutting down' : 'DERP requires connection upgrade';
       const status = this.#closed ? '503 Service Unavailable' : '426 Upgrade Required';
       socket.end(`HTTP/1.1 ${status}\r\nContent-Type: text/plain\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`);
@@ -95,7 +90,7 @@ export class Relay {
         // Fall through to the bridge: correct, just slower.
       }
     }
-    this.counters.upgradesBridged++;
+    this.#upgrades.bridged++;
     this.#bridge(socket, head, kind, accept, remoteAddress, remotePort);
   }
 
@@ -153,13 +148,17 @@ export class Relay {
     this.#core.setHealth(problem);
   }
 
-  /** Counters and gauges of the relay core. */
+  /** Counters and gauges of the relay core, plus the upgrades Node refused or bridged. */
   metrics(): Metric[] {
-    return this.#core.metrics();
+    return [
+      ...this.#core.metrics(),
+      { name: 'upgrades_refused', kind: 'counter', help: 'DERP upgrades refused (bad Upgrade header, or during shutdown).', value: this.#upgrades.refused },
+      { name: 'upgrades_bridged', kind: 'counter', help: 'Connections carried by the byte bridge (TLS in Node, no descriptor).', value: this.#upgrades.bridged },
+    ];
   }
 
   metric(name: string): number {
-    return this.#core.metrics().find((m) => m.name === name)?.value ?? 0;
+    return this.metrics().find((m) => m.name === name)?.value ?? 0;
   }
 
   /** Graceful shutdown: Restarting to every client, flush, close. New upgrades get 503. */

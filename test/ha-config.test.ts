@@ -333,6 +333,11 @@ describe('HA configuration', { timeout: 110_000 }, () => {
         assert.equal(n.sections.pubsub!.code, 'PUBSUB_OK');
       }
     }
+    // The status page draws the same cluster: both nodes and a latency matrix with Postgres.
+    await waitFor('latencies on the status page', 5_000, async () => {
+      const page = await (await fetch(`${a.url}/status`)).text();
+      return page.includes('health-a (this node)') && page.includes('<th>health-b</th>') && /Postgres/.test(page) && /class="(ok|slow)">\d/.test(page);
+    });
     // A stopped node leaves the cluster-wide report.
     assert.equal(await b.stop(), 0, b.output());
     await waitFor('health-a dropping health-b from its report', 5_000, async () => (await a.health()).nodes.every((n) => n.hostname !== 'health-b'));

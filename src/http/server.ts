@@ -32,7 +32,7 @@ export const httpCounters = () =>
     http_header_timeouts: 'Connections closed because the request head did not complete in time.',
     http_client_errors: 'Connections closed for malformed HTTP.',
     http_not_found: 'Requests for unknown paths.',
-    upgrades_rejected: 'Upgrade requests refused (not DERP, or during shutdown).',
+    upgrades_unknown_path: 'Upgrade requests for a path other than /derp (answered 404).',
   });
 
 export interface HttpServer {
@@ -76,7 +76,7 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
   server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
     clearHeaderTimer(socket);
     if (!relay?.isDerpUpgrade(req)) {
-      counters.inc('upgrades_rejected');
+      counters.inc('upgrades_unknown_path');
       socket.end('HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
       return;
     }
