@@ -439,9 +439,8 @@ fn send_packet(relay: &Arc<Relay>, conn: &Arc<Conn>, state: &mut ReaderState, mu
         }
         Route::Unknown => {
             Metrics::inc(&m.packets_dropped_unknown_dest);
-            if disco && state.not_here.allow() {
-                conn.outbox.push_control(frame::peer_gone(&dst, PEER_GONE_NOT_HERE));
-                Metrics::inc(&m.peer_gone_not_here_sent);
+            if disco {
+                answer_not_here(m, conn, state, &dst);
             }
         }
     }
@@ -460,9 +459,8 @@ fn deliver_forwarded(relay: &Arc<Relay>, conn: &Arc<Conn>, state: &mut ReaderSta
     let disco = frame::is_disco(&f[packet_start..]);
     let Some(dst_conn) = relay.local(&dst) else {
         Metrics::inc(&m.packets_dropped_unknown_dest_on_fwd);
-        if disco && state.not_here.allow() {
-            conn.outbox.push_control(frame::peer_gone(&dst, PEER_GONE_NOT_HERE));
-            Metrics::inc(&m.peer_gone_not_here_sent);
+        if disco {
+            answer_not_here(m, conn, state, &dst);
         }
         return;
     };
@@ -484,6 +482,14 @@ fn deliver_forwarded(relay: &Arc<Relay>, conn: &Arc<Conn>, state: &mut ReaderSta
             state.recorded_forwarded.insert((src, dst), dst_conn.id);
             relay.note_sent(&src, &dst_conn);
         }
+    }
+}
+
+/// A disco packet to a key that is not here: tell the sender, at most 1/s (burst 3).
+fn answer_not_here(m: &Metrics, conn: &Conn, state: &mut ReaderState, dst: &Key) {
+    if state.not_here.allow() {
+        conn.outbox.push_control(frame::peer_gone(dst, PEER_GONE_NOT_HERE));
+        Metrics::inc(&m.peer_gone_not_here_sent);
     }
 }
 
