@@ -86,7 +86,10 @@ describe('derpmesh server process', () => {
       assert.equal(code, 2);
       assert.match(second.output(), new RegExp(`cannot listen on 127.0.0.1:${port}: EADDRINUSE`));
     } finally {
-      first.child.kill('SIGKILL');
+      // SIGTERM, not SIGKILL: the node stops the embedded Postgres it started.
+      const exited = once(first.child, 'exit');
+      first.child.kill('SIGTERM');
+      await exited;
     }
   });
 });
