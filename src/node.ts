@@ -78,8 +78,8 @@ async function start(config: ServerConfig, logger: Logger, extras: NodeExtras, c
     log.info('custom relays configured: the relay URL is ignored and nodes do not mesh; Postgres is the only rendezvous', { relayUrl: config.relayUrl.href });
   }
   const relayUrl = customRelays ? '' : (config.relayUrl?.href.replace(/\/$/, '') ?? '');
-  // Custom relays: clients use the relays of the custom map, so this node runs none.
   const meshCaPem = config.meshCaFile ? readMeshCa(config.meshCaFile) : undefined;
+  // Custom relays: clients use the relays of the custom map, so this node runs none and meshes nothing.
   const relay = customRelays ? undefined : new Relay({ queueDepth: config.queueDepth, meshKey, meshCaPem, ...extras.relay });
   if (!config.derpServerEnable && !config.derpConfigUrl && !config.derpConfigPath) {
     log.warn('the embedded relay is disabled and no custom relay map is set (CODER_DERP_CONFIG_URL or CODER_DERP_CONFIG_PATH): /derpmap is empty and clients have no relay');
@@ -97,16 +97,13 @@ async function start(config: ServerConfig, logger: Logger, extras: NodeExtras, c
     self: { id, hostname, regionId: config.regionId, relayUrl, version, primary: true },
     heartbeatIntervalMs: config.heartbeatIntervalMs,
     latencyThresholdMs: config.latencyThresholdMs,
-    probePeers: relay !== undefined && !customRelays,
+    probePeers: relay !== undefined,
     cleanupAfterMs: extras.cleanupAfterMs,
     healthReport: () => health(),
   });
 
-  const meshEnabled = relay !== undefined && !customRelays;
   registry.on('peers', (peers) => {
-    if (!meshEnabled) return;
-    const urls = peers.filter((p) => p.regionId === config.regionId && p.relayUrl !== '').map((p) => p.relayUrl);
-    relay!.setMeshPeers(urls);
+    relay?.setMeshPeers(peers.filter((p) => p.regionId === config.regionId && p.relayUrl !== '').map((p) => p.relayUrl));
   });
 
   /** Cluster misconfigurations worth shouting about (log, API, health). */
@@ -114,13 +111,13 @@ async function start(config: ServerConfig, logger: Logger, extras: NodeExtras, c
   const warnings = (): string[] => {
     const out: string[] = [];
     const live = registry.peers().length + 1;
-    if (relay && !customRelays && live >= 2 && !relayUrl) {
+    if (relay && live >= 2 && !relayUrl) {
       out.push(
         `RELAY_NO_RELAY_URL: ${live} replicas share this database but ${hostname} has no relay URL, so peers cannot mesh with its relay and clients on different nodes cannot reach each other; set CODER_DERP_SERVER_RELAY_URL to this node's own address`,
       );
     }
     for (const p of registry.peers()) {
-      if (meshEnabled && p.regionId === config.regionId && p.relayUrl === '') {
+      if (relay && p.regionId === config.regionId && p.relayUrl === '') {
         out.push(`RELAY_NO_RELAY_URL: peer ${p.hostname} (${p.id}) has no relay URL; its clients are unreachable from here`);
       }
     }
@@ -147,15 +144,15 @@ async function start(config: ServerConfig, logger: Logger, extras: NodeExtras, c
         ? section('warning', 'RELAY_NO_RELAY_URL', noRelayUrl.replace(/^RELAY_NO_RELAY_URL: /, ''))
         : section('ok', 'RELAY_OK', `relay serving ${relay.metric('clients')} clients`);
     let mesh: HealthSection;
-    if (!meshEnabled) {
-      mesh = section('ok', 'MESH_DISABLED', customRelays ? 'custom relays: no mesh' : 'no relay: no mesh');
+    if (!relay) {
+      mesh = section('ok', 'MESH_DISABLED', 'custom relays: no mesh');
     } else {
       const findings: HealthSection[] = [];
       for (const l of registry.peerLatencies()) {
         if (l.error) findings.push(section('error', 'MESH_PEER_UNREACHABLE', `failed to reach relay ${l.hostname} (${l.relayUrl}): ${l.error}`));
         else if (l.slow) findings.push(section('warning', 'MESH_PEER_SLOW', `round trip to ${l.hostname} (${l.relayUrl}) is ${l.rttMs!.toFixed(2)} ms, above ${config.latencyThresholdMs} ms`));
       }
-      for (const link of relay!.meshLinks()) {
+      for (const link of relay.meshLinks()) {
         if (link.state !== 'connected' && link.state !== 'self') {
           findings.push(section('warning', 'MESH_LINK_DOWN', `mesh link to ${link.url} is ${link.state}${link.lastError ? `: ${link.lastError}` : ''}`));
         }
@@ -163,7 +160,7 @@ async function start(config: ServerConfig, logger: Logger, extras: NodeExtras, c
       for (const p of registry.peers()) {
         if (p.version !== version) findings.push(section('warning', 'MESH_VERSION_MISMATCH', `peer ${p.hostname} runs ${p.version}, this node ${version}`));
       }
-      mesh = mostSevere(findings, section('ok', 'MESH_OK', `meshed with ${relay!.meshLinks().filter((l) => l.state === 'connected').length} peer relays`));
+      mesh = mostSevere(findings, section('ok', 'MESH_OK', `meshed with ${relay.meshLinks().filter((l) => l.state === 'connected').length} peer relays`));
     }
     const ps = pubsub.state();
     const pubsubSection = ps.connected
