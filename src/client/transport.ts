@@ -180,31 +180,52 @@ function dialTcp(options: DialOptions): Promise<Transport> {
   });
 }
 
+/**
+ * What a transport received before the client attached its handlers (the handshake runs first),
+ * and its close, delivered in order once `start` is called.
+ */
+class Inbox {
+  #pending: Buffer[] = [];
+  #handlers: TransportHandlers | undefined;
+  #closed = false;
+  /** The first error seen; reported with the close. */
+  error: Error | undefined;
+
+  data(chunk: Buffer): void {
+    if (this.#handlers === undefined) this.#pending.push(chunk);
+    else this.#handlers.data(chunk);
+  }
+
+  close(): void {
+    this.#closed = true;
+    this.#handlers?.close(this.error);
+  }
+
+  start(handlers: TransportHandlers): void {
+    this.#handlers = handlers;
+    const pending = this.#pending;
+    this.#pending = [];
+    for (const chunk of pending) handlers.data(chunk);
+    if (this.#closed) handlers.close(this.error);
+  }
+}
+
 /** A TCP or TLS socket carrying the DERP stream. */
 class SocketTransport implements Transport {
   readonly kind = 'tcp';
   readonly #socket: net.Socket;
-  #pending: Buffer[] = [];
-  #handlers: TransportHandlers | undefined;
-  #error: Error | undefined;
-  #closed = false;
+  readonly #inbox = new Inbox();
 
   constructor(socket: net.Socket, initial: Buffer) {
     this.#socket = socket;
-    if (initial.length > 0) this.#pending.push(initial);
-    socket.on('data', (chunk: Buffer) => {
-      if (this.#handlers === undefined) this.#pending.push(chunk);
-      else this.#handlers.data(chunk);
-    });
+    if (initial.length > 0) this.#inbox.data(initial);
+    socket.on('data', (chunk: Buffer) => this.#inbox.data(chunk));
     socket.on('error', (error) => {
-      this.#error ??= derpClientError('DERP_ERR_CONNECTION', `connection to the relay failed: ${error.message}`, {
+      this.#inbox.error ??= derpClientError('DERP_ERR_CONNECTION', `connection to the relay failed: ${error.message}`, {
         cause: error,
       });
     });
-    socket.on('close', () => {
-      this.#closed = true;
-      this.#handlers?.close(this.#error);
-    });
+    socket.on('close', () => this.#inbox.close());
   }
 
   get localAddress(): string | undefined {
@@ -216,11 +237,7 @@ class SocketTransport implements Transport {
   }
 
   start(handlers: TransportHandlers): void {
-    this.#handlers = handlers;
-    const pending = this.#pending;
-    this.#pending = [];
-    for (const chunk of pending) handlers.data(chunk);
-    if (this.#closed) handlers.close(this.#error);
+    this.#inbox.start(handlers);
   }
 
   get bufferedBytes(): number {
@@ -312,33 +329,27 @@ function dialWebSocket(options: DialOptions): Promise<Transport> {
 class WebSocketTransport implements Transport {
   readonly kind = 'websocket';
   readonly #socket: WebSocket;
-  #pending: Buffer[] = [];
-  #handlers: TransportHandlers | undefined;
-  #error: Error | undefined;
-  #closed = false;
+  readonly #inbox = new Inbox();
   readonly #tcp: net.Socket | undefined;
 
   constructor(socket: WebSocket, tcp: net.Socket | undefined) {
     this.#socket = socket;
     this.#tcp = tcp;
     socket.on('message', (data) => {
-      const bytes = Buffer.isBuffer(data) ? data : Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data);
-      if (this.#handlers === undefined) this.#pending.push(bytes);
-      else this.#handlers.data(bytes);
+      this.#inbox.data(Buffer.isBuffer(data) ? data : Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data));
     });
     socket.on('error', (error) => {
-      this.#error ??= derpClientError('DERP_ERR_CONNECTION', `WebSocket to the relay failed: ${error.message}`, {
+      this.#inbox.error ??= derpClientError('DERP_ERR_CONNECTION', `WebSocket to the relay failed: ${error.message}`, {
         cause: error,
       });
     });
     socket.on('close', (code, reason) => {
-      this.#closed = true;
-      if (this.#error === undefined && code !== 1000 && code !== 1005) {
-        this.#error = derpClientError('DERP_ERR_CONNECTION', `WebSocket closed with code ${code} ${reason.toString()}`.trim(), {
+      if (this.#inbox.error === undefined && code !== 1000 && code !== 1005) {
+        this.#inbox.error = derpClientError('DERP_ERR_CONNECTION', `WebSocket closed with code ${code} ${reason.toString()}`.trim(), {
           value: code,
         });
       }
-      this.#handlers?.close(this.#error);
+      this.#inbox.close();
     });
   }
 
@@ -351,11 +362,7 @@ class WebSocketTransport implements Transport {
   }
 
   start(handlers: TransportHandlers): void {
-    this.#handlers = handlers;
-    const pending = this.#pending;
-    this.#pending = [];
-    for (const chunk of pending) handlers.data(chunk);
-    if (this.#closed) handlers.close(this.#error);
+    this.#inbox.start(handlers);
   }
 
   get bufferedBytes(): number {

@@ -228,18 +228,33 @@ const HEAD_ARENA_FRAMES: usize = 256;
 
 /// Per-reader state that avoids shared writes on the packet path.
 struct ReaderState {
-    /// dst key → id of the connection already recorded as having received from us.
-    recorded: ahash::AHashMap<Key, u64>,
-    /// (src, dst) pairs recorded for forwarded packets, keyed by src then dst.
-    recorded_forwarded: ahash::AHashMap<(Key, Key), u64>,
+    /// (src, dst) → id of the dst connection already recorded as having received from src
+    /// (src is this client for its own packets, the original sender for forwarded ones).
+    recorded: ahash::AHashMap<(Key, Key), u64>,
+    /// The last recorded pair: packets come in runs, so most checks end here without hashing.
+    last_recorded: Option<(Key, Key, u64)>,
     not_here: NotHereLimiter,
-    last_recorded: Option<(Key, u64)>,
-    last_forwarded: Option<(Key, Key, u64)>,
     /// Where ForwardPacket heads (header ‖ source key) are written.
     head_arena: BytesMut,
     /// Packet counters, added to the shared atomics once per read batch instead of per packet
     /// (shared cache lines bouncing between cores cost more than the forwarding itself).
     counts: PacketCounts,
+}
+
+impl ReaderState {
+    /// Records once per (src, dst connection) that `dst_conn` received from `src`, for PeerGone.
+    #[inline]
+    fn note_sent(&mut self, relay: &Relay, src: &Key, dst_conn: &Conn) {
+        let entry = (*src, dst_conn.key, dst_conn.id);
+        if self.last_recorded == Some(entry) {
+            return;
+        }
+        self.last_recorded = Some(entry);
+        if self.recorded.get(&(*src, dst_conn.key)) != Some(&dst_conn.id) {
+            self.recorded.insert((*src, dst_conn.key), dst_conn.id);
+            relay.note_sent(src, dst_conn);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -275,10 +290,8 @@ async fn read_loop(
 ) -> ReadExit {
     let mut state = ReaderState {
         recorded: ahash::AHashMap::new(),
-        recorded_forwarded: ahash::AHashMap::new(),
         not_here: NotHereLimiter::new(),
         last_recorded: None,
-        last_forwarded: None,
         head_arena: BytesMut::new(),
         counts: PacketCounts::default(),
     };
@@ -413,14 +426,7 @@ fn send_packet(relay: &Arc<Relay>, conn: &Arc<Conn>, state: &mut ReaderState, mu
                 payload_len,
                 &mut state.counts,
             );
-            // Packets come in runs to one destination: compare with the last one before hashing.
-            if state.last_recorded != Some((dst, dst_conn.id)) {
-                state.last_recorded = Some((dst, dst_conn.id));
-                if state.recorded.get(&dst) != Some(&dst_conn.id) {
-                    state.recorded.insert(dst, dst_conn.id);
-                    relay.note_sent(&conn.key, &dst_conn);
-                }
-            }
+            state.note_sent(relay, &conn.key, &dst_conn);
         }
         Route::Mesh(forwarder) => {
             // ForwardPacket = header ‖ src, then the client's dst ‖ packet, uncopied.
@@ -476,13 +482,7 @@ fn deliver_forwarded(relay: &Arc<Relay>, conn: &Arc<Conn>, state: &mut ReaderSta
         payload_len,
         &mut state.counts,
     );
-    if state.last_forwarded != Some((src, dst, dst_conn.id)) {
-        state.last_forwarded = Some((src, dst, dst_conn.id));
-        if state.recorded_forwarded.get(&(src, dst)) != Some(&dst_conn.id) {
-            state.recorded_forwarded.insert((src, dst), dst_conn.id);
-            relay.note_sent(&src, &dst_conn);
-        }
-    }
+    state.note_sent(relay, &src, &dst_conn);
 }
 
 /// A disco packet to a key that is not here: tell the sender, at most 1/s (burst 3).

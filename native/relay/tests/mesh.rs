@@ -4,6 +4,8 @@
 //! to `conn::serve`. The loop keeps a duplicate of every accepted socket so a test can kill all of a
 //! relay's connections at once (`shutdown(Both)`), as a crashed peer would look from outside.
 
+mod common;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{Shutdown, SocketAddr};
@@ -149,21 +151,9 @@ async fn accept_loop(listener: TcpListener, relay: Arc<Relay>, sockets: Sockets)
 
 /// Reads the request head (up to the blank line) and hands the rest of the stream to the relay.
 async fn handle_http(relay: Arc<Relay>, mut stream: TcpStream, addr: SocketAddr) {
-    let mut buf = Vec::new();
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        if buf.len() > 16 << 10 {
-            return;
-        }
-        let mut chunk = [0u8; 2048];
-        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            _ => return,
-        }
+    let Some(rest) = common::read_request_head(&mut stream).await else {
+        return;
     };
-    let rest = Bytes::copy_from_slice(&buf[head_end..]);
     conn::serve(
         relay,
         Transport::Tcp(stream),

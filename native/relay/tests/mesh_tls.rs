@@ -4,6 +4,8 @@
 //! Each relay sits behind a tiny accept loop that finishes the TLS handshake, reads the HTTP request
 //! head and hands the TLS stream to `conn::serve` (as `tests/mesh.rs` does with plain TCP).
 
+mod common;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -170,21 +172,9 @@ async fn handle_http(
     mut stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     addr: SocketAddr,
 ) {
-    let mut buf = Vec::new();
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        if buf.len() > 16 << 10 {
-            return;
-        }
-        let mut chunk = [0u8; 2048];
-        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            _ => return,
-        }
+    let Some(rest) = common::read_request_head(&mut stream).await else {
+        return;
     };
-    let rest = Bytes::copy_from_slice(&buf[head_end..]);
     conn::serve(
         relay,
         Transport::Other(Box::new(stream)),
