@@ -3,7 +3,6 @@
 import { loadConfig, optionsHelp, optionsMarkdownTable } from './config.js';
 import { DerpmeshError } from './errors.js';
 import { createLogger } from './log.js';
-import { startNode } from './node.js';
 import { version } from './version.js';
 
 const usage = `derpmesh ${version} — a high-availability DERP relay cluster
@@ -23,6 +22,9 @@ async function server(argv: string[]): Promise<void> {
   }
   const config = loadConfig(argv);
   const logger = createLogger({ level: config.logLevel, json: config.logFormat === 'json' });
+  // Imported here, not at the top: the native addon loads with it, and `--version`, `--help` and
+  // `config-table` must work (and a missing addon must be reported cleanly) without it.
+  const { startNode } = await import('./node.js');
   const node = await startNode(config, logger);
   let signals = 0;
   const stop = (signal: string) => {
@@ -74,7 +76,8 @@ async function main(argv: string[]): Promise<void> {
 main(process.argv.slice(2)).catch((err: unknown) => {
   if (err instanceof DerpmeshError) {
     process.stderr.write(`derpmesh: ${err.message} [${err.code}]\n`);
-    process.exitCode = 2;
+    // 2: the invocation or configuration is wrong; 1: the installation is (no native addon).
+    process.exitCode = err.code === 'DERPMESH_ERR_NATIVE_BINDING' ? 1 : 2;
   } else {
     process.stderr.write(`derpmesh: ${(err as Error).stack ?? String(err)}\n`);
     process.exitCode = 1;

@@ -4,7 +4,8 @@ export type DerpmeshErrorCode =
   | 'DERPMESH_ERR_CONFIG'
   | 'DERPMESH_ERR_RELAY_URL_IS_ACCESS_URL'
   | 'DERPMESH_ERR_LISTEN'
-  | 'DERPMESH_ERR_UPGRADE';
+  | 'DERPMESH_ERR_UPGRADE'
+  | 'DERPMESH_ERR_NATIVE_BINDING';
 
 export class DerpmeshError extends Error {
   override readonly name = 'DerpmeshError';

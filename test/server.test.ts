@@ -1,41 +1,17 @@
 // `derpmesh server` as a real process: it relays, shuts down gracefully with Restarting, and
 // refuses bad configuration with a clear message.
 import { strict as assert } from 'node:assert';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, test } from 'node:test';
 
 import { DerpClient } from '../src/client/index.js';
+import { startServerProcess, type ServerProcess } from './helpers/server-process.js';
 
 const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
 
-function startServer(args: string[], env: NodeJS.ProcessEnv = {}): { child: ChildProcess; output: () => string; url: Promise<string> } {
-  // Its own state directory: the embedded Postgres of a test never mixes with anything else.
-  const stateDir = mkdtempSync(join(tmpdir(), 'derpmesh-server-test-'));
-  chmodSync(stateDir, 0o755);
-  const child = spawn(process.execPath, [cli, 'server', ...args], {
-    env: { ...process.env, DERPMESH_STATE_DIR: stateDir, ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  child.once('exit', () => setTimeout(() => rmSync(stateDir, { recursive: true, force: true }), 2_000).unref());
-  let text = '';
-  const url = new Promise<string>((resolve, reject) => {
-    const onData = (d: Buffer) => {
-      text += d.toString();
-      const m = /listen=(http:\/\/\S+)/.exec(text);
-      if (m) resolve(m[1]!);
-    };
-    child.stdout!.on('data', onData);
-    child.stderr!.on('data', onData);
-    child.once('exit', (code) => reject(new Error(`server exited with ${code}: ${text}`)));
-    setTimeout(() => reject(new Error(`server did not start: ${text}`)), 15_000).unref();
-  });
-  url.catch(() => {});
-  return { child, output: () => text, url };
+function startServer(args: string[], env: NodeJS.ProcessEnv = {}): ServerProcess {
+  return startServerProcess([process.execPath, cli], args, env);
 }
 
 describe('derpmesh server process', () => {

