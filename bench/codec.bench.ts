@@ -162,7 +162,15 @@ async function main(): Promise<void> {
   const ns = (v: number) => (v >= 10_000 ? `${(v / 1000).toFixed(1)} µs` : `${Math.round(v)} ns`);
   const table = [
     ['case', 'native ops/s', 'native mean', 'alternative', 'alt ops/s', 'alt mean', 'native/alt'],
-    ...rows.map((r) => [r.case, ops(r.nativeOpsPerSec), ns(r.nativeMeanNs), r.alternative, ops(r.alternativeOpsPerSec), ns(r.alternativeMeanNs), `${r.ratio.toFixed(2)}×`]),
+    ...rows.map((r) => [
+      r.case,
+      ops(r.nativeOpsPerSec),
+      ns(r.nativeMeanNs),
+      r.alternative,
+      ops(r.alternativeOpsPerSec),
+      ns(r.alternativeMeanNs),
+      `${r.ratio.toFixed(2)}×`,
+    ]),
   ];
   const widths = table[0].map((_, i) => Math.max(...table.map((row) => row[i].length)));
   const line = (row: string[]) => row.map((cell, i) => (i === 0 || i === 3 ? cell.padEnd(widths[i]) : cell.padStart(widths[i]))).join('  ');

@@ -99,7 +99,8 @@ class RelayProcess {
       } catch {
         // Not listening yet.
       }
-      if (Date.now() > deadline) throw new Error(`${this.name} did not answer ${this.url}${path} within ${READY_TIMEOUT_MS} ms; stderr:\n${this.#stderr}`);
+      if (Date.now() > deadline)
+        throw new Error(`${this.name} did not answer ${this.url}${path} within ${READY_TIMEOUT_MS} ms; stderr:\n${this.#stderr}`);
       await sleep(100);
     }
   }
@@ -133,7 +134,6 @@ for (const signal of ['SIGINT', 'SIGTERM'] as const) {
 function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
-
 
 async function startDerpmesh(postgresUrl: string): Promise<RelayProcess> {
   const port = await freePort();
@@ -182,14 +182,20 @@ interface Round {
   loadgenCpuSecs: number;
 }
 
-async function measure(relay: RelayProcess, load: { pairs: number; packetSize: number; durationMs: number; ratePerPair?: number }): Promise<Round> {
+async function measure(
+  relay: RelayProcess,
+  load: { pairs: number; packetSize: number; durationMs: number; ratePerPair?: number },
+): Promise<Round> {
   relay.checkAlive();
   const started = performance.now();
   const relayCpu = relay.cpuSeconds();
   const ownCpu = process.cpuUsage();
   let timer: NodeJS.Timeout | undefined;
   const hung = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`load run against ${relay.name} did not finish in time`)), WARMUP_MS + load.durationMs + RUN_SLACK_MS);
+    timer = setTimeout(
+      () => reject(new Error(`load run against ${relay.name} did not finish in time`)),
+      WARMUP_MS + load.durationMs + RUN_SLACK_MS,
+    );
   });
   try {
     const report = await Promise.race([runLoad({ url: relay.url, warmupMs: WARMUP_MS, ...load }), hung]);
@@ -302,15 +308,28 @@ interface CapacityStep {
  * head drop) spends its CPU reading packets it then drops, so its unpaced packets/s understates
  * what it sustains when senders stay below its capacity.
  */
-async function sustainableRate(relay: RelayProcess, pairs: number, packetSize: number, start: number, stepMs: number): Promise<{ packetsPerSec: number; steps: CapacityStep[] }> {
+async function sustainableRate(
+  relay: RelayProcess,
+  pairs: number,
+  packetSize: number,
+  start: number,
+  stepMs: number,
+): Promise<{ packetsPerSec: number; steps: CapacityStep[] }> {
   const steps: CapacityStep[] = [];
   let best = 0;
   let failures = 0;
   let offered = Math.max(1000, start);
   for (let i = 0; i < CAPACITY_MAX_STEPS && failures < 2; i++) {
     const { report } = await measure(relay, { pairs, packetSize, durationMs: stepMs, ratePerPair: offered / pairs });
-    steps.push({ offeredPerSec: offered, packetsPerSec: report.packetsPerSec, lossRatio: report.lossRatio, rttP99Us: report.rttP99Us ?? undefined });
-    process.stderr.write(`  capacity ${relay.name} offered ${fmtInt(offered).padStart(9)} pkt/s → ${fmtInt(report.packetsPerSec).padStart(9)} pkt/s, loss ${fmtPct(report.lossRatio)}\n`);
+    steps.push({
+      offeredPerSec: offered,
+      packetsPerSec: report.packetsPerSec,
+      lossRatio: report.lossRatio,
+      rttP99Us: report.rttP99Us ?? undefined,
+    });
+    process.stderr.write(
+      `  capacity ${relay.name} offered ${fmtInt(offered).padStart(9)} pkt/s → ${fmtInt(report.packetsPerSec).padStart(9)} pkt/s, loss ${fmtPct(report.lossRatio)}\n`,
+    );
     // One lossy step may be a burst of background load on the machine: stop at the second in a row.
     if (report.lossRatio > CAPACITY_MAX_LOSS || report.packetsPerSec < 0.97 * offered) {
       failures++;
@@ -349,11 +368,22 @@ function table(c: Comparison): string {
     ['RTT p99', fmtMs(m.rttP99Us), fmtMs(d.rttP99Us), fmtRatio(m.rttP99Us, d.rttP99Us)],
     ['RTT samples', fmtInt(m.rttSamples), fmtInt(d.rttSamples), ''],
     ['relay CPU (cores)', m.relayCores.toFixed(2), d.relayCores.toFixed(2), ''],
-    ['relay CPU/packet', `${m.relayCpuUsPerPacket.toFixed(2)} µs`, `${d.relayCpuUsPerPacket.toFixed(2)} µs`, fmtRatio(m.relayCpuUsPerPacket, d.relayCpuUsPerPacket)],
+    [
+      'relay CPU/packet',
+      `${m.relayCpuUsPerPacket.toFixed(2)} µs`,
+      `${d.relayCpuUsPerPacket.toFixed(2)} µs`,
+      fmtRatio(m.relayCpuUsPerPacket, d.relayCpuUsPerPacket),
+    ],
     ['load gen CPU (cores)', m.loadgenCores.toFixed(2), d.loadgenCores.toFixed(2), ''],
   ];
   const widths = [0, 1, 2, 3].map((i) => Math.max(...rows.map((r) => r[i].length)));
-  const lines = rows.map((r) => `  ${r[0].padEnd(widths[0])}  ${r.slice(1).map((cell, i) => cell.padStart(widths[i + 1])).join('  ')}`);
+  const lines = rows.map(
+    (r) =>
+      `  ${r[0].padEnd(widths[0])}  ${r
+        .slice(1)
+        .map((cell, i) => cell.padStart(widths[i + 1]))
+        .join('  ')}`,
+  );
   return [`${c.name}: ${c.description}`, ...lines].join('\n');
 }
 
@@ -397,7 +427,8 @@ function verdictText(v: Verdict): string {
     `  ${mark(v.throughputHolds)} packets/s ratio (saturated)          ${r(v.throughputRatio)}  (needs ≥ ${TARGET_THROUGHPUT_RATIO}×)`,
     `  ${mark(v.p99HoldsSaturated)} p99 RTT ratio (saturated)            ${r(v.p99RatioSaturated)}  (needs ≤ 1×)`,
   ];
-  if (v.p99RatioPaced !== undefined) lines.push(`  ${mark(v.p99HoldsPaced)} p99 RTT ratio (paced)                ${r(v.p99RatioPaced)}  (needs ≤ 1×)`);
+  if (v.p99RatioPaced !== undefined)
+    lines.push(`  ${mark(v.p99HoldsPaced)} p99 RTT ratio (paced)                ${r(v.p99RatioPaced)}  (needs ≤ 1×)`);
   if (v.throughputRatioVsSustainable !== undefined) {
     lines.push(`  (info) packets/s vs derper's sustainable rate  ${r(v.throughputRatioVsSustainable)}`);
   }
@@ -463,7 +494,9 @@ async function main(): Promise<void> {
   if (!existsSync(CLI)) throw new Error(`${CLI} is missing: run \`npx tsc -p .\` first`);
   const derperBinary = await findDerper(values.derper);
   if ('skip' in derperBinary) {
-    process.stdout.write(`compare: SKIPPED — no derper to compare against (install Go ≥ 1.26 and re-run, or pass --derper PATH).\n${derperBinary.skip}\n`);
+    process.stdout.write(
+      `compare: SKIPPED — no derper to compare against (install Go ≥ 1.26 and re-run, or pass --derper PATH).\n${derperBinary.skip}\n`,
+    );
     return;
   }
 
@@ -472,7 +505,9 @@ async function main(): Promise<void> {
   const postgresUrl = values['postgres-url'] ?? postgres!.url;
   const loadAverageBefore = loadavg();
   const [derpmesh, derper] = await Promise.all([startDerpmesh(postgresUrl), startDerper(derperBinary.path)]);
-  process.stderr.write(`derpmesh pid ${derpmesh.pid} at ${derpmesh.url}; derper pid ${derper.pid} at ${derper.url} (${derperBinary.path})\n`);
+  process.stderr.write(
+    `derpmesh pid ${derpmesh.pid} at ${derpmesh.url}; derper pid ${derper.pid} at ${derper.url} (${derperBinary.path})\n`,
+  );
   const relays = { derpmesh, derper };
   const perRound = (ms: number) => Math.max(1, Math.round(ms / rounds));
 
@@ -483,7 +518,8 @@ async function main(): Promise<void> {
     { pairs, packetSize, durationMs: perRound(durationMs) },
     rounds,
   );
-  const capacity = capacityStepMs > 0 ? await sustainableRate(derper, pairs, packetSize, saturated.derper.packetsPerSec, capacityStepMs) : undefined;
+  const capacity =
+    capacityStepMs > 0 ? await sustainableRate(derper, pairs, packetSize, saturated.derper.packetsPerSec, capacityStepMs) : undefined;
   const derperMax = Math.max(saturated.derper.packetsPerSec, capacity?.packetsPerSec ?? 0);
   let paced: Comparison | undefined;
   if (pacedDurationMs > 0) {
@@ -512,7 +548,20 @@ async function main(): Promise<void> {
   const machine = `machine: ${cpus().length} CPUs, load average ${loadAverageBefore[0]!.toFixed(2)} before, ${loadavg()[0]!.toFixed(2)} after`;
   process.stdout.write('\n' + [machine, ...out].join('\n\n') + '\n');
   if (values.json) {
-    writeFileSync(values.json, JSON.stringify({ machine: { cpus: cpus().length, model: cpus()[0]?.model, loadAverageBefore, loadAverageAfter: loadavg() }, saturated, derperCapacity: capacity, paced, verdict: result }, null, 2) + '\n');
+    writeFileSync(
+      values.json,
+      JSON.stringify(
+        {
+          machine: { cpus: cpus().length, model: cpus()[0]?.model, loadAverageBefore, loadAverageAfter: loadavg() },
+          saturated,
+          derperCapacity: capacity,
+          paced,
+          verdict: result,
+        },
+        null,
+        2,
+      ) + '\n',
+    );
   }
 }
 

@@ -43,7 +43,6 @@ function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-
 function spawnChild(command: string, args: string[]): { child: ChildProcess; stderr: () => string; exited: () => string | undefined } {
   const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'] });
   children.add(child);
@@ -129,11 +128,14 @@ async function main(): Promise<void> {
     },
   });
   if (values.help) {
-    process.stdout.write('node dist/bench/memory.js [--clients N (default 5000)] [--postgres-url URL (default: a throwaway one)] [--json FILE]\n');
+    process.stdout.write(
+      'node dist/bench/memory.js [--clients N (default 5000)] [--postgres-url URL (default: a throwaway one)] [--json FILE]\n',
+    );
     return;
   }
   const clients = Number(values.clients);
-  if (!Number.isInteger(clients) || clients < 1) throw new Error(`--clients must be a positive integer, got ${JSON.stringify(values.clients)}`);
+  if (!Number.isInteger(clients) || clients < 1)
+    throw new Error(`--clients must be a positive integer, got ${JSON.stringify(values.clients)}`);
   if (!existsSync(CLI)) throw new Error(`${CLI} is missing: run \`npx tsc -p .\` first`);
 
   // Server and holder each need a descriptor per client; they inherit this process's limit.
@@ -141,7 +143,9 @@ async function main(): Promise<void> {
   const needed = clients + FD_HEADROOM;
   const notes: string[] = [`open-file limit (ulimit -n): soft ${limits.soft}, hard ${limits.hard}; needed per process ≈ ${needed}`];
   if (limits.soft < needed) {
-    notes.push(`WARNING: the soft limit is below ${needed}: clients past it fail to connect. Raise it (ulimit -n ${Math.min(needed * 2, limits.hard)}) and re-run.`);
+    notes.push(
+      `WARNING: the soft limit is below ${needed}: clients past it fail to connect. Raise it (ulimit -n ${Math.min(needed * 2, limits.hard)}) and re-run.`,
+    );
   }
   const ports = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number);
   if (ports.length === 2 && ports[1]! - ports[0]! < clients + 1000) {
@@ -153,7 +157,16 @@ async function main(): Promise<void> {
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
   const postgresUrl = values['postgres-url'] ?? postgres!.url;
-  const server = spawnChild(process.execPath, [CLI, 'server', '--http-address', `127.0.0.1:${port}`, '--postgres-url', postgresUrl, '--log-level', 'warn']);
+  const server = spawnChild(process.execPath, [
+    CLI,
+    'server',
+    '--http-address',
+    `127.0.0.1:${port}`,
+    '--postgres-url',
+    postgresUrl,
+    '--log-level',
+    'warn',
+  ]);
   const serverAlive = () => {
     const exited = server.exited();
     if (exited !== undefined) throw new Error(`the derpmesh server exited (${exited}); its stderr ends:\n${server.stderr()}`);
@@ -166,7 +179,8 @@ async function main(): Promise<void> {
       await gauge(url, 'derpmesh_clients');
       break;
     } catch {
-      if (Date.now() > readyBy) throw new Error(`the derpmesh server did not serve ${url}/metrics within ${READY_TIMEOUT_MS} ms; stderr:\n${server.stderr()}`);
+      if (Date.now() > readyBy)
+        throw new Error(`the derpmesh server did not serve ${url}/metrics within ${READY_TIMEOUT_MS} ms; stderr:\n${server.stderr()}`);
       await sleep(100);
     }
   }
@@ -186,11 +200,16 @@ async function main(): Promise<void> {
   const script = `import { native } from ${JSON.stringify(NATIVE_MODULE)};\nawait native.holdClients(${JSON.stringify(url)}, ${clients}, ${holdMs});`;
   const holder = spawnChild(process.execPath, ['--input-type=module', '-e', script]);
   const started = Date.now();
-  const connected = await waitForClients(url, (n) => n >= clients, CONNECT_TIMEOUT_MS, () => {
-    serverAlive();
-    const exited = holder.exited();
-    if (exited !== undefined) throw new Error(`the client holder exited early (${exited}); its stderr ends:\n${holder.stderr()}`);
-  });
+  const connected = await waitForClients(
+    url,
+    (n) => n >= clients,
+    CONNECT_TIMEOUT_MS,
+    () => {
+      serverAlive();
+      const exited = holder.exited();
+      if (exited !== undefined) throw new Error(`the client holder exited early (${exited}); its stderr ends:\n${holder.stderr()}`);
+    },
+  );
   const connectSecs = (Date.now() - started) / 1000;
   await sleep(1_000);
   const loadedKib = await sampleRssKib(pid);
@@ -205,7 +224,8 @@ async function main(): Promise<void> {
   await stopChild(server.child);
   await postgres?.stop();
 
-  if (connected < clients) notes.push(`WARNING: only ${connected} of ${clients} clients connected; per-client memory is over ${connected}.`);
+  if (connected < clients)
+    notes.push(`WARNING: only ${connected} of ${clients} clients connected; per-client memory is over ${connected}.`);
   if (afterRelease !== 0) notes.push(`WARNING: ${afterRelease} clients still counted 15 s after the holder exited.`);
   const perClientKib = connected > 0 ? (loadedKib - baselineKib) / connected : NaN;
   const holds = perClientKib <= TARGET_KIB_PER_CLIENT;
@@ -230,7 +250,21 @@ async function main(): Promise<void> {
     writeFileSync(
       values.json,
       JSON.stringify(
-        { clients, connected, connectSecs, connections, baselineKib, loadedKib, peakKib, releasedKib, perClientKib, targetKib: TARGET_KIB_PER_CLIENT, holds, limits, notes },
+        {
+          clients,
+          connected,
+          connectSecs,
+          connections,
+          baselineKib,
+          loadedKib,
+          peakKib,
+          releasedKib,
+          perClientKib,
+          targetKib: TARGET_KIB_PER_CLIENT,
+          holds,
+          limits,
+          notes,
+        },
         null,
         2,
       ) + '\n',

@@ -30,7 +30,11 @@ const a = await startNodeProcess({ name: 'bench-a', postgresUrl: postgres.url, h
 const b = await startNodeProcess({ name: 'bench-b', postgresUrl: postgres.url, heartbeatMs: 1_000 });
 try {
   await Promise.all([a.started, b.started]);
-  await waitFor('the two nodes meshed', 15_000, async () => (await livePeers(a)).includes('bench-b') && /^derpmesh_mesh_links 1$/m.test(await a.metrics()));
+  await waitFor(
+    'the two nodes meshed',
+    15_000,
+    async () => (await livePeers(a)).includes('bench-b') && /^derpmesh_mesh_links 1$/m.test(await a.metrics()),
+  );
   const results: { single: LoadReport[]; mesh: LoadReport[] } = { single: [], mesh: [] };
   const order: ('single' | 'mesh')[] = [];
   for (let i = 0; i < rounds; i++) order.push(...((i % 2 === 0 ? ['single', 'mesh'] : ['mesh', 'single']) as ('single' | 'mesh')[]));
@@ -48,7 +52,9 @@ try {
   }
   const mean = (rs: LoadReport[]) => rs.reduce((s, r) => s + r.packetsPerSec, 0) / rs.length;
   const ratio = mean(results.mesh) / mean(results.single);
-  console.log(`\nmesh / single-node packets/s: ${Math.round(mean(results.mesh))} / ${Math.round(mean(results.single))} = ${ratio.toFixed(2)}×`);
+  console.log(
+    `\nmesh / single-node packets/s: ${Math.round(mean(results.mesh))} / ${Math.round(mean(results.single))} = ${ratio.toFixed(2)}×`,
+  );
   console.log(ratio >= 0.7 ? 'TARGET HOLDS (≥ 0.7×)' : 'TARGET MISSED (< 0.7×)');
 } finally {
   await Promise.all([a.kill9(), b.kill9()]);

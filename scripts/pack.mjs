@@ -44,7 +44,8 @@ const tarballs = [];
 const optionalDependencies = {};
 for (const platform of platformDirs) {
   const platformPkg = readJson(join(root, 'npm', platform, 'package.json'));
-  if (platformPkg.version !== pkg.version) fail(`npm/${platform}/package.json has version ${platformPkg.version}, package.json ${pkg.version}: run \`npx napi version\``);
+  if (platformPkg.version !== pkg.version)
+    fail(`npm/${platform}/package.json has version ${platformPkg.version}, package.json ${pkg.version}: run \`npx napi version\``);
   optionalDependencies[platformPkg.name] = pkg.version;
   const binary = `derpmesh.${platform}.node`;
   if (!binaries.includes(binary)) continue; // declared, not built on this machine

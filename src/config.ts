@@ -107,7 +107,8 @@ export const options = {
     env: ['DERPMESH_STATE_DIR'],
     kind: 'string',
     default: defaultStateDir(),
-    description: 'Where the embedded Postgres keeps its data. Default `~/.derpmesh`; `/var/lib/derpmesh` as root (Postgres runs as its own user and cannot enter /root).',
+    description:
+      'Where the embedded Postgres keeps its data. Default `~/.derpmesh`; `/var/lib/derpmesh` as root (Postgres runs as its own user and cannot enter /root).',
   },
   heartbeatInterval: {
     flag: '--heartbeat-interval',
@@ -278,7 +279,10 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv = pro
   };
 
   const [listenHost, listenPort] = value('httpAddress', parseAddress, 'host:port, e.g. *:80 or 127.0.0.1:3000')!;
-  const accessUrl = raw.accessUrl !== undefined ? parseHttpUrl('accessUrl', raw.accessUrl) : new URL(`http://${listenHost === '0.0.0.0' ? '127.0.0.1' : listenHost}:${listenPort}`);
+  const accessUrl =
+    raw.accessUrl !== undefined
+      ? parseHttpUrl('accessUrl', raw.accessUrl)
+      : new URL(`http://${listenHost === '0.0.0.0' ? '127.0.0.1' : listenHost}:${listenPort}`);
   const relayUrl = raw.relayUrl !== undefined ? parseHttpUrl('relayUrl', raw.relayUrl) : undefined;
   const derpServerEnable = value('derpServerEnable', parseBool, 'true or false')!;
   if (relayUrl && derpServerEnable && normalizeUrl(relayUrl) === normalizeUrl(accessUrl)) {

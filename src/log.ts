@@ -20,7 +20,9 @@ function formatValue(value: unknown): string {
   return /[\s"=]/.test(text) ? JSON.stringify(text) : text;
 }
 
-export function createLogger(options: { level?: LogLevel; json?: boolean; fields?: LogFields; write?: (line: string) => void } = {}): Logger {
+export function createLogger(
+  options: { level?: LogLevel; json?: boolean; fields?: LogFields; write?: (line: string) => void } = {},
+): Logger {
   const minimum = levelRank[options.level ?? (process.env.DERPMESH_LOG_LEVEL as LogLevel | undefined) ?? 'info'] ?? levelRank.info;
   const json = options.json ?? process.env.DERPMESH_LOG_FORMAT === 'json';
   const write = options.write ?? ((line: string) => process.stderr.write(line + '\n'));

@@ -20,7 +20,11 @@ export function renderPrometheus(samples: MetricSample[]): string {
       lines.push(`# HELP ${name} ${s.help}`, `# TYPE ${name} ${s.kind === 'gauge' ? 'gauge' : 'counter'}`);
     }
     const labels = s.labels
-      ? '{' + Object.entries(s.labels).map(([k, v]) => `${k}="${v.replace(/["\\\n]/g, (c) => (c === '\n' ? '\\n' : '\\' + c))}"`).join(',') + '}'
+      ? '{' +
+        Object.entries(s.labels)
+          .map(([k, v]) => `${k}="${v.replace(/["\\\n]/g, (c) => (c === '\n' ? '\\n' : '\\' + c))}"`)
+          .join(',') +
+        '}'
       : '';
     lines.push(`${name}${labels} ${s.value}`);
   }

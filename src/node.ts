@@ -56,7 +56,13 @@ export async function startNode(config: ServerConfig, logger: Logger, extras: No
   }
 }
 
-async function start(config: ServerConfig, logger: Logger, extras: NodeExtras, cleanups: (() => Promise<void>)[], undo: () => Promise<void>): Promise<DerpmeshNode> {
+async function start(
+  config: ServerConfig,
+  logger: Logger,
+  extras: NodeExtras,
+  cleanups: (() => Promise<void>)[],
+  undo: () => Promise<void>,
+): Promise<DerpmeshNode> {
   const id = randomUUID();
   const hostname = config.hostname ?? osHostname();
   const log = logger.child({ node: hostname });
@@ -75,14 +81,18 @@ async function start(config: ServerConfig, logger: Logger, extras: NodeExtras, c
 
   const customRelays = !config.derpServerEnable || config.derpConfigUrl !== undefined || config.derpConfigPath !== undefined;
   if (customRelays && config.relayUrl) {
-    log.info('custom relays configured: the relay URL is ignored and nodes do not mesh; Postgres is the only rendezvous', { relayUrl: config.relayUrl.href });
+    log.info('custom relays configured: the relay URL is ignored and nodes do not mesh; Postgres is the only rendezvous', {
+      relayUrl: config.relayUrl.href,
+    });
   }
   const relayUrl = customRelays ? '' : (config.relayUrl?.href.replace(/\/$/, '') ?? '');
   const meshCaPem = config.meshCaFile ? readMeshCa(config.meshCaFile) : undefined;
   // Custom relays: clients use the relays of the custom map, so this node runs none and meshes nothing.
   const relay = customRelays ? undefined : new Relay({ queueDepth: config.queueDepth, meshKey, meshCaPem, ...extras.relay });
   if (!config.derpServerEnable && !config.derpConfigUrl && !config.derpConfigPath) {
-    log.warn('the embedded relay is disabled and no custom relay map is set (CODER_DERP_CONFIG_URL or CODER_DERP_CONFIG_PATH): /derpmap is empty and clients have no relay');
+    log.warn(
+      'the embedded relay is disabled and no custom relay map is set (CODER_DERP_CONFIG_URL or CODER_DERP_CONFIG_PATH): /derpmap is empty and clients have no relay',
+    );
   }
   if (relay) cleanups.push(() => relay.close({ graceMs: config.shutdownGraceMs }));
 
@@ -149,18 +159,32 @@ async function start(config: ServerConfig, logger: Logger, extras: NodeExtras, c
     } else {
       const findings: HealthSection[] = [];
       for (const l of registry.peerLatencies()) {
-        if (l.error) findings.push(section('error', 'MESH_PEER_UNREACHABLE', `failed to reach relay ${l.hostname} (${l.relayUrl}): ${l.error}`));
-        else if (l.slow) findings.push(section('warning', 'MESH_PEER_SLOW', `round trip to ${l.hostname} (${l.relayUrl}) is ${l.rttMs!.toFixed(2)} ms, above ${config.latencyThresholdMs} ms`));
+        if (l.error)
+          findings.push(section('error', 'MESH_PEER_UNREACHABLE', `failed to reach relay ${l.hostname} (${l.relayUrl}): ${l.error}`));
+        else if (l.slow)
+          findings.push(
+            section(
+              'warning',
+              'MESH_PEER_SLOW',
+              `round trip to ${l.hostname} (${l.relayUrl}) is ${l.rttMs!.toFixed(2)} ms, above ${config.latencyThresholdMs} ms`,
+            ),
+          );
       }
       for (const link of relay.meshLinks()) {
         if (link.state !== 'connected' && link.state !== 'self') {
-          findings.push(section('warning', 'MESH_LINK_DOWN', `mesh link to ${link.url} is ${link.state}${link.lastError ? `: ${link.lastError}` : ''}`));
+          findings.push(
+            section('warning', 'MESH_LINK_DOWN', `mesh link to ${link.url} is ${link.state}${link.lastError ? `: ${link.lastError}` : ''}`),
+          );
         }
       }
       for (const p of registry.peers()) {
-        if (p.version !== version) findings.push(section('warning', 'MESH_VERSION_MISMATCH', `peer ${p.hostname} runs ${p.version}, this node ${version}`));
+        if (p.version !== version)
+          findings.push(section('warning', 'MESH_VERSION_MISMATCH', `peer ${p.hostname} runs ${p.version}, this node ${version}`));
       }
-      mesh = mostSevere(findings, section('ok', 'MESH_OK', `meshed with ${relay.meshLinks().filter((l) => l.state === 'connected').length} peer relays`));
+      mesh = mostSevere(
+        findings,
+        section('ok', 'MESH_OK', `meshed with ${relay.meshLinks().filter((l) => l.state === 'connected').length} peer relays`),
+      );
     }
     const ps = pubsub.state();
     const pubsubSection = ps.connected
@@ -179,16 +203,38 @@ async function start(config: ServerConfig, logger: Logger, extras: NodeExtras, c
   const derpMap = await loadDerpMap(config);
   const metrics = (): MetricSample[] => {
     const samples: MetricSample[] = [
-      { name: 'replicas_live', kind: 'gauge', help: 'Live replicas in the cluster, this one included.', value: registry.peers().length + 1 },
-      { name: 'database_latency_seconds', kind: 'gauge', help: 'Round trip to Postgres.', value: (registry.databaseLatencyMs() ?? 0) / 1000 },
+      {
+        name: 'replicas_live',
+        kind: 'gauge',
+        help: 'Live replicas in the cluster, this one included.',
+        value: registry.peers().length + 1,
+      },
+      {
+        name: 'database_latency_seconds',
+        kind: 'gauge',
+        help: 'Round trip to Postgres.',
+        value: (registry.databaseLatencyMs() ?? 0) / 1000,
+      },
       { name: 'pubsub_connected', kind: 'gauge', help: '1 when the LISTEN connection is up.', value: pubsub.state().connected ? 1 : 0 },
       { name: 'pubsub_reconnects', kind: 'counter', help: 'LISTEN connection re-establishments.', value: pubsub.state().reconnects },
       { name: 'misconfigurations', kind: 'gauge', help: 'Cluster misconfiguration warnings in effect.', value: warnings().length },
     ];
     for (const l of registry.peerLatencies()) {
       const labels = { peer: l.hostname, peer_id: l.replicaId };
-      samples.push({ name: 'peer_latency_seconds', kind: 'gauge', help: 'Round trip to a peer relay (median of a few samples).', value: (l.rttMs ?? Number.NaN) / 1000, labels });
-      samples.push({ name: 'peer_latency_warning', kind: 'gauge', help: '1 when the round trip to this peer exceeds the threshold.', value: l.slow ? 1 : 0, labels });
+      samples.push({
+        name: 'peer_latency_seconds',
+        kind: 'gauge',
+        help: 'Round trip to a peer relay (median of a few samples).',
+        value: (l.rttMs ?? Number.NaN) / 1000,
+        labels,
+      });
+      samples.push({
+        name: 'peer_latency_warning',
+        kind: 'gauge',
+        help: '1 when the round trip to this peer exceeds the threshold.',
+        value: l.slow ? 1 : 0,
+        labels,
+      });
     }
     return samples;
   };
@@ -273,12 +319,16 @@ async function loadDerpMap(config: ServerConfig): Promise<unknown> {
     try {
       return JSON.parse(readFileSync(config.derpConfigPath, 'utf8'));
     } catch (err) {
-      throw configError(`CODER_DERP_CONFIG_PATH ${config.derpConfigPath} must be a readable JSON relay map: ${(err as Error).message}`, config.derpConfigPath);
+      throw configError(
+        `CODER_DERP_CONFIG_PATH ${config.derpConfigPath} must be a readable JSON relay map: ${(err as Error).message}`,
+        config.derpConfigPath,
+      );
     }
   }
   if (config.derpConfigUrl) {
     const res = await fetch(config.derpConfigUrl, { signal: AbortSignal.timeout(10_000) });
-    if (!res.ok) throw configError(`CODER_DERP_CONFIG_URL answered ${res.status}; it must serve the relay map as JSON`, config.derpConfigUrl.href);
+    if (!res.ok)
+      throw configError(`CODER_DERP_CONFIG_URL answered ${res.status}; it must serve the relay map as JSON`, config.derpConfigUrl.href);
     return res.json();
   }
   if (!config.derpServerEnable) return { Regions: {} };

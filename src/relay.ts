@@ -152,8 +152,18 @@ export class Relay {
   metrics(): Metric[] {
     return [
       ...this.#core.metrics(),
-      { name: 'upgrades_refused', kind: 'counter', help: 'DERP upgrades refused (bad Upgrade header, or during shutdown).', value: this.#upgrades.refused },
-      { name: 'upgrades_bridged', kind: 'counter', help: 'Connections carried by the byte bridge (TLS in Node, no descriptor).', value: this.#upgrades.bridged },
+      {
+        name: 'upgrades_refused',
+        kind: 'counter',
+        help: 'DERP upgrades refused (bad Upgrade header, or during shutdown).',
+        value: this.#upgrades.refused,
+      },
+      {
+        name: 'upgrades_bridged',
+        kind: 'counter',
+        help: 'Connections carried by the byte bridge (TLS in Node, no descriptor).',
+        value: this.#upgrades.bridged,
+      },
     ];
   }
 
@@ -210,7 +220,9 @@ export class Relay {
 }
 
 function websocketAccept(key: string): string {
-  return createHash('sha1').update(key + WEBSOCKET_GUID).digest('base64');
+  return createHash('sha1')
+    .update(key + WEBSOCKET_GUID)
+    .digest('base64');
 }
 
 /** The socket's file descriptor when the relay can take it over directly (plain TCP on Unix). */

@@ -180,13 +180,20 @@ describe('handshake helpers', { timeout: 30_000 }, () => {
     const client = keyPair();
     const server = keyPair();
     for (const meshKey of [undefined, 'a'.repeat(64)]) {
-      const encoded = clientInfoFrame(client.privateKey, client.publicKey, server.publicKey, { meshKey, canAckPings: true, isProber: false });
+      const encoded = clientInfoFrame(client.privateKey, client.publicKey, server.publicKey, {
+        meshKey,
+        canAckPings: true,
+        isProber: false,
+      });
       const [decoded] = new native.FrameParser().push(encoded);
       assert.equal(decoded!.frameType, FrameType.ClientInfo);
       assert.deepEqual(decoded!.payload.subarray(0, 32), client.publicKey);
       const json = native.boxOpen(server.privateKey, client.publicKey, decoded!.payload.subarray(32));
       assert.ok(json);
-      const expected = meshKey === undefined ? { version: 2, CanAckPings: true, IsProber: false } : { version: 2, meshKey, CanAckPings: true, IsProber: false };
+      const expected =
+        meshKey === undefined
+          ? { version: 2, CanAckPings: true, IsProber: false }
+          : { version: 2, meshKey, CanAckPings: true, IsProber: false };
       assert.deepEqual(JSON.parse(json.toString()), expected);
     }
   });
@@ -415,7 +422,9 @@ describe('client against a scripted relay', { timeout: 30_000 }, () => {
   });
 
   test('events right after ServerInfo reach listeners attached after connect() resolves', async () => {
-    fake.options = { afterServerInfo: Buffer.concat([encodeFrame(FrameType.Health, Buffer.from('sad')), encodeFrame(FrameType.KeepAlive)]) };
+    fake.options = {
+      afterServerInfo: Buffer.concat([encodeFrame(FrameType.Health, Buffer.from('sad')), encodeFrame(FrameType.KeepAlive)]),
+    };
     const client = await DerpClient.connect({ url });
     const [problem] = await nextEvent<[string]>(client, 'health');
     assert.equal(problem, 'sad');
@@ -580,41 +589,69 @@ describe('client against the relay', { timeout: 30_000 }, () => {
   });
 });
 
-describe('client over TLS (https:// and wss://)', { timeout: 30_000, skip: hasOpenssl() ? false : 'no openssl to make a test certificate' }, () => {
-  test('DERP upgrade over TLS and WebSocket over TLS, verified against the relay certificate', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'derpmesh-tls-'));
-    execFileSync('openssl', [
-      'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '1',
-      '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1',
-      '-keyout', join(dir, 'key.pem'), '-out', join(dir, 'cert.pem'),
-    ], { stdio: 'ignore' });
-    const cert = readFileSync(join(dir, 'cert.pem'));
-    const relay = new Relay();
-    const server = await startHttpServer({ relay, host: '127.0.0.1', port: 0, logger: silentLogger, tls: { cert, key: readFileSync(join(dir, 'key.pem')) } });
-    try {
-      assert.match(server.url, /^https:/);
-      const a = await DerpClient.connect({ url: server.url, tls: { ca: cert } });
-      const b = await DerpClient.connect({ url: server.url.replace('https', 'wss'), tls: { ca: cert } });
-      const c = await DerpClient.connect({ url: server.url, fastStart: true, serverPublicKey: a.serverPublicKey, tls: { ca: cert } });
-      for (const [from, to] of [
-        [a, b],
-        [b, c],
-        [c, a],
-      ] as const) {
-        const got = nextEvent<[Buffer, Buffer]>(to, 'packet');
-        from.send(to.publicKey, Buffer.alloc(65_536, 9));
-        const [source, data] = await got;
-        assert.deepEqual(source, from.publicKey);
-        assert.equal(data.length, 65_536);
+describe(
+  'client over TLS (https:// and wss://)',
+  { timeout: 30_000, skip: hasOpenssl() ? false : 'no openssl to make a test certificate' },
+  () => {
+    test('DERP upgrade over TLS and WebSocket over TLS, verified against the relay certificate', async () => {
+      const dir = mkdtempSync(join(tmpdir(), 'derpmesh-tls-'));
+      execFileSync(
+        'openssl',
+        [
+          'req',
+          '-x509',
+          '-newkey',
+          'ec',
+          '-pkeyopt',
+          'ec_paramgen_curve:prime256v1',
+          '-nodes',
+          '-days',
+          '1',
+          '-subj',
+          '/CN=127.0.0.1',
+          '-addext',
+          'subjectAltName=IP:127.0.0.1',
+          '-keyout',
+          join(dir, 'key.pem'),
+          '-out',
+          join(dir, 'cert.pem'),
+        ],
+        { stdio: 'ignore' },
+      );
+      const cert = readFileSync(join(dir, 'cert.pem'));
+      const relay = new Relay();
+      const server = await startHttpServer({
+        relay,
+        host: '127.0.0.1',
+        port: 0,
+        logger: silentLogger,
+        tls: { cert, key: readFileSync(join(dir, 'key.pem')) },
+      });
+      try {
+        assert.match(server.url, /^https:/);
+        const a = await DerpClient.connect({ url: server.url, tls: { ca: cert } });
+        const b = await DerpClient.connect({ url: server.url.replace('https', 'wss'), tls: { ca: cert } });
+        const c = await DerpClient.connect({ url: server.url, fastStart: true, serverPublicKey: a.serverPublicKey, tls: { ca: cert } });
+        for (const [from, to] of [
+          [a, b],
+          [b, c],
+          [c, a],
+        ] as const) {
+          const got = nextEvent<[Buffer, Buffer]>(to, 'packet');
+          from.send(to.publicKey, Buffer.alloc(65_536, 9));
+          const [source, data] = await got;
+          assert.deepEqual(source, from.publicKey);
+          assert.equal(data.length, 65_536);
+        }
+        await Promise.all([a.close(), b.close(), c.close()]);
+        await rejectsWithCode(DerpClient.connect({ url: server.url, connectTimeoutMs: 2000 }), 'DERP_ERR_CONNECTION');
+      } finally {
+        await relay.close({ graceMs: 500 });
+        await server.close();
       }
-      await Promise.all([a.close(), b.close(), c.close()]);
-      await rejectsWithCode(DerpClient.connect({ url: server.url, connectTimeoutMs: 2000 }), 'DERP_ERR_CONNECTION');
-    } finally {
-      await relay.close({ graceMs: 500 });
-      await server.close();
-    }
-  });
-});
+    });
+  },
+);
 
 function hasOpenssl(): boolean {
   try {
@@ -627,71 +664,88 @@ function hasOpenssl(): boolean {
 
 const DERPER = join(process.env.DERPMESH_CACHE ?? join(homedir(), '.cache', 'derpmesh'), 'bin', 'derper');
 
-describe('client against Tailscale derper', { timeout: 30_000, skip: existsSync(DERPER) ? false : `no ${DERPER} (bench/derper.sh builds it)` }, () => {
-  let derper: ChildProcess;
-  let url: string;
-  const meshKey = native.generatePrivateKey().toString('hex');
+describe(
+  'client against Tailscale derper',
+  { timeout: 30_000, skip: existsSync(DERPER) ? false : `no ${DERPER} (bench/derper.sh builds it)` },
+  () => {
+    let derper: ChildProcess;
+    let url: string;
+    const meshKey = native.generatePrivateKey().toString('hex');
 
-  before(async () => {
-    const port = await freePort();
-    const dir = mkdtempSync(join(tmpdir(), 'derpmesh-derper-'));
-    writeFileSync(join(dir, 'mesh.key'), meshKey);
-    derper = spawn(
-      DERPER,
-      ['-a', `127.0.0.1:${port}`, '-stun=false', '-http-port=-1', '-c', join(dir, 'derper.json'), '-mesh-psk-file', join(dir, 'mesh.key')],
-      { stdio: 'ignore' },
-    );
-    url = `http://127.0.0.1:${port}`;
-    await waitUntilListening(port, 10_000);
-  });
-  after(() => {
-    derper.kill();
-  });
+    before(async () => {
+      const port = await freePort();
+      const dir = mkdtempSync(join(tmpdir(), 'derpmesh-derper-'));
+      writeFileSync(join(dir, 'mesh.key'), meshKey);
+      derper = spawn(
+        DERPER,
+        [
+          '-a',
+          `127.0.0.1:${port}`,
+          '-stun=false',
+          '-http-port=-1',
+          '-c',
+          join(dir, 'derper.json'),
+          '-mesh-psk-file',
+          join(dir, 'mesh.key'),
+        ],
+        { stdio: 'ignore' },
+      );
+      url = `http://127.0.0.1:${port}`;
+      await waitUntilListening(port, 10_000);
+    });
+    after(() => {
+      derper.kill();
+    });
 
-  test('handshake, packets (TCP, fast start, WebSocket), ping, PeerGone', async () => {
-    const a = await DerpClient.connect({ url });
-    const b = await DerpClient.connect({ url, fastStart: true, serverPublicKey: a.serverPublicKey });
-    const c = await DerpClient.connect({ url, transport: 'websocket' });
-    const big = Buffer.alloc(65_536, 0x42); // over WebSocket: split into messages derper accepts
-    for (const [from, to] of [
-      [a, b],
-      [b, c],
-      [c, a],
-    ] as const) {
-      const got = nextEvent<[Buffer, Buffer]>(to, 'packet');
-      from.send(to.publicKey, big);
-      const [source, data] = await got;
-      assert.deepEqual(source, from.publicKey);
-      assert.deepEqual(data, big);
-    }
-    assert.ok((await a.ping()) < 1000);
-    const gone = nextEvent<[Buffer, string]>(a, 'peerGone');
-    await c.close();
-    assert.deepEqual(await gone, [c.publicKey, 'disconnected']);
-    const notHere = nextEvent<[Buffer, string]>(a, 'peerGone');
-    const stranger = keyPair().publicKey;
-    a.send(stranger, discoPacket());
-    assert.deepEqual(await notHere, [stranger, 'notHere']);
-    await Promise.all([a.close(), b.close()]);
-  });
+    test('handshake, packets (TCP, fast start, WebSocket), ping, PeerGone', async () => {
+      const a = await DerpClient.connect({ url });
+      const b = await DerpClient.connect({ url, fastStart: true, serverPublicKey: a.serverPublicKey });
+      const c = await DerpClient.connect({ url, transport: 'websocket' });
+      const big = Buffer.alloc(65_536, 0x42); // over WebSocket: split into messages derper accepts
+      for (const [from, to] of [
+        [a, b],
+        [b, c],
+        [c, a],
+      ] as const) {
+        const got = nextEvent<[Buffer, Buffer]>(to, 'packet');
+        from.send(to.publicKey, big);
+        const [source, data] = await got;
+        assert.deepEqual(source, from.publicKey);
+        assert.deepEqual(data, big);
+      }
+      assert.ok((await a.ping()) < 1000);
+      const gone = nextEvent<[Buffer, string]>(a, 'peerGone');
+      await c.close();
+      assert.deepEqual(await gone, [c.publicKey, 'disconnected']);
+      const notHere = nextEvent<[Buffer, string]>(a, 'peerGone');
+      const stranger = keyPair().publicKey;
+      a.send(stranger, discoPacket());
+      assert.deepEqual(await notHere, [stranger, 'notHere']);
+      await Promise.all([a.close(), b.close()]);
+    });
 
-  test('watcher with the mesh key: snapshot with flags, then changes', async () => {
-    const a = await DerpClient.connect({ url });
-    const watcher = new DerpClient({ url, meshKey });
-    const present: Array<[Buffer, { flags?: number; port?: number }]> = [];
-    watcher.on('peerPresent', (key, info) => present.push([key, info]));
-    await watcher.connect();
-    watcher.watchConns();
-    await waitUntil(() => present.some(([k]) => k.equals(a.publicKey)) && present.some(([k]) => k.equals(watcher.publicKey)), 5000, 'snapshot');
-    assert.equal(present.find(([k]) => k.equals(a.publicKey))![1].flags, 1);
-    assert.equal(present.find(([k]) => k.equals(a.publicKey))![1].port, a.localAddress!.port);
-    assert.equal(present.find(([k]) => k.equals(watcher.publicKey))![1].flags, 2);
-    const gone = nextEvent<[Buffer, string]>(watcher, 'peerGone');
-    await a.close();
-    assert.deepEqual((await gone)[0], a.publicKey);
-    await watcher.close();
-  });
-});
+    test('watcher with the mesh key: snapshot with flags, then changes', async () => {
+      const a = await DerpClient.connect({ url });
+      const watcher = new DerpClient({ url, meshKey });
+      const present: Array<[Buffer, { flags?: number; port?: number }]> = [];
+      watcher.on('peerPresent', (key, info) => present.push([key, info]));
+      await watcher.connect();
+      watcher.watchConns();
+      await waitUntil(
+        () => present.some(([k]) => k.equals(a.publicKey)) && present.some(([k]) => k.equals(watcher.publicKey)),
+        5000,
+        'snapshot',
+      );
+      assert.equal(present.find(([k]) => k.equals(a.publicKey))![1].flags, 1);
+      assert.equal(present.find(([k]) => k.equals(a.publicKey))![1].port, a.localAddress!.port);
+      assert.equal(present.find(([k]) => k.equals(watcher.publicKey))![1].flags, 2);
+      const gone = nextEvent<[Buffer, string]>(watcher, 'peerGone');
+      await a.close();
+      assert.deepEqual((await gone)[0], a.publicKey);
+      await watcher.close();
+    });
+  },
+);
 
 function freePort(): Promise<number> {
   return new Promise((resolve) => {
@@ -719,4 +773,3 @@ async function waitUntilListening(port: number, ms: number): Promise<void> {
     await sleep(50);
   }
 }
-

@@ -44,10 +44,14 @@ interface RunningCluster {
 
 /** Runs `derpmesh cluster --nodes 3` in its own process group and waits for its table. */
 async function startCluster(stateDir: string): Promise<RunningCluster> {
-  const child = spawn(process.execPath, [cli, 'cluster', '--nodes', '3', '--access-port', '0', '--base-port', '0', '--state-dir', stateDir], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    detached: true,
-  });
+  const child = spawn(
+    process.execPath,
+    [cli, 'cluster', '--nodes', '3', '--access-port', '0', '--base-port', '0', '--state-dir', stateDir],
+    {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      detached: true,
+    },
+  );
   let stdout = '';
   let stderr = '';
   child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
@@ -62,7 +66,14 @@ async function startCluster(stateDir: string): Promise<RunningCluster> {
     }),
   ]);
   console.log(`cluster of 3 up and printed after ${Date.now() - startedAt} ms`);
-  return { child, stdout: () => stdout, stderr: () => stderr, output, exited, accessUrl: /Access URL (http:\/\/127\.0\.0\.1:\d+) /.exec(stdout)![1]! };
+  return {
+    child,
+    stdout: () => stdout,
+    stderr: () => stderr,
+    output,
+    exited,
+    accessUrl: /Access URL (http:\/\/127\.0\.0\.1:\d+) /.exec(stdout)![1]!,
+  };
 }
 
 /** Waits for the exit (≤ 20 s) and checks that nothing of the cluster is left running. */
@@ -133,7 +144,11 @@ describe('derpmesh cluster', { timeout: 110_000 }, () => {
 
     // The node table: node-1..3 with their listen and relay URLs.
     const rows = [...stdout.matchAll(/^(node-\d+)\s+(http:\/\/127\.0\.0\.1:\d+)\s+(http:\/\/127\.0\.0\.1:\d+)\s+(\d+\.\d+) ms$/gm)];
-    assert.deepEqual(rows.map((r) => r[1]), ['node-1', 'node-2', 'node-3'], output());
+    assert.deepEqual(
+      rows.map((r) => r[1]),
+      ['node-1', 'node-2', 'node-3'],
+      output(),
+    );
     const nodeUrls = rows.map((r) => r[2]!);
     for (const r of rows) assert.equal(r[3], r[2], `${r[1]}: relay URL is its own address`);
     assert.equal(new Set(nodeUrls).size, 3, 'three distinct ports');

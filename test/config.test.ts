@@ -28,7 +28,11 @@ describe('configuration', () => {
   });
 
   test('environment names from HA.md, and flags override them', () => {
-    const env = { CODER_ADDRESS: '*:8080', CODER_ACCESS_URL: 'https://derp.example.com', CODER_DERP_SERVER_RELAY_URL: 'http://10.0.0.1:8080' };
+    const env = {
+      CODER_ADDRESS: '*:8080',
+      CODER_ACCESS_URL: 'https://derp.example.com',
+      CODER_DERP_SERVER_RELAY_URL: 'http://10.0.0.1:8080',
+    };
     const c = loadConfig([], env);
     assert.equal(c.listenHost, '0.0.0.0');
     assert.equal(c.listenPort, 8080);
@@ -54,7 +58,11 @@ describe('configuration', () => {
 
   test('bad values name the option, the value and the expected form', () => {
     expectCode(() => loadConfig([], { CODER_DERP_SERVER_RELAY_URL: 'ftp://x' }), 'DERPMESH_ERR_CONFIG', /must use http or https.*ftp/);
-    expectCode(() => loadConfig([], { CODER_DERP_SERVER_RELAY_URL: 'not a url' }), 'DERPMESH_ERR_CONFIG', /CODER_DERP_SERVER_RELAY_URL must be an http\(s\) URL/);
+    expectCode(
+      () => loadConfig([], { CODER_DERP_SERVER_RELAY_URL: 'not a url' }),
+      'DERPMESH_ERR_CONFIG',
+      /CODER_DERP_SERVER_RELAY_URL must be an http\(s\) URL/,
+    );
     expectCode(() => loadConfig([], { CODER_ADDRESS: 'localhost' }), 'DERPMESH_ERR_CONFIG', /host:port/);
     expectCode(() => loadConfig([], { CODER_ADDRESS: '1.2.3.4:99999' }), 'DERPMESH_ERR_CONFIG', /99999/);
     expectCode(() => loadConfig([], { DERPMESH_HEARTBEAT_INTERVAL: 'soon' }), 'DERPMESH_ERR_CONFIG', /duration like 500ms/);
@@ -68,6 +76,9 @@ describe('configuration', () => {
 
   test('the README configuration table is generated from the declarations', () => {
     const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
-    assert.ok(readme.includes(optionsMarkdownTable()), 'README table is stale: run `node scripts/sync-readme.mjs` after `npm run build:ts`');
+    assert.ok(
+      readme.includes(optionsMarkdownTable()),
+      'README table is stale: run `node scripts/sync-readme.mjs` after `npm run build:ts`',
+    );
   });
 });

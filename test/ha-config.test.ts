@@ -110,7 +110,14 @@ describe('HA configuration', { timeout: 110_000 }, () => {
     assert.notEqual(health.severity, 'ok');
 
     const metrics = await a.metrics();
-    assert.match(metrics, /^derpmesh_peer_latency_warning\{peer="slow-b",[^}]*\} 1$/m, metrics.split('\n').filter((l) => l.includes('peer_latency')).join('\n'));
+    assert.match(
+      metrics,
+      /^derpmesh_peer_latency_warning\{peer="slow-b",[^}]*\} 1$/m,
+      metrics
+        .split('\n')
+        .filter((l) => l.includes('peer_latency'))
+        .join('\n'),
+    );
     const seconds = Number(/^derpmesh_peer_latency_seconds\{peer="slow-b",[^}]*\} (\S+)$/m.exec(metrics)?.[1]);
     assert.ok(seconds >= 0.08 && seconds <= 0.12, `derpmesh_peer_latency_seconds for slow-b is ${seconds}`);
 
@@ -123,7 +130,12 @@ describe('HA configuration', { timeout: 110_000 }, () => {
       const r = (await a.replicas()).replicas.find((x) => x.hostname === 'slow-b');
       const h = (await a.health()).nodes.find((n) => n.hostname === 'slow-a');
       const m = await a.metrics();
-      return r !== undefined && r.latency_warning === undefined && h?.sections.mesh?.code === 'MESH_OK' && /^derpmesh_peer_latency_warning\{peer="slow-b",[^}]*\} 0$/m.test(m);
+      return (
+        r !== undefined &&
+        r.latency_warning === undefined &&
+        h?.sections.mesh?.code === 'MESH_OK' &&
+        /^derpmesh_peer_latency_warning\{peer="slow-b",[^}]*\} 0$/m.test(m)
+      );
     });
     assert.match(a.output(), /peer relay round trip back under threshold .*peer=slow-b/);
   });
@@ -182,22 +194,36 @@ describe('HA configuration', { timeout: 110_000 }, () => {
     const db = await database();
     const bare = await node('norelay', db, { relayUrl: null });
     const other = await node('withrelay', db);
-    await waitFor('both listing each other', 5_000, async () => (await livePeers(bare)).join() === 'withrelay' && (await livePeers(other)).join() === 'norelay');
+    await waitFor(
+      'both listing each other',
+      5_000,
+      async () => (await livePeers(bare)).join() === 'withrelay' && (await livePeers(other)).join() === 'norelay',
+    );
 
-    const { warnings } = await waitFor('the warning in norelay\'s API', 10 * HEARTBEAT_MS, async () => {
+    const { warnings } = await waitFor("the warning in norelay's API", 10 * HEARTBEAT_MS, async () => {
       const r = await bare.replicas();
       return r.warnings.some((w) => w.startsWith('RELAY_NO_RELAY_URL')) ? r : undefined;
     }).then((x) => x.value);
-    assert.ok(warnings.some((w) => /^RELAY_NO_RELAY_URL: .*norelay has no relay URL.*CODER_DERP_SERVER_RELAY_URL/.test(w)), warnings.join('\n'));
-    await waitFor('the warning in norelay\'s log', 5 * HEARTBEAT_MS, () => /WARN .*MISCONFIGURATION RELAY_NO_RELAY_URL: .*norelay has no relay URL/.test(bare.output()));
+    assert.ok(
+      warnings.some((w) => /^RELAY_NO_RELAY_URL: .*norelay has no relay URL.*CODER_DERP_SERVER_RELAY_URL/.test(w)),
+      warnings.join('\n'),
+    );
+    await waitFor("the warning in norelay's log", 5 * HEARTBEAT_MS, () =>
+      /WARN .*MISCONFIGURATION RELAY_NO_RELAY_URL: .*norelay has no relay URL/.test(bare.output()),
+    );
     const own = (await bare.health()).nodes.find((n) => n.hostname === 'norelay')!;
     assert.equal(own.sections.relay!.code, 'RELAY_NO_RELAY_URL', JSON.stringify(own.sections.relay));
     assert.equal(own.sections.relay!.severity, 'warning');
 
     // The peer complains too: its clients cannot reach norelay's clients.
     const otherWarnings = (await other.replicas()).warnings;
-    assert.ok(otherWarnings.some((w) => /^RELAY_NO_RELAY_URL: peer norelay /.test(w)), otherWarnings.join('\n'));
-    await waitFor('the warning in withrelay\'s log', 5 * HEARTBEAT_MS, () => /WARN .*MISCONFIGURATION RELAY_NO_RELAY_URL: peer norelay /.test(other.output()));
+    assert.ok(
+      otherWarnings.some((w) => /^RELAY_NO_RELAY_URL: peer norelay /.test(w)),
+      otherWarnings.join('\n'),
+    );
+    await waitFor("the warning in withrelay's log", 5 * HEARTBEAT_MS, () =>
+      /WARN .*MISCONFIGURATION RELAY_NO_RELAY_URL: peer norelay /.test(other.output()),
+    );
     const otherHealth = (await other.health()).nodes.find((n) => n.hostname === 'withrelay')!;
     assert.equal(otherHealth.sections.relay!.code, 'RELAY_NO_RELAY_URL', JSON.stringify(otherHealth.sections.relay));
     assert.match(await other.metrics(), /^derpmesh_misconfigurations [1-9]/m);
@@ -232,7 +258,11 @@ describe('HA configuration', { timeout: 110_000 }, () => {
     // custom-1: embedded relay off, custom map. custom-2: embedded relay off, no map of its own.
     const c1 = await node('custom-1', db, { env: { CODER_DERP_SERVER_ENABLE: 'false', CODER_DERP_CONFIG_PATH: path } });
     const c2 = await node('custom-2', db, { env: { CODER_DERP_SERVER_ENABLE: 'false' } });
-    await waitFor('both listing each other through Postgres', 5_000, async () => (await livePeers(c1)).join() === 'custom-2' && (await livePeers(c2)).join() === 'custom-1');
+    await waitFor(
+      'both listing each other through Postgres',
+      5_000,
+      async () => (await livePeers(c1)).join() === 'custom-2' && (await livePeers(c2)).join() === 'custom-1',
+    );
     await new Promise((r) => setTimeout(r, 3 * HEARTBEAT_MS));
 
     for (const n of [c1, c2]) {
@@ -266,37 +296,42 @@ describe('HA configuration', { timeout: 110_000 }, () => {
     const env = { CODER_DERP_CONFIG_PATH: path };
     const m1 = await node('mapped-1', db, { env });
     const m2 = await node('mapped-2', db, { env });
-    await waitFor('both listing each other through Postgres', 5_000, async () => (await livePeers(m1)).join() === 'mapped-2' && (await livePeers(m2)).join() === 'mapped-1');
+    await waitFor(
+      'both listing each other through Postgres',
+      5_000,
+      async () => (await livePeers(m1)).join() === 'mapped-2' && (await livePeers(m2)).join() === 'mapped-1',
+    );
     await new Promise((r) => setTimeout(r, 3 * HEARTBEAT_MS));
     for (const n of [m1, m2]) {
       assert.equal(lines(n.output(), /relay URL is ignored/).length, 1, n.output());
       // No relay runs with a custom map, so there are no mesh links at all.
       assert.doesNotMatch(await n.metrics(), /^derpmesh_mesh_links [1-9]/m);
       const { replicas, warnings } = await n.replicas();
-      assert.deepEqual(replicas.map((r) => r.relay_address), ['', '']);
+      assert.deepEqual(
+        replicas.map((r) => r.relay_address),
+        ['', ''],
+      );
       assert.deepEqual(warnings, []);
       assert.equal((await n.health()).nodes.find((x) => x.hostname === n.name)!.sections.mesh!.code, 'MESH_DISABLED');
       assert.deepEqual(await (await fetch(`${n.url}/derpmap`)).json(), map);
     }
   });
 
-  test(
-    'custom relay map with the embedded relay left on: /derp is not served either',
-    {},
-    async () => {
-      const db = await database();
-      const { path } = customMap();
-      const n = await node('mapped-derp', db, { env: { CODER_DERP_CONFIG_PATH: path } });
-      assert.equal(await derpUpgradeStatus(n.url), 404);
-    },
-  );
+  test('custom relay map with the embedded relay left on: /derp is not served either', {}, async () => {
+    const db = await database();
+    const { path } = customMap();
+    const n = await node('mapped-derp', db, { env: { CODER_DERP_CONFIG_PATH: path } });
+    assert.equal(await derpUpgradeStatus(n.url), 404);
+  });
 
   test('/derpmap: one embedded region (999) whose node is the access URL', async () => {
     const db = await database();
     const n = await node('mapnode', db, { env: { CODER_ACCESS_URL: 'http://derp.example.com:8443' } });
     const res = await fetch(`${n.url}/derpmap`);
     assert.equal(res.status, 200);
-    const body = (await res.json()) as { Regions: Record<string, { RegionID: number; Nodes: { RegionID: number; HostName: string; DERPPort: number; ForceHTTP?: boolean }[] }> };
+    const body = (await res.json()) as {
+      Regions: Record<string, { RegionID: number; Nodes: { RegionID: number; HostName: string; DERPPort: number; ForceHTTP?: boolean }[] }>;
+    };
     assert.deepEqual(Object.keys(body.Regions), ['999']);
     const region = body.Regions['999']!;
     assert.equal(region.RegionID, 999);
@@ -323,7 +358,11 @@ describe('HA configuration', { timeout: 110_000 }, () => {
       }).then((x) => x.value);
       assert.deepEqual(report.nodes.map((n) => n.hostname).sort(), [a.name, b.name].sort());
       for (const n of report.nodes) {
-        assert.deepEqual(Object.keys(n.sections).sort(), ['database', 'mesh', 'pubsub', 'relay'], `${n.hostname}: ${JSON.stringify(n.sections)}`);
+        assert.deepEqual(
+          Object.keys(n.sections).sort(),
+          ['database', 'mesh', 'pubsub', 'relay'],
+          `${n.hostname}: ${JSON.stringify(n.sections)}`,
+        );
         for (const [name, s] of Object.entries(n.sections)) {
           assert.match(s.code, codes, `${n.hostname}.${name}`);
           assert.match(s.severity, /^(ok|warning|error)$/);
@@ -336,10 +375,17 @@ describe('HA configuration', { timeout: 110_000 }, () => {
     // The status page draws the same cluster: both nodes and a latency matrix with Postgres.
     await waitFor('latencies on the status page', 5_000, async () => {
       const page = await (await fetch(`${a.url}/status`)).text();
-      return page.includes('health-a (this node)') && page.includes('<th>health-b</th>') && /Postgres/.test(page) && /class="(ok|slow)">\d/.test(page);
+      return (
+        page.includes('health-a (this node)') &&
+        page.includes('<th>health-b</th>') &&
+        /Postgres/.test(page) &&
+        /class="(ok|slow)">\d/.test(page)
+      );
     });
     // A stopped node leaves the cluster-wide report.
     assert.equal(await b.stop(), 0, b.output());
-    await waitFor('health-a dropping health-b from its report', 5_000, async () => (await a.health()).nodes.every((n) => n.hostname !== 'health-b'));
+    await waitFor('health-a dropping health-b from its report', 5_000, async () =>
+      (await a.health()).nodes.every((n) => n.hostname !== 'health-b'),
+    );
   });
 });

@@ -65,10 +65,15 @@ describe('HA at scale', { timeout: 110_000 }, () => {
         const lists = await Promise.all(cluster.map(livePeers));
         return lists.every((l, i) => l.join() === names.filter((_, j) => j !== i).join());
       });
-      await waitFor('every node with 4 mesh links up', 15_000, async () => {
-        const all = await Promise.all(cluster.map((n) => n.metrics()));
-        return all.every((m) => /^derpmesh_mesh_links 4$/m.test(m));
-      }, 100);
+      await waitFor(
+        'every node with 4 mesh links up',
+        15_000,
+        async () => {
+          const all = await Promise.all(cluster.map((n) => n.metrics()));
+          return all.every((m) => /^derpmesh_mesh_links 4$/m.test(m));
+        },
+        100,
+      );
       const cs = await Promise.all(cluster.map(client));
       let pairs = 0;
       const slowest = { ms: 0, pair: '' };
@@ -91,10 +96,15 @@ describe('HA at scale', { timeout: 110_000 }, () => {
       const n6 = await spawnNode('s6', db);
       await n6.started;
       const startedAt = Date.now();
-      await waitFor('every peer listing s6', 5_000, async () => {
-        const lists = await Promise.all(cluster.map(livePeers));
-        return lists.every((l) => l.includes('s6'));
-      }, 20);
+      await waitFor(
+        'every peer listing s6',
+        5_000,
+        async () => {
+          const lists = await Promise.all(cluster.map(livePeers));
+          return lists.every((l) => l.includes('s6'));
+        },
+        20,
+      );
       const ms = Date.now() - startedAt;
       console.log(`s6 visible to all 5 peers ${ms} ms after it logged "started"`);
       assert.ok(ms < 1_000, `s6 became visible to every peer after ${ms} ms`);
@@ -106,13 +116,20 @@ describe('HA at scale', { timeout: 110_000 }, () => {
       const victim = cluster[2]!;
       const survivors = cluster.filter((n) => n !== victim);
       // Everyone fully meshed and heartbeating before the kill.
-      await waitFor('every node listing the other five', 5_000, async () => (await Promise.all(cluster.map(livePeers))).every((l) => l.length === 5));
+      await waitFor('every node listing the other five', 5_000, async () =>
+        (await Promise.all(cluster.map(livePeers))).every((l) => l.length === 5),
+      );
       const killedAt = Date.now();
       await victim.kill9();
-      await waitFor(`every survivor dropping ${victim.name}`, 10 * HEARTBEAT_MS, async () => {
-        const lists = await Promise.all(survivors.map(livePeers));
-        return lists.every((l) => !l.includes(victim.name) && l.length === 4);
-      }, 20);
+      await waitFor(
+        `every survivor dropping ${victim.name}`,
+        10 * HEARTBEAT_MS,
+        async () => {
+          const lists = await Promise.all(survivors.map(livePeers));
+          return lists.every((l) => !l.includes(victim.name) && l.length === 4);
+        },
+        20,
+      );
       const ms = Date.now() - killedAt;
       console.log(`${victim.name} (kill -9) dropped by all 5 survivors after ${ms} ms (3 heartbeats = ${3 * HEARTBEAT_MS} ms)`);
       assert.ok(ms <= 3 * HEARTBEAT_MS + 300, `detected after ${ms} ms`);
@@ -123,7 +140,10 @@ describe('HA at scale', { timeout: 110_000 }, () => {
 
     test('stop the cluster gracefully', async () => {
       const codes = await Promise.all(cluster.filter(alive).map((n) => n.stop()));
-      assert.deepEqual(codes, codes.map(() => 0));
+      assert.deepEqual(
+        codes,
+        codes.map(() => 0),
+      );
     });
   });
 
@@ -137,9 +157,18 @@ describe('HA at scale', { timeout: 110_000 }, () => {
       const check = new pg.Client({ connectionString: db });
       await check.connect();
       try {
-        const versions = (await check.query<{ version: number }>('SELECT version FROM schema_migrations ORDER BY version')).rows.map((r) => r.version);
-        assert.deepEqual(versions, migrations.map((m) => m.version).sort((x, y) => x - y), 'every migration recorded exactly once');
-        assert.deepEqual(versions, Array.from({ length: versions.length }, (_, i) => i + 1));
+        const versions = (await check.query<{ version: number }>('SELECT version FROM schema_migrations ORDER BY version')).rows.map(
+          (r) => r.version,
+        );
+        assert.deepEqual(
+          versions,
+          migrations.map((m) => m.version).sort((x, y) => x - y),
+          'every migration recorded exactly once',
+        );
+        assert.deepEqual(
+          versions,
+          Array.from({ length: versions.length }, (_, i) => i + 1),
+        );
         const keys = (await check.query<{ key: string; value: string }>(`SELECT key, value FROM site_config WHERE key LIKE '%mesh%'`)).rows;
         assert.equal(keys.length, 1, `mesh key rows: ${keys.map((k) => k.key).join(', ')}`);
         assert.equal(keys[0]!.key, 'mesh_key');
@@ -151,10 +180,15 @@ describe('HA at scale', { timeout: 110_000 }, () => {
       const migrated = pair.filter((n) => /database schema migrated/.test(n.output()));
       assert.equal(migrated.length, 1, `exactly one node applies the migrations, got: ${migrated.map((n) => n.name).join(', ')}`);
 
-      await waitFor('both meshed', 10_000, async () => {
-        const [ma, mb] = await Promise.all([a.metrics(), b.metrics()]);
-        return /^derpmesh_mesh_links 1$/m.test(ma) && /^derpmesh_mesh_links 1$/m.test(mb);
-      }, 100);
+      await waitFor(
+        'both meshed',
+        10_000,
+        async () => {
+          const [ma, mb] = await Promise.all([a.metrics(), b.metrics()]);
+          return /^derpmesh_mesh_links 1$/m.test(ma) && /^derpmesh_mesh_links 1$/m.test(mb);
+        },
+        100,
+      );
       const [ca, cb] = await Promise.all([client(a), client(b)]);
       await deliver(ca, cb, 10_000);
       await deliver(cb, ca, 10_000);

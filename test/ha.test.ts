@@ -80,7 +80,11 @@ describe('HA cluster', { timeout: 600_000 }, () => {
     assert.deepEqual(result.missing, [], `lost ${result.missing.length} of ${result.sent} packets between n1 and n2`);
 
     const restarted = await node('n3', { port: n3.port });
-    await waitFor('n3 meshed again', 10_000, async () => (await livePeers(n1)).includes('n3') && (await livePeers(restarted)).join() === 'n1,n2');
+    await waitFor(
+      'n3 meshed again',
+      10_000,
+      async () => (await livePeers(n1)).includes('n3') && (await livePeers(restarted)).join() === 'n1,n2',
+    );
     const c = await client(restarted);
     await deliver(a, c);
     await deliver(c, b);
@@ -129,14 +133,29 @@ describe('HA cluster', { timeout: 600_000 }, () => {
       return lists.every((l, i) => l.length === live.length - 1 && !l.includes(live[i]!.name));
     });
     for (const n of live) {
-      const pubsubLines = (await n.metrics()).split('\n').filter((l) => l.startsWith('derpmesh_pubsub')).join(', ');
-      assert.match(pubsubLines, /derpmesh_pubsub_reconnects [1-9]/, `${n.name}: ${pubsubLines}\n${n.output().split('\n').filter((l) => /pubsub|database/.test(l)).join('\n')}`);
+      const pubsubLines = (await n.metrics())
+        .split('\n')
+        .filter((l) => l.startsWith('derpmesh_pubsub'))
+        .join(', ');
+      assert.match(
+        pubsubLines,
+        /derpmesh_pubsub_reconnects [1-9]/,
+        `${n.name}: ${pubsubLines}\n${n
+          .output()
+          .split('\n')
+          .filter((l) => /pubsub|database/.test(l))
+          .join('\n')}`,
+      );
     }
 
     const db = new pg.Client({ connectionString: postgres.url });
     await db.connect();
     await db.query(`DELETE FROM replicas WHERE hostname = $1`, [n2.name]);
-    await waitFor('the deleted row re-inserted', 5_000, async () => (await db.query(`SELECT 1 FROM replicas WHERE hostname = $1 AND stopped_at IS NULL`, [n2.name])).rowCount === 1);
+    await waitFor(
+      'the deleted row re-inserted',
+      5_000,
+      async () => (await db.query(`SELECT 1 FROM replicas WHERE hostname = $1 AND stopped_at IS NULL`, [n2.name])).rowCount === 1,
+    );
     await db.end();
     await waitFor('n1 listing n2 again', 5_000, async () => (await livePeers(n1)).includes('n2'));
   });

@@ -107,7 +107,12 @@ describe('Helm chart deploy/helm/derpmesh', { skip: !hasHelm && !hasGo && 'neith
     const r = spawnSync(helmBin, args, {
       encoding: 'utf8',
       timeout: 60_000,
-      env: { ...process.env, HELM_CONFIG_HOME: join(home, 'config'), HELM_CACHE_HOME: join(home, 'cache'), HELM_DATA_HOME: join(home, 'data') },
+      env: {
+        ...process.env,
+        HELM_CONFIG_HOME: join(home, 'config'),
+        HELM_CACHE_HOME: join(home, 'cache'),
+        HELM_DATA_HOME: join(home, 'data'),
+      },
     });
     if (r.error) throw r.error;
     return { code: r.status ?? 1, stdout: r.stdout, stderr: r.stderr };
@@ -201,7 +206,8 @@ describe('Helm chart deploy/helm/derpmesh', { skip: !hasHelm && !hasGo && 'neith
     const known = new Set<string>(Object.values(options).flatMap((o) => [...o.env]));
     for (const n of names) if (n !== 'POD_IP') assert.ok(known.has(n), `${n} is not a derpmesh option`);
     const podEnv: Record<string, string> = {};
-    for (const e of c.env) podEnv[e.name] = e.value?.replace('$(POD_IP)', '10.1.2.3') ?? (e.name === 'POD_IP' ? '10.1.2.3' : 'postgres://u@pg/db');
+    for (const e of c.env)
+      podEnv[e.name] = e.value?.replace('$(POD_IP)', '10.1.2.3') ?? (e.name === 'POD_IP' ? '10.1.2.3' : 'postgres://u@pg/db');
     const config = loadConfig([], podEnv);
     assert.equal(config.relayUrl?.href, 'http://10.1.2.3:3000/');
     assert.equal(config.listenPort, 3000);
@@ -212,16 +218,25 @@ describe('Helm chart deploy/helm/derpmesh', { skip: !hasHelm && !hasGo && 'neith
     const pod = d.template.spec;
     const grace = parseDuration(env(c, 'DERPMESH_SHUTDOWN_GRACE').value!);
     assert.equal(grace, 5000);
-    assert.ok(pod.terminationGracePeriodSeconds * 1000 > grace! + 2000, `terminationGracePeriodSeconds ${pod.terminationGracePeriodSeconds}`);
+    assert.ok(
+      pod.terminationGracePeriodSeconds * 1000 > grace! + 2000,
+      `terminationGracePeriodSeconds ${pod.terminationGracePeriodSeconds}`,
+    );
 
     const selector = d.selector.matchLabels;
     assert.deepEqual(selector, { 'app.kubernetes.io/name': 'derpmesh', 'app.kubernetes.io/instance': 'derpmesh' });
     const [term, ...more] = pod.affinity?.podAntiAffinity?.preferredDuringSchedulingIgnoredDuringExecution ?? [];
     assert.equal(more.length, 0);
-    assert.deepEqual(term, { weight: 100, podAffinityTerm: { topologyKey: 'kubernetes.io/hostname', labelSelector: { matchLabels: selector } } });
+    assert.deepEqual(term, {
+      weight: 100,
+      podAffinityTerm: { topologyKey: 'kubernetes.io/hostname', labelSelector: { matchLabels: selector } },
+    });
 
     const { runAsNonRoot, runAsUser, runAsGroup, fsGroup } = pod.securityContext ?? {};
-    assert.deepEqual({ runAsNonRoot, runAsUser, runAsGroup, fsGroup }, { runAsNonRoot: true, runAsUser: 10001, runAsGroup: 10001, fsGroup: 10001 });
+    assert.deepEqual(
+      { runAsNonRoot, runAsUser, runAsGroup, fsGroup },
+      { runAsNonRoot: true, runAsUser: 10001, runAsGroup: 10001, fsGroup: 10001 },
+    );
     assert.equal(c.securityContext?.allowPrivilegeEscalation, false);
     assert.deepEqual(c.securityContext?.capabilities?.drop, ['ALL']);
 
@@ -238,7 +253,15 @@ describe('Helm chart deploy/helm/derpmesh', { skip: !hasHelm && !hasGo && 'neith
 
   test('liveness probe when enabled; affinity and container port from values', () => {
     const d = deployment(
-      render([...ha, '--set', 'livenessProbe.enabled=true', '--set', 'containerPort=8080', '--set', 'affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=pool,affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=Exists']),
+      render([
+        ...ha,
+        '--set',
+        'livenessProbe.enabled=true',
+        '--set',
+        'containerPort=8080',
+        '--set',
+        'affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=pool,affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=Exists',
+      ]),
     );
     const c = container(d);
     assert.deepEqual(c.livenessProbe?.httpGet, { path: '/healthz', port: 'http' });
@@ -276,12 +299,18 @@ describe('Helm chart deploy/helm/derpmesh', { skip: !hasHelm && !hasGo && 'neith
     assert.equal(env(c, 'DERPMESH_STATE_DIR').value, '/var/lib/derpmesh');
     const mount = c.volumeMounts?.find((m) => m.mountPath === '/var/lib/derpmesh');
     assert.ok(mount, 'state dir mounted');
-    assert.deepEqual(d.template.spec.volumes?.find((v) => v.name === mount.name), { name: mount.name, emptyDir: {} });
+    assert.deepEqual(
+      d.template.spec.volumes?.find((v) => v.name === mount.name),
+      { name: mount.name, emptyDir: {} },
+    );
   });
 
   test('misconfigurations fail rendering with what to set', () => {
     renderFails(['--set', 'postgres.existingSecret=pg'], /accessURL is required: set it to the load-balanced URL/);
-    renderFails(['--set', 'accessURL=derp.example.com', '--set', 'postgres.existingSecret=pg'], /accessURL must be an http:\/\/ or https:\/\/ URL/);
+    renderFails(
+      ['--set', 'accessURL=derp.example.com', '--set', 'postgres.existingSecret=pg'],
+      /accessURL must be an http:\/\/ or https:\/\/ URL/,
+    );
     renderFails(
       ['--set', 'replicaCount=3', '--set', 'accessURL=https://derp.example.com'],
       /replicaCount is 3 but no Postgres is configured: set postgres.existingSecret .* or postgres.url.*each pod would start its own embedded Postgres and they would not form a cluster/,
@@ -291,17 +320,30 @@ describe('Helm chart deploy/helm/derpmesh', { skip: !hasHelm && !hasGo && 'neith
       [...ha, '--set', 'terminationGracePeriodSeconds=5', '--set', 'shutdownGrace=5s'],
       /terminationGracePeriodSeconds \(5\) must be longer than shutdownGrace \(5s\) plus 2s.*at least 8/,
     );
-    renderFails([...ha, '--set', 'shutdownGrace=1m'], /terminationGracePeriodSeconds \(30\) must be longer than shutdownGrace \(1m\).*at least 63/);
+    renderFails(
+      [...ha, '--set', 'shutdownGrace=1m'],
+      /terminationGracePeriodSeconds \(30\) must be longer than shutdownGrace \(1m\).*at least 63/,
+    );
     renderFails([...ha, '--set', 'shutdownGrace=5'], /shutdownGrace must be a duration: a number with a unit ms, s, m or h/);
     renderFails([...ha, '--set', 'heartbeatInterval=often'], /heartbeatInterval must be a duration/);
     renderFails([...ha, '--set', 'log.format=yaml'], /log.format must be json or text/);
   });
 
   test('shutdown grace in ms, s and m against terminationGracePeriodSeconds', () => {
-    for (const [grace, seconds] of [['5s', 8], ['1500ms', 4], ['1m', 63], ['0.5m', 33]] as const) {
-      const c = container(deployment(render([...ha, '--set', `shutdownGrace=${grace}`, '--set', `terminationGracePeriodSeconds=${seconds}`])));
+    for (const [grace, seconds] of [
+      ['5s', 8],
+      ['1500ms', 4],
+      ['1m', 63],
+      ['0.5m', 33],
+    ] as const) {
+      const c = container(
+        deployment(render([...ha, '--set', `shutdownGrace=${grace}`, '--set', `terminationGracePeriodSeconds=${seconds}`])),
+      );
       assert.equal(env(c, 'DERPMESH_SHUTDOWN_GRACE').value, grace);
-      renderFails([...ha, '--set', `shutdownGrace=${grace}`, '--set', `terminationGracePeriodSeconds=${seconds - 1}`], /must be longer than shutdownGrace/);
+      renderFails(
+        [...ha, '--set', `shutdownGrace=${grace}`, '--set', `terminationGracePeriodSeconds=${seconds - 1}`],
+        /must be longer than shutdownGrace/,
+      );
     }
   });
 });

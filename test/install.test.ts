@@ -38,7 +38,10 @@ function userEnv(): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};
   // npm_* variables of the `npm test` around us would steer the user's npm; a user has none.
   for (const [k, v] of Object.entries(process.env)) if (!/^npm_/i.test(k)) env[k] = v;
-  env.PATH = (process.env.PATH ?? '').split(delimiter).filter((dir) => dir && !hasRust(dir)).join(delimiter);
+  env.PATH = (process.env.PATH ?? '')
+    .split(delimiter)
+    .filter((dir) => dir && !hasRust(dir))
+    .join(delimiter);
   return env;
 }
 
@@ -56,7 +59,12 @@ test('deploy/Dockerfile builds and installs with the steps this suite runs, and 
   // Provisioning the build machine and the runtime user is Docker's own business; every other step
   // is one of the commands CI and this test run: .ci/run, scripts/test.sh, then pack and install.
   const provisioning = [/^curl .*sh\.rustup\.rs/, /^groupadd /];
-  const tested = ['npm ci --no-audit --no-fund', 'npm run build', 'node scripts/pack.mjs --out /pack', 'install-packed.sh /opt/derpmesh /pack/*.tgz'];
+  const tested = [
+    'npm ci --no-audit --no-fund',
+    'npm run build',
+    'node scripts/pack.mjs --out /pack',
+    'install-packed.sh /opt/derpmesh /pack/*.tgz',
+  ];
   assert.deepEqual(
     runs.filter((r) => !provisioning.some((p) => p.test(r))),
     tested,
@@ -80,10 +88,19 @@ describe('installing the packed tarballs without a Rust toolchain', () => {
 
   before(() => {
     // The same step as `npm run pack` after its build (the test command has built already).
-    const out = execFileSync(process.execPath, [join(repo, 'scripts/pack.mjs'), '--out', join(work, 'pack')], { encoding: 'utf8', timeout: 300_000 });
+    const out = execFileSync(process.execPath, [join(repo, 'scripts/pack.mjs'), '--out', join(work, 'pack')], {
+      encoding: 'utf8',
+      timeout: 300_000,
+    });
     const tarballs = out.trim().split('\n');
-    rootTarball = join(process.cwd(), tarballs.find((t) => t.endsWith(`derpmesh-${version}.tgz`))!);
-    platformTarball = join(process.cwd(), tarballs.find((t) => t.endsWith(`${platformPackage}-${version}.tgz`))!);
+    rootTarball = join(
+      process.cwd(),
+      tarballs.find((t) => t.endsWith(`derpmesh-${version}.tgz`))!,
+    );
+    platformTarball = join(
+      process.cwd(),
+      tarballs.find((t) => t.endsWith(`${platformPackage}-${version}.tgz`))!,
+    );
     assert.ok(existsSync(rootTarball) && existsSync(platformTarball), out);
   });
   after(() => rmSync(work, { recursive: true, force: true }));
@@ -96,10 +113,21 @@ describe('installing the packed tarballs without a Rust toolchain', () => {
   test('the root package ships the loader, compiled TypeScript and types; the platform package one binary', () => {
     const list = (tarball: string) => execFileSync('tar', ['tzf', tarball], { encoding: 'utf8' }).trim().split('\n');
     const root = list(rootTarball);
-    assert.ok(root.includes('package/native/binding.cjs') && root.includes('package/dist/src/index.d.ts') && root.includes('package/dist/src/cli.js'));
-    const unexpected = root.filter((f) => !/^package\/(dist\/src\/.+\.(js|d\.ts)|native\/binding\.(cjs|d\.cts)|package\.json|README\.md|LICENSE)$/.test(f));
+    assert.ok(
+      root.includes('package/native/binding.cjs') &&
+        root.includes('package/dist/src/index.d.ts') &&
+        root.includes('package/dist/src/cli.js'),
+    );
+    const unexpected = root.filter(
+      (f) => !/^package\/(dist\/src\/.+\.(js|d\.ts)|native\/binding\.(cjs|d\.cts)|package\.json|README\.md|LICENSE)$/.test(f),
+    );
     assert.deepEqual(unexpected, [], 'nothing but the loader, compiled TypeScript, types and docs');
-    assert.deepEqual(list(platformTarball).sort(), [`package/LICENSE`, `package/README.md`, `package/derpmesh.${platform}.node`, 'package/package.json']);
+    assert.deepEqual(list(platformTarball).sort(), [
+      `package/LICENSE`,
+      `package/README.md`,
+      `package/derpmesh.${platform}.node`,
+      'package/package.json',
+    ]);
   });
 
   describe('root and platform package', () => {
@@ -115,7 +143,10 @@ describe('installing the packed tarballs without a Rust toolchain', () => {
       const platforms = readdirSync(join(repo, 'npm')).sort();
       assert.equal(platforms.length, repoPackage.napi.targets.length);
       assert.deepEqual(pkg.optionalDependencies, Object.fromEntries(platforms.map((p) => [`derpmesh-${p}`, version])));
-      const installed = JSON.parse(readFileSync(join(app, `node_modules/${platformPackage}/package.json`), 'utf8')) as { os: string[]; cpu: string[] };
+      const installed = JSON.parse(readFileSync(join(app, `node_modules/${platformPackage}/package.json`), 'utf8')) as {
+        os: string[];
+        cpu: string[];
+      };
       assert.deepEqual([installed.os, installed.cpu], [[process.platform], [process.arch]]);
     });
 
@@ -125,7 +156,12 @@ describe('installing the packed tarballs without a Rust toolchain', () => {
     });
 
     test('derpmesh server from the install relays packets between two clients', { timeout: 120_000 }, async () => {
-      const server = startServerProcess([join(app, 'node_modules/.bin/derpmesh')], ['--http-address', '127.0.0.1:0', '--shutdown-grace', '1s'], userEnv(), 90_000);
+      const server = startServerProcess(
+        [join(app, 'node_modules/.bin/derpmesh')],
+        ['--http-address', '127.0.0.1:0', '--shutdown-grace', '1s'],
+        userEnv(),
+        90_000,
+      );
       try {
         const url = await server.url;
         // Installed with --ignore-scripts: the embedded Postgres' library links were made by derpmesh.
@@ -183,7 +219,11 @@ describe('installing the packed tarballs without a Rust toolchain', () => {
     };
 
     test('derpmesh server fails with the platform, the expected package and how to build from source', { timeout: 30_000 }, () => {
-      const r = spawnSync(join(app, 'node_modules/.bin/derpmesh'), ['server', '--http-address', '127.0.0.1:0'], { env: userEnv(), encoding: 'utf8', timeout: 20_000 });
+      const r = spawnSync(join(app, 'node_modules/.bin/derpmesh'), ['server', '--http-address', '127.0.0.1:0'], {
+        env: userEnv(),
+        encoding: 'utf8',
+        timeout: 20_000,
+      });
       assert.equal(r.status, 1, r.stderr);
       assert.match(r.stderr, /\[DERPMESH_ERR_NATIVE_BINDING\]/);
       expectClearFailure(r.stderr);
@@ -192,7 +232,11 @@ describe('installing the packed tarballs without a Rust toolchain', () => {
     test("import('derpmesh') throws the same error, with its code", () => {
       const r = spawnSync(
         process.execPath,
-        ['--input-type=module', '-e', "try { await import('derpmesh') } catch (e) { console.log(JSON.stringify({ code: e.code, message: e.message })) }"],
+        [
+          '--input-type=module',
+          '-e',
+          "try { await import('derpmesh') } catch (e) { console.log(JSON.stringify({ code: e.code, message: e.message })) }",
+        ],
         { cwd: app, env: userEnv(), encoding: 'utf8' },
       );
       const { code, message } = JSON.parse(r.stdout) as { code: string; message: string };

@@ -49,7 +49,12 @@ describe('native box vs tweetnacl', () => {
     for (const size of SIZES) {
       const message = randomBytes(size);
       const nonce = randomBytes(NONCE_LENGTH);
-      const boxed = nacl.box(new Uint8Array(message), new Uint8Array(nonce), new Uint8Array(bob.publicKey), new Uint8Array(alice.privateKey));
+      const boxed = nacl.box(
+        new Uint8Array(message),
+        new Uint8Array(nonce),
+        new Uint8Array(bob.publicKey),
+        new Uint8Array(alice.privateKey),
+      );
       const opened = native.boxOpen(bob.privateKey, alice.publicKey, Buffer.concat([nonce, Buffer.from(boxed)]));
       assert.ok(opened, `native could not open a ${size}-byte tweetnacl box`);
       assert.deepEqual(opened, message);

@@ -28,7 +28,12 @@ interface Check {
   detail: string;
 }
 
-function runInterop(binary: string, url: string, meshKey: string, websocket: boolean): Promise<{ code: number; checks: Check[]; stderr: string }> {
+function runInterop(
+  binary: string,
+  url: string,
+  meshKey: string,
+  websocket: boolean,
+): Promise<{ code: number; checks: Check[]; stderr: string }> {
   const args = ['-url', `${url}/derp`, '-mesh-key', meshKey, '-overall-timeout', '90s'];
   if (websocket) args.push('-websocket');
   return new Promise((resolve) => {
@@ -50,26 +55,30 @@ describe('Tailscale derphttp client against derpmesh', { skip: !hasGo && 'Go is 
   });
 
   for (const websocket of [false, true]) {
-    test(`handshake, packets both ways, ping, WatchConns with the mesh key (${websocket ? 'WebSocket' : 'TCP upgrade'})`, { timeout: 150_000 }, async () => {
-      const meshKey = randomBytes(32).toString('hex');
-      const relay = await startRelay({ meshKey });
-      try {
-        const { code, checks, stderr } = await runInterop(binary, relay.url, meshKey, websocket);
-        const failed = checks.filter((c) => !c.ok);
-        assert.deepEqual(failed, [], `failed checks: ${JSON.stringify(failed)}\n${stderr}`);
-        const names = checks.map((c) => c.check);
-        for (const required of ['handshake', 'packet_a_to_b_1400', 'packet_b_to_a_1400', 'ping_pong']) {
-          assert.ok(names.includes(required), `missing check ${required}: ${names.join(', ')}`);
-        }
-        if (!websocket) {
-          for (const required of ['watch_snapshot', 'watch_new_peer', 'watch_peer_gone', 'watch_refused_without_mesh_key']) {
-            assert.ok(names.includes(required), `missing check ${required}`);
+    test(
+      `handshake, packets both ways, ping, WatchConns with the mesh key (${websocket ? 'WebSocket' : 'TCP upgrade'})`,
+      { timeout: 150_000 },
+      async () => {
+        const meshKey = randomBytes(32).toString('hex');
+        const relay = await startRelay({ meshKey });
+        try {
+          const { code, checks, stderr } = await runInterop(binary, relay.url, meshKey, websocket);
+          const failed = checks.filter((c) => !c.ok);
+          assert.deepEqual(failed, [], `failed checks: ${JSON.stringify(failed)}\n${stderr}`);
+          const names = checks.map((c) => c.check);
+          for (const required of ['handshake', 'packet_a_to_b_1400', 'packet_b_to_a_1400', 'ping_pong']) {
+            assert.ok(names.includes(required), `missing check ${required}: ${names.join(', ')}`);
           }
+          if (!websocket) {
+            for (const required of ['watch_snapshot', 'watch_new_peer', 'watch_peer_gone', 'watch_refused_without_mesh_key']) {
+              assert.ok(names.includes(required), `missing check ${required}`);
+            }
+          }
+          assert.equal(code, 0);
+        } finally {
+          await relay.close();
         }
-        assert.equal(code, 0);
-      } finally {
-        await relay.close();
-      }
-    });
+      },
+    );
   }
 });

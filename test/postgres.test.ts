@@ -61,11 +61,17 @@ describe('postgres', () => {
     const second = newPool();
     const results = await Promise.all([migrate(first, silentLogger), migrate(second, silentLogger)]);
     const latest = migrations[migrations.length - 1]!.version;
-    assert.deepEqual(results.map((r) => r.version), [latest, latest]);
+    assert.deepEqual(
+      results.map((r) => r.version),
+      [latest, latest],
+    );
     // Exactly one of them applied the migrations, the other found them done.
     assert.deepEqual(results.map((r) => r.applied.length).sort(), [0, migrations.length]);
     const rows = await pool.query<{ version: number }>('SELECT version FROM schema_migrations ORDER BY version');
-    assert.deepEqual(rows.rows.map((r) => r.version), migrations.map((m) => m.version));
+    assert.deepEqual(
+      rows.rows.map((r) => r.version),
+      migrations.map((m) => m.version),
+    );
     const again = await migrate(pool, silentLogger);
     assert.deepEqual(again, { version: latest, applied: [] });
     const columns = await pool.query<{ column_name: string }>(
@@ -73,8 +79,18 @@ describe('postgres', () => {
     );
     // Migration 1's columns, in order; later migrations may add more after them.
     assert.deepEqual(columns.rows.map((c) => c.column_name).slice(0, 12), [
-      'id', 'hostname', 'region_id', 'relay_url', 'version', 'started_at', 'updated_at', 'stopped_at',
-      'error', 'database_latency', 'primary', 'peer_latencies',
+      'id',
+      'hostname',
+      'region_id',
+      'relay_url',
+      'version',
+      'started_at',
+      'updated_at',
+      'stopped_at',
+      'error',
+      'database_latency',
+      'primary',
+      'peer_latencies',
     ]);
   });
 
@@ -142,7 +158,9 @@ describe('postgres', () => {
     // Earlier tests' listeners are closed but their backends may take a moment to go away.
     let silentPid = 0;
     await waitFor('exactly one LISTEN connection', async () => {
-      const listeners = await pool.query<{ pid: number }>('SELECT pid FROM pg_stat_activity WHERE application_name = $1', [listenerApplicationName]);
+      const listeners = await pool.query<{ pid: number }>('SELECT pid FROM pg_stat_activity WHERE application_name = $1', [
+        listenerApplicationName,
+      ]);
       silentPid = listeners.rows[0]?.pid ?? 0;
       return listeners.rows.length === 1;
     });

@@ -648,7 +648,10 @@ describe('mesh: forwarders', { timeout: 30_000, skip: hasMesh ? false : 'the nat
   async function linkReady(relay: TestRelay, peer: { port: number }, forwarders = 0): Promise<void> {
     const port = `:${peer.port}`;
     await waitUntil(
-      () => meshApi(relay).meshLinks().some((l) => l.url.includes(port) && l.state === 'connected' && l.forwarders >= forwarders),
+      () =>
+        meshApi(relay)
+          .meshLinks()
+          .some((l) => l.url.includes(port) && l.state === 'connected' && l.forwarders >= forwarders),
       5000,
       `the mesh link to port ${peer.port} (links: ${JSON.stringify(meshApi(relay).meshLinks())})`,
     );
@@ -700,7 +703,14 @@ describe('mesh: forwarders', { timeout: 30_000, skip: hasMesh ? false : 'the nat
       assert.equal(atR3.length, 0, 'no tee to the second peer');
 
       await onR2.close();
-      await waitUntil(() => meshApi(r1!).meshLinks().find((l) => l.url.includes(`:${r2!.port}`))?.forwarders === 0, 3000, 'the forwarder via r2 to go');
+      await waitUntil(
+        () =>
+          meshApi(r1!)
+            .meshLinks()
+            .find((l) => l.url.includes(`:${r2!.port}`))?.forwarders === 0,
+        3000,
+        'the forwarder via r2 to go',
+      );
       for (let i = 0; i < 5; i++) a.send(onR3.publicKey, Buffer.from(`next ${i}`));
       await waitUntil(() => atR3.length === 5, 3000, 'the packets at the remaining peer');
       assert.deepEqual(
@@ -771,7 +781,14 @@ describe('mesh: forwarders', { timeout: 30_000, skip: hasMesh ? false : 'the nat
       await r2!.close();
       await waitUntil(() => goneAtA.length > 0, 5000, 'PeerGone at the client that heard from the lost peer');
       assert.deepEqual(goneAtA, [[far.publicKey, 'disconnected']]);
-      await waitUntil(() => meshApi(r1!).meshLinks().every((l) => l.forwarders === 0), 3000, 'the forwarders of the lost link to go');
+      await waitUntil(
+        () =>
+          meshApi(r1!)
+            .meshLinks()
+            .every((l) => l.forwarders === 0),
+        3000,
+        'the forwarders of the lost link to go',
+      );
       assert.deepEqual(goneAtBystander, [], 'nothing to clients that never heard from it');
       await closeAll(a, bystander, far);
     } finally {
@@ -999,7 +1016,9 @@ describe('scale', { timeout: 30_000 }, () => {
       for (let batch = 0; batch < 10; batch++) {
         clients.push(
           ...(await Promise.all(
-            Array.from({ length: 100 }, (_, i) => DerpClient.connect({ url: relay.url, transport: (batch * 100 + i) % 10 === 0 ? 'websocket' : 'tcp' })),
+            Array.from({ length: 100 }, (_, i) =>
+              DerpClient.connect({ url: relay.url, transport: (batch * 100 + i) % 10 === 0 ? 'websocket' : 'tcp' }),
+            ),
           )),
         );
       }
@@ -1071,7 +1090,11 @@ describe('bad input', { timeout: 30_000 }, () => {
   }
 
   /** A raw client completes the handshake (with `json`), runs `misbehave`, and expects a clean close and `metric` to rise. */
-  async function expectClosedAfterHandshake(metric: string, misbehave: (conn: RawConn & { keys: ReturnType<typeof keyPair> }) => void, json?: unknown): Promise<void> {
+  async function expectClosedAfterHandshake(
+    metric: string,
+    misbehave: (conn: RawConn & { keys: ReturnType<typeof keyPair> }) => void,
+    json?: unknown,
+  ): Promise<void> {
     const before = relay.metric(metric);
     const conn = await rawClient(relay.port, json);
     misbehave(conn);
@@ -1185,7 +1208,13 @@ describe('bad input', { timeout: 30_000 }, () => {
   test('unknown frame types are skipped, not fatal', async () => {
     const before = relay.metric('unknown_frames');
     const conn = await rawClient(relay.port);
-    conn.write(Buffer.concat([frame(0x7f, randomBytes(100)), frame(0x20), frame(FrameType.SendPacket, conn.keys.publicKey, Buffer.from('still here'))]));
+    conn.write(
+      Buffer.concat([
+        frame(0x7f, randomBytes(100)),
+        frame(0x20),
+        frame(FrameType.SendPacket, conn.keys.publicKey, Buffer.from('still here')),
+      ]),
+    );
     const packet = await conn.next(FrameType.RecvPacket);
     assert.equal(packet.payload.subarray(32).toString(), 'still here');
     await metricRises(relay, 'unknown_frames', before + 1);

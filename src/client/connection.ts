@@ -227,9 +227,7 @@ export class DerpConnection {
     this.#state = 'closed';
     this.#finish(
       wasOpen,
-      wasOpen
-        ? error
-        : derpClientError('DERP_ERR_HANDSHAKE', `the relay closed the connection during the handshake`, { cause: error }),
+      wasOpen ? error : derpClientError('DERP_ERR_HANDSHAKE', `the relay closed the connection during the handshake`, { cause: error }),
     );
   }
 

@@ -47,10 +47,6 @@ export class DerpClientError extends Error {
 }
 
 /** Makes a {@link DerpClientError}; the single place errors of this package are built. */
-export function derpClientError(
-  code: DerpClientErrorCode,
-  message: string,
-  fields?: DerpClientErrorFields,
-): DerpClientError {
+export function derpClientError(code: DerpClientErrorCode, message: string, fields?: DerpClientErrorFields): DerpClientError {
   return new DerpClientError(code, message, fields);
 }

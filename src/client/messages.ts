@@ -89,7 +89,7 @@ export function formatIp(address: Buffer): string {
   // Compress the longest run (length ≥ 2) of zero groups to "::".
   let bestStart = -1;
   let bestLength = 1;
-  for (let start = 0; start < 8; ) {
+  for (let start = 0; start < 8;) {
     let end = start;
     while (end < 8 && groups[end] === 0) end++;
     if (end - start > bestLength) {

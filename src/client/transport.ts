@@ -158,7 +158,10 @@ function dialTcp(options: DialOptions): Promise<Transport> {
       const head = received.subarray(0, headEnd).toString('latin1');
       const statusCode = Number(/^HTTP\/1\.[01] (\d{3})/.exec(head)?.[1] ?? NaN);
       if (statusCode !== 101) {
-        const body = received.subarray(headEnd + HEAD_END.length, headEnd + HEAD_END.length + 200).toString('utf8').trim();
+        const body = received
+          .subarray(headEnd + HEAD_END.length, headEnd + HEAD_END.length + 200)
+          .toString('utf8')
+          .trim();
         fail(
           derpClientError(
             'DERP_ERR_HTTP_STATUS',
@@ -306,9 +309,7 @@ function dialWebSocket(options: DialOptions): Promise<Transport> {
     socket.once('error', (error) =>
       fail(derpClientError('DERP_ERR_CONNECTION', `cannot connect to ${url.host}: ${error.message}`, { cause: error })),
     );
-    socket.once('close', () =>
-      fail(derpClientError('DERP_ERR_CONNECTION', `${url.host} closed the WebSocket before it opened`)),
-    );
+    socket.once('close', () => fail(derpClientError('DERP_ERR_CONNECTION', `${url.host} closed the WebSocket before it opened`)));
     socket.once('open', () => {
       if (socket.protocol !== WEBSOCKET_PROTOCOL) {
         fail(

@@ -36,7 +36,6 @@ interface ReplicaView {
   peer_latencies: Record<string, number>;
 }
 
-
 export async function clusterCommand(argv: string[]): Promise<void> {
   const { values } = parseArgs({
     args: argv,
@@ -54,12 +53,15 @@ export async function clusterCommand(argv: string[]): Promise<void> {
     return;
   }
   const count = Number(values.nodes);
-  if (!Number.isInteger(count) || count < 1 || count > 64) throw configError(`--nodes must be an integer from 1 to 64, got ${JSON.stringify(values.nodes)}`, values.nodes);
+  if (!Number.isInteger(count) || count < 1 || count > 64)
+    throw configError(`--nodes must be an integer from 1 to 64, got ${JSON.stringify(values.nodes)}`, values.nodes);
   const accessPortArg = Number(values['access-port']);
   const basePortArg = Number(values['base-port']);
-  if (!Number.isInteger(accessPortArg) || !Number.isInteger(basePortArg)) throw configError('--access-port and --base-port must be port numbers');
+  if (!Number.isInteger(accessPortArg) || !Number.isInteger(basePortArg))
+    throw configError('--access-port and --base-port must be port numbers');
   const heartbeat = values['heartbeat-interval'];
-  if (parseDuration(heartbeat) === undefined) throw configError(`--heartbeat-interval must be a duration like 1s, got ${JSON.stringify(heartbeat)}`, heartbeat);
+  if (parseDuration(heartbeat) === undefined)
+    throw configError(`--heartbeat-interval must be a duration like 1s, got ${JSON.stringify(heartbeat)}`, heartbeat);
 
   const logger = createLogger({ fields: { node: 'cluster' } });
   const stateDir = values['state-dir'] ?? process.env.DERPMESH_STATE_DIR ?? options.stateDir.default;
@@ -158,12 +160,16 @@ function formatCluster(accessUrl: string, views: ReplicaView[][]): string {
   lines.push('node     listen                  relay URL               database rtt');
   for (const r of replicas) {
     const port = new URL(r.relay_address).port;
-    lines.push(`${r.hostname.padEnd(8)} ${`http://127.0.0.1:${port}`.padEnd(23)} ${r.relay_address.padEnd(23)} ${(r.database_latency / 1000).toFixed(2)} ms`);
+    lines.push(
+      `${r.hostname.padEnd(8)} ${`http://127.0.0.1:${port}`.padEnd(23)} ${r.relay_address.padEnd(23)} ${(r.database_latency / 1000).toFixed(2)} ms`,
+    );
   }
   lines.push('', 'latency matrix (ms, row → column relay round trip):');
   lines.push('         ' + replicas.map((r) => r.hostname.padStart(9)).join(''));
   for (const from of replicas) {
-    const cells = replicas.map((to) => (to.id === from.id ? '-' : from.peer_latencies[to.id] === undefined ? '?' : (from.peer_latencies[to.id]! / 1000).toFixed(2)));
+    const cells = replicas.map((to) =>
+      to.id === from.id ? '-' : from.peer_latencies[to.id] === undefined ? '?' : (from.peer_latencies[to.id]! / 1000).toFixed(2),
+    );
     lines.push(from.hostname.padEnd(9) + cells.map((c) => c.padStart(9)).join(''));
   }
   return lines.join('\n') + '\n';

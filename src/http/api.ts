@@ -49,7 +49,9 @@ export function apiRoutes(s: ApiSources): RouteHandler[] {
           peer_latencies: r.peerLatenciesUs,
           // What this node measured to that replica just now.
           latency_from_here_ms: measured?.rttMs,
-          latency_warning: measured?.slow ? `round trip ${measured.rttMs!.toFixed(2)} ms from ${registry.self.hostname} exceeds the threshold` : undefined,
+          latency_warning: measured?.slow
+            ? `round trip ${measured.rttMs!.toFixed(2)} ms from ${registry.self.hostname} exceeds the threshold`
+            : undefined,
           unreachable_from_here: measured?.error,
         };
       });

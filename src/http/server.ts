@@ -124,7 +124,11 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     });
   });
   const port = (server.address() as AddressInfo).port;
-  const hostForUrl = options.host.includes(':') ? `[${options.host}]` : options.host === '0.0.0.0' || options.host === '::' ? '127.0.0.1' : options.host;
+  const hostForUrl = options.host.includes(':')
+    ? `[${options.host}]`
+    : options.host === '0.0.0.0' || options.host === '::'
+      ? '127.0.0.1'
+      : options.host;
   return {
     server,
     port,

@@ -21,9 +21,14 @@ export function statusPage(registry: ReplicaRegistry, thresholdMs: number, warni
       })
       .join('\n');
     const nodes = replicas
-      .map((r) => `<tr><td>${escape(r.hostname)}${r.id === registry.self.id ? ' (this node)' : ''}</td><td>${escape(r.relayUrl || '—')}</td><td>${escape(r.version)}</td><td>${escape(r.error || 'ok')}</td></tr>`)
+      .map(
+        (r) =>
+          `<tr><td>${escape(r.hostname)}${r.id === registry.self.id ? ' (this node)' : ''}</td><td>${escape(r.relayUrl || '—')}</td><td>${escape(r.version)}</td><td>${escape(r.error || 'ok')}</td></tr>`,
+      )
       .join('\n');
-    const warningList = warnings().map((w) => `<li>${escape(w)}</li>`).join('');
+    const warningList = warnings()
+      .map((w) => `<li>${escape(w)}</li>`)
+      .join('');
     const html = `<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5"><title>derpmesh cluster</title>
 <style>body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}td,th{border:1px solid #ccc;padding:.3em .7em;text-align:right}.slow{background:#fdd}.ok{background:#dfd}.na{color:#999}</style></head>
 <body><h1>derpmesh cluster: ${replicas.length} live replica${replicas.length === 1 ? '' : 's'}</h1>

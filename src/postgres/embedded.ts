@@ -37,8 +37,6 @@ function alive(pid: number): boolean {
   }
 }
 
-
-
 /** As root, Postgres runs as another user: every directory above the data must let it pass. */
 function assertTraversable(dir: string): void {
   if (process.getuid?.() !== 0) return;

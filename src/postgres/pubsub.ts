@@ -117,7 +117,10 @@ export class Pubsub {
     if (!set) {
       set = new Set();
       this.#subscribers.set(channel, set);
-      this.#pendingListens.set(channel, this.#listen(channel).finally(() => this.#pendingListens.delete(channel)));
+      this.#pendingListens.set(
+        channel,
+        this.#listen(channel).finally(() => this.#pendingListens.delete(channel)),
+      );
     }
     set.add(entry);
     // A second subscriber to a channel whose LISTEN is still in flight waits for it too.
@@ -174,7 +177,11 @@ export class Pubsub {
     try {
       await client.connect();
       // Bounded: a LISTEN that hangs would otherwise leave us "connecting" forever.
-      await withTimeout(client.query(`LISTEN ${client.escapeIdentifier(this.#watchdogChannel)}`), this.#options.connectionTimeoutMs, 'LISTEN');
+      await withTimeout(
+        client.query(`LISTEN ${client.escapeIdentifier(this.#watchdogChannel)}`),
+        this.#options.connectionTimeoutMs,
+        'LISTEN',
+      );
       for (const channel of this.#subscribers.keys()) {
         await withTimeout(client.query(`LISTEN ${client.escapeIdentifier(channel)}`), this.#options.connectionTimeoutMs, 'LISTEN');
       }
@@ -302,7 +309,11 @@ export class Pubsub {
 function checkChannel(channel: string): void {
   const bytes = Buffer.byteLength(channel);
   if (bytes === 0 || bytes > maxChannelBytes) {
-    throw new PostgresError('DERPMESH_ERR_PUBSUB_CHANNEL', `pubsub channel name must be 1 to ${maxChannelBytes} bytes, got ${bytes}`, channel);
+    throw new PostgresError(
+      'DERPMESH_ERR_PUBSUB_CHANNEL',
+      `pubsub channel name must be 1 to ${maxChannelBytes} bytes, got ${bytes}`,
+      channel,
+    );
   }
 }
 

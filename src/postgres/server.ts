@@ -22,7 +22,9 @@ export function findPostgresBinDir(): string {
   else {
     const root = '/usr/lib/postgresql';
     if (existsSync(root)) {
-      const versions = readdirSync(root).filter((v) => /^\d+$/.test(v)).sort((a, b) => Number(b) - Number(a));
+      const versions = readdirSync(root)
+        .filter((v) => /^\d+$/.test(v))
+        .sort((a, b) => Number(b) - Number(a));
       candidates.push(...versions.map((v) => join(root, v, 'bin')));
     }
     try {

@@ -189,7 +189,12 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
     for (const p of peers) {
       if (p.version !== this.#o.self.version && !this.#warnedVersions.has(p.id)) {
         this.#warnedVersions.add(p.id);
-        this.#log.warn('peer runs a different derpmesh version', { peer: p.hostname, peerId: p.id, peerVersion: p.version, ourVersion: this.#o.self.version });
+        this.#log.warn('peer runs a different derpmesh version', {
+          peer: p.hostname,
+          peerId: p.id,
+          peerVersion: p.version,
+          ourVersion: this.#o.self.version,
+        });
       }
     }
     const key = peers.map((p) => `${p.id}=${p.relayUrl}@${p.regionId}`).join(',');
@@ -232,13 +237,22 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
     if (!database) return;
     const errors = probes.filter((p) => p.error).map((p) => `failed to reach relay ${p.hostname} (${p.relayUrl}): ${p.error}`);
     const error = errors.join('; ');
-    const peerLatencies = Object.fromEntries(probes.filter((p) => p.rttMs !== undefined).map((p) => [p.replicaId, Math.round(p.rttMs! * 1000)]));
+    const peerLatencies = Object.fromEntries(
+      probes.filter((p) => p.rttMs !== undefined).map((p) => [p.replicaId, Math.round(p.rttMs! * 1000)]),
+    );
     const health = this.#o.healthReport?.() ?? null;
     try {
       const result = await this.#o.pool.query(
         `UPDATE replicas SET updated_at = now(), database_latency = $2, error = $3, peer_latencies = $4, health = $5, relay_url = $6, stopped_at = NULL
          WHERE id = $1`,
-        [this.#o.self.id, Math.round((this.#databaseLatencyMs ?? 0) * 1000), error, JSON.stringify(peerLatencies), JSON.stringify(health), this.#o.self.relayUrl],
+        [
+          this.#o.self.id,
+          Math.round((this.#databaseLatencyMs ?? 0) * 1000),
+          error,
+          JSON.stringify(peerLatencies),
+          JSON.stringify(health),
+          this.#o.self.relayUrl,
+        ],
       );
       if (result.rowCount === 0) {
         this.#log.warn('our replica row is gone (cleaned up by a peer or deleted by hand); registering again', { id: this.#o.self.id });
@@ -267,7 +281,10 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
         this.#databaseHealthySince = Date.now();
       }
       if (this.#databaseLatencyMs > this.#o.latencyThresholdMs) {
-        this.#log.warn('database round trip above threshold', { rttMs: round(this.#databaseLatencyMs), thresholdMs: this.#o.latencyThresholdMs });
+        this.#log.warn('database round trip above threshold', {
+          rttMs: round(this.#databaseLatencyMs),
+          thresholdMs: this.#o.latencyThresholdMs,
+        });
       }
       return true;
     } catch (err) {
@@ -338,7 +355,10 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
 
   async #cleanup(): Promise<void> {
     const ms = this.#o.cleanupAfterMs ?? 3_600_000;
-    const { rowCount } = await this.#o.pool.query(`DELETE FROM replicas WHERE updated_at < now() - make_interval(secs => $1) AND id <> $2`, [ms / 1000, this.#o.self.id]);
+    const { rowCount } = await this.#o.pool.query(
+      `DELETE FROM replicas WHERE updated_at < now() - make_interval(secs => $1) AND id <> $2`,
+      [ms / 1000, this.#o.self.id],
+    );
     if (rowCount) this.#log.info('removed old replica rows', { count: rowCount });
   }
 }

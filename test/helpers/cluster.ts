@@ -30,7 +30,11 @@ export interface NodeProcess {
   /** Resolves once the node logged that it started. */
   started: Promise<void>;
   replicas(): Promise<{ replicas: ReplicaView[]; warnings: string[] }>;
-  health(): Promise<{ severity: string; nodes: { hostname: string; sections: Record<string, { severity: string; code: string; message: string }> }[]; warnings: string[] }>;
+  health(): Promise<{
+    severity: string;
+    nodes: { hostname: string; sections: Record<string, { severity: string; code: string; message: string }> }[];
+    warnings: string[];
+  }>;
   metrics(): Promise<string>;
   /** SIGTERM and wait for the exit code. */
   stop(): Promise<number | null>;
@@ -107,7 +111,12 @@ export async function startNodeProcess(o: NodeOptions): Promise<NodeProcess> {
 }
 
 /** Polls `check` until it returns a truthy value or `timeoutMs` passes; returns how long it took. */
-export async function waitFor<T>(what: string, timeoutMs: number, check: () => Promise<T | undefined | false> | T | undefined | false, intervalMs = 50): Promise<{ value: T; ms: number }> {
+export async function waitFor<T>(
+  what: string,
+  timeoutMs: number,
+  check: () => Promise<T | undefined | false> | T | undefined | false,
+  intervalMs = 50,
+): Promise<{ value: T; ms: number }> {
   const start = Date.now();
   let lastError: unknown;
   for (;;) {
@@ -117,7 +126,8 @@ export async function waitFor<T>(what: string, timeoutMs: number, check: () => P
     } catch (err) {
       lastError = err;
     }
-    if (Date.now() - start > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${lastError ? `: ${String(lastError)}` : ''}`);
+    if (Date.now() - start > timeoutMs)
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${lastError ? `: ${String(lastError)}` : ''}`);
     await new Promise((r) => setTimeout(r, intervalMs));
   }
 }
@@ -125,5 +135,8 @@ export async function waitFor<T>(what: string, timeoutMs: number, check: () => P
 /** Live peers (not self) a node lists, by hostname. */
 export async function livePeers(node: NodeProcess): Promise<string[]> {
   const { replicas } = await node.replicas();
-  return replicas.filter((r) => r.state === 'live' && !r.self).map((r) => r.hostname).sort();
+  return replicas
+    .filter((r) => r.state === 'live' && !r.self)
+    .map((r) => r.hostname)
+    .sort();
 }

@@ -29,7 +29,6 @@ export interface TestPostgres {
 const databaseUser = 'derpmesh';
 const databaseName = 'derpmesh';
 
-
 export async function startPostgres(): Promise<TestPostgres> {
   const binDir = findPostgresBinDir();
   const identity = postgresIdentity();
