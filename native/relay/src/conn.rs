@@ -126,6 +126,7 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
     }
     if can_mesh {
         Metrics::inc(&relay.metrics.mesh_connections);
+        reader.set_bulk(true);
     }
 
     let writer_task = {

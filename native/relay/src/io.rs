@@ -21,6 +21,14 @@ const BUSY_READ_BUF: usize = 64 << 10;
 pub struct FrameReader {
     inner: Reader,
     buf: BytesMut,
+    /// Whether a read that fills all the room it was given makes the next buffer a big one. Off for
+    /// client connections: reading them in small pieces paces each sender to what the relay can
+    /// write, where reading ahead only fills receivers' queues with packets that are then dropped
+    /// (measured: 90 % loss with unpaced senders). On for mesh links, one stream carrying many
+    /// senders' packets already paced by the peer relay: a full-size read takes ~40 packets at once.
+    bulk: bool,
+    /// The last read filled all the room it was given: more was probably waiting in the socket.
+    busy: bool,
 }
 
 impl FrameReader {
@@ -28,23 +36,35 @@ impl FrameReader {
     pub fn new(inner: Reader, head: &[u8]) -> FrameReader {
         let mut buf = BytesMut::with_capacity(IDLE_READ_BUF.max(head.len()));
         buf.extend_from_slice(head);
-        FrameReader { inner, buf }
+        FrameReader {
+            inner,
+            buf,
+            bulk: false,
+            busy: false,
+        }
+    }
+
+    /// Reads ahead in big pieces while data keeps coming (see `bulk`): for mesh links.
+    pub fn set_bulk(&mut self, bulk: bool) {
+        self.bulk = bulk;
     }
 
     async fn fill(&mut self, need: usize) -> io::Result<()> {
         while self.buf.len() < need {
             if self.buf.capacity() - self.buf.len() < 1024 || need > self.buf.capacity() {
-                let target = if self.buf.capacity() >= IDLE_READ_BUF {
+                let target = if (self.bulk && self.busy) || self.buf.capacity() >= IDLE_READ_BUF {
                     BUSY_READ_BUF
                 } else {
                     IDLE_READ_BUF
                 };
                 self.buf.reserve(target.max(need - self.buf.len()));
             }
+            let room = self.buf.capacity() - self.buf.len();
             let n = self.inner.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
+            self.busy = n == room;
         }
         Ok(())
     }
@@ -138,4 +158,69 @@ pub async fn write_all_vectored(w: &mut Writer, bufs: &mut Vec<Bytes>) -> io::Re
 pub async fn write_all(w: &mut Writer, data: &[u8]) -> io::Result<()> {
     w.write_all(data).await?;
     w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use tokio::io::ReadBuf;
+
+    use super::*;
+
+    /// A stream with everything already waiting (like a socket receive queue that a peer relay
+    /// filled), counting the reads it serves.
+    struct Waiting {
+        data: Bytes,
+        reads: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for Waiting {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            self.reads.fetch_add(1, Relaxed);
+            let n = buf.remaining().min(self.data.len());
+            let chunk = self.data.split_to(n);
+            buf.put_slice(&chunk);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Reads 1 000 forwarded 1400-byte packets that are all waiting; returns the reads it took.
+    async fn reads_for_waiting_packets(bulk: bool) -> usize {
+        let packet = [7u8; 1400];
+        let mut data = BytesMut::new();
+        for _ in 0..1000 {
+            data.extend_from_slice(&frame::forward_packet(&[1; 32], &[2; 32], &packet));
+        }
+        let reads = Arc::new(AtomicUsize::new(0));
+        let stream = Waiting {
+            data: data.freeze(),
+            reads: reads.clone(),
+        };
+        let mut reader = FrameReader::new(Box::new(stream), &[]);
+        reader.set_bulk(bulk);
+        for _ in 0..1000 {
+            let (_, f) = reader.read_frame(64 << 10).await.unwrap();
+            assert_eq!(f.len(), HEADER_LEN + 64 + 1400);
+        }
+        reads.load(Relaxed)
+    }
+
+    #[tokio::test]
+    async fn a_busy_mesh_link_is_read_in_big_pieces() {
+        // ~1.47 MB waiting: 64 KiB reads take ~25 of them (one per ~44 packets).
+        let bulk = reads_for_waiting_packets(true).await;
+        assert!(bulk <= 40, "bulk reader took {bulk} reads for 1000 packets");
+    }
+
+    #[tokio::test]
+    async fn a_client_connection_is_read_in_small_pieces() {
+        // Client connections stay on small reads even when busy: that paces unpaced senders to what
+        // the relay writes (reading ahead only overfills receivers' queues).
+        let client = reads_for_waiting_packets(false).await;
+        assert!(client >= 500, "client reader took only {client} reads for 1000 packets");
+    }
 }
