@@ -56,6 +56,15 @@ try {
     `\nmesh / single-node packets/s: ${Math.round(mean(results.mesh))} / ${Math.round(mean(results.single))} = ${ratio.toFixed(2)}×`,
   );
   console.log(ratio >= 0.7 ? 'TARGET HOLDS (≥ 0.7×)' : 'TARGET MISSED (< 0.7×)');
+  // Where packets were lost, over all rounds: queue drops at A (its clients' and the mesh link's
+  // queues) and at B (its clients' queues).
+  for (const [name, node] of [
+    ['A', a],
+    ['B', b],
+  ] as const) {
+    const drops = (await node.metrics()).split('\n').filter((l) => /^derpmesh_packets_dropped_\w+ [1-9]/.test(l));
+    console.log(`node ${name} drops: ${drops.join(', ') || 'none'}`);
+  }
 } finally {
   await Promise.all([a.kill9(), b.kill9()]);
   await postgres.stop();
