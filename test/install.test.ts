@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 
 import { DerpClient } from '../src/client/index.js';
+import { detectPlatform, prebuiltPlatforms } from '../src/native.js';
 import { checkEmbedExample } from './helpers/embed-example.js';
 import { startServerProcess } from './helpers/server-process.js';
 
@@ -52,6 +53,11 @@ function install(dir: string, tarballs: string[]): void {
   const r = spawnSync('bash', [installScript, dir, ...tarballs], { env: userEnv(), encoding: 'utf8', timeout: 300_000 });
   assert.equal(r.status, 0, `npm install failed:\n${r.stdout}\n${r.stderr}`);
 }
+
+test('the loader knows every declared platform package, and detects this one', () => {
+  assert.deepEqual([...prebuiltPlatforms].sort(), readdirSync(join(repo, 'npm')).sort());
+  assert.equal(detectPlatform(), platform);
+});
 
 test('deploy/Dockerfile builds and installs with the steps this suite runs, and runs as non-root', () => {
   const dockerfile = readFileSync(join(repo, 'deploy/Dockerfile'), 'utf8').replace(/\\\n\s*/g, ' ');
