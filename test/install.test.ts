@@ -61,7 +61,7 @@ test('the loader knows every declared platform package, and detects this one', (
 
 test('deploy/Dockerfile builds and installs with the steps this suite runs, and runs as non-root', () => {
   const dockerfile = readFileSync(join(repo, 'deploy/Dockerfile'), 'utf8').replace(/\\\n\s*/g, ' ');
-  const runs = [...dockerfile.matchAll(/^RUN (?:--mount=\S+ )*(.+)$/gm)].map((m) => m[1]!.trim());
+  const runs = [...dockerfile.matchAll(/^RUN (?:--mount=\S+\s+)*(.+)$/gm)].map((m) => m[1]!.trim());
   // Provisioning the build machine and the runtime user is Docker's own business; every other step
   // is one of the commands CI and this test run: .ci/run, scripts/test.sh, then pack and install.
   const provisioning = [/^curl .*sh\.rustup\.rs/, /^groupadd /];
