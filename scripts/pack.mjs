@@ -10,13 +10,17 @@
 // cannot lock packages that are not published yet (this is what `napi pre-publish` does too).
 // Run after `npm run build` (the `pack` npm script does both).
 import { execFileSync } from 'node:child_process';
-import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 // `--out DIR`: where the tarballs go (default pack/; the install test packs into its own directory).
 const outFlag = process.argv.indexOf('--out');
+if (outFlag > 0 && !process.argv[outFlag + 1]) {
+  process.stderr.write('pack: --out needs a directory\n');
+  process.exit(2);
+}
 const out = outFlag > 0 ? resolve(process.argv[outFlag + 1]) : join(root, 'pack');
 const stage = join(out, 'stage');
 const readJson = (path) => JSON.parse(readFileSync(path, 'utf8'));
@@ -31,6 +35,16 @@ const platformDirs = readdirSync(join(root, 'npm')).sort();
 const binaries = readdirSync(join(root, 'native')).filter((f) => /^derpmesh\..+\.node$/.test(f));
 if (binaries.length === 0) fail('no native/derpmesh.<platform>.node: run `npm run build` first (it needs Rust)');
 if (!existsSync(join(root, 'dist/src/cli.js'))) fail('no dist/src/cli.js: run `npm run build` first');
+
+// A binary older than the Rust sources (a cross build from an earlier commit) would ship stale code.
+const newestSource = ['native/relay/src', 'native/node/src']
+  .flatMap((dir) => readdirSync(join(root, dir), { recursive: true }).map((f) => join(root, dir, String(f))))
+  .reduce((newest, f) => Math.max(newest, statSync(f).mtimeMs), 0);
+for (const binary of binaries) {
+  if (statSync(join(root, 'native', binary)).mtimeMs < newestSource) {
+    process.stderr.write(`pack: warning: native/${binary} is older than the Rust sources; rebuild it before a release\n`);
+  }
+}
 
 rmSync(out, { recursive: true, force: true });
 mkdirSync(stage, { recursive: true });
