@@ -14,6 +14,7 @@ import { DerpClient } from '../src/client/index.js';
 import { detectPlatform, prebuiltPlatforms } from '../src/native.js';
 import { checkEmbedExample } from './helpers/embed-example.js';
 import { startServerProcess } from './helpers/server-process.js';
+import { exchangeOnce } from './helpers/traffic.js';
 
 const repo = fileURLToPath(new URL('../../', import.meta.url));
 const repoPackage = JSON.parse(readFileSync(join(repo, 'package.json'), 'utf8')) as { version: string; napi: { targets: string[] } };
@@ -174,16 +175,7 @@ describe('installing the packed tarballs without a Rust toolchain', () => {
         assert.match(server.output(), /linked the embedded Postgres shared libraries/);
         const a = await DerpClient.connect({ url });
         const b = await DerpClient.connect({ url });
-        for (const [from, to] of [
-          [a, b],
-          [b, a],
-        ] as const) {
-          const got = once(to, 'packet');
-          from.send(to.publicKey, Buffer.from(`to ${to.publicKey.toString('hex').slice(0, 8)}`));
-          const [src, data] = (await got) as [Buffer, Buffer];
-          assert.deepEqual(src, from.publicKey);
-          assert.equal(data.toString(), `to ${to.publicKey.toString('hex').slice(0, 8)}`);
-        }
+        await exchangeOnce(a, b);
         await Promise.all([a.close(), b.close()]);
         const exited = once(server.child, 'exit');
         server.child.kill('SIGTERM');

@@ -2,33 +2,24 @@
 // application's routes still answer, DERP clients relay through it over TCP and WebSocket, and
 // SIGTERM sends them Restarting before the process exits 0.
 import { strict as assert } from 'node:assert';
-import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 
 import { DerpClient } from '../../src/client/index.js';
+import { spawnAnnounced } from './server-process.js';
+import { exchangeOnce } from './traffic.js';
 
 export async function checkEmbedExample(script: string, options: { cwd?: string; env?: NodeJS.ProcessEnv } = {}): Promise<void> {
-  const child = spawn(process.execPath, [script], {
+  const example = spawnAnnounced([process.execPath, script], {
+    announce: /listening on (http:\/\/\S+)/,
+    what: 'the example',
     cwd: options.cwd,
-    env: { ...process.env, ...options.env, PORT: '0' },
-    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...options.env, PORT: '0' },
+    timeoutMs: 20_000,
   });
-  let output = '';
-  child.stdout!.on('data', (d: Buffer) => (output += d.toString()));
-  child.stderr!.on('data', (d: Buffer) => (output += d.toString()));
+  const { child, output } = example;
   const exited = once(child, 'exit');
   try {
-    const url = await new Promise<string>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`the example did not start: ${output}`)), 20_000);
-      child.stdout!.on('data', () => {
-        const m = /listening on (http:\/\/\S+)/.exec(output);
-        if (m) {
-          clearTimeout(timer);
-          resolve(m[1]!);
-        }
-      });
-      child.once('exit', (code) => reject(new Error(`the example exited with ${code}: ${output}`)));
-    });
+    const url = await example.url;
 
     const app = await fetch(url);
     assert.equal(await app.text(), 'hello from the application\n', 'the application route still answers');
@@ -36,16 +27,7 @@ export async function checkEmbedExample(script: string, options: { cwd?: string;
 
     const a = await DerpClient.connect({ url });
     const b = await DerpClient.connect({ url, transport: 'websocket' });
-    const toB = once(b, 'packet');
-    a.send(b.publicKey, Buffer.from('a to b'));
-    const [fromA, dataB] = (await toB) as [Buffer, Buffer];
-    assert.deepEqual(fromA, a.publicKey);
-    assert.equal(dataB.toString(), 'a to b');
-    const toA = once(a, 'packet');
-    b.send(a.publicKey, Buffer.from('b to a'));
-    const [fromB, dataA] = (await toA) as [Buffer, Buffer];
-    assert.deepEqual(fromB, b.publicKey);
-    assert.equal(dataA.toString(), 'b to a');
+    await exchangeOnce(a, b);
     const metrics = (await (await fetch(`${url}/relay-metrics`)).json()) as Record<string, number>;
     assert.equal(metrics.packets_sent, 2, JSON.stringify(metrics));
 
@@ -53,7 +35,7 @@ export async function checkEmbedExample(script: string, options: { cwd?: string;
     child.kill('SIGTERM');
     await Promise.all(restarting);
     const [code] = (await exited) as [number];
-    assert.equal(code, 0, output);
+    assert.equal(code, 0, output());
     await Promise.all([a.close(), b.close()]);
   } finally {
     if (child.exitCode === null) child.kill('SIGKILL');

@@ -1,5 +1,22 @@
 // Packet exchange between DERP clients on (possibly) different nodes, with loss accounting.
+import { strict as assert } from 'node:assert';
+import { once } from 'node:events';
+
 import { DerpClient } from '../../src/client/index.js';
+
+/** One packet a→b, then one b→a, each sent once and checked for its source and bytes. */
+export async function exchangeOnce(a: DerpClient, b: DerpClient): Promise<void> {
+  for (const [from, to, text] of [
+    [a, b, 'a to b'],
+    [b, a, 'b to a'],
+  ] as const) {
+    const got = once(to, 'packet');
+    from.send(to.publicKey, Buffer.from(text));
+    const [src, data] = (await got) as [Buffer, Buffer];
+    assert.deepEqual(src, from.publicKey);
+    assert.equal(data.toString(), text);
+  }
+}
 
 /** Sends one packet a→b and waits for it (retrying while the mesh converges). */
 export async function deliver(a: DerpClient, b: DerpClient, timeoutMs = 5_000): Promise<number> {
