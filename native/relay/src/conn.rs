@@ -419,15 +419,7 @@ fn send_packet(relay: &Arc<Relay>, conn: &Arc<Conn>, state: &mut ReaderState, mu
         Route::Local(dst_conn) => {
             f[0] = FrameType::RecvPacket as u8;
             f[HEADER_LEN..HEADER_LEN + KEY_LEN].copy_from_slice(&conn.key);
-            enqueue_local(
-                relay,
-                &dst_conn,
-                OutFrame::whole(f.freeze()),
-                disco,
-                payload_len,
-                &mut state.counts,
-            );
-            state.note_sent(relay, &conn.key, &dst_conn);
+            enqueue_local(relay, state, &conn.key, &dst_conn, f.freeze(), disco, payload_len);
         }
         Route::Mesh(forwarder) => {
             // ForwardPacket = header ‖ src, then the client's dst ‖ packet, uncopied.
@@ -475,15 +467,7 @@ fn deliver_forwarded(relay: &Arc<Relay>, conn: &Arc<Conn>, state: &mut ReaderSta
     f[0] = FrameType::RecvPacket as u8;
     f[1..HEADER_LEN].copy_from_slice(&((KEY_LEN as u64 + payload_len) as u32).to_be_bytes());
     f[HEADER_LEN..HEADER_LEN + KEY_LEN].copy_from_slice(&src);
-    enqueue_local(
-        relay,
-        &dst_conn,
-        OutFrame::whole(f.freeze()),
-        disco,
-        payload_len,
-        &mut state.counts,
-    );
-    state.note_sent(relay, &src, &dst_conn);
+    enqueue_local(relay, state, &src, &dst_conn, f.freeze(), disco, payload_len);
 }
 
 /// A disco packet to a key that is not here: tell the sender, at most 1/s (burst 3).
@@ -494,16 +478,31 @@ fn answer_not_here(m: &Metrics, conn: &Conn, state: &mut ReaderState, dst: &Key)
     }
 }
 
-fn enqueue_local(relay: &Relay, dst: &Conn, f: OutFrame, disco: bool, payload_len: u64, counts: &mut PacketCounts) {
+/// Queues a RecvPacket frame from `src` to a local connection, counts it, and notes who sent to whom.
+fn enqueue_local(
+    relay: &Relay,
+    state: &mut ReaderState,
+    src: &Key,
+    dst: &Conn,
+    frame: Bytes,
+    disco: bool,
+    payload_len: u64,
+) {
     let m = &relay.metrics;
-    match dst.outbox.push_packet(f, disco) {
-        Enqueued::Queued => {}
-        Enqueued::DroppedOldest => Metrics::inc(&m.packets_dropped_queue_full),
+    let queued = match dst.outbox.push_packet(OutFrame::whole(frame), disco) {
+        Enqueued::Queued => true,
+        Enqueued::DroppedOldest => {
+            Metrics::inc(&m.packets_dropped_queue_full);
+            true
+        }
         Enqueued::Closed => {
             Metrics::inc(&m.packets_dropped_gone);
-            return;
+            false
         }
+    };
+    if queued {
+        state.counts.sent += 1;
+        state.counts.sent_bytes += payload_len;
     }
-    counts.sent += 1;
-    counts.sent_bytes += payload_len;
+    state.note_sent(relay, src, dst);
 }
