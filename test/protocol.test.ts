@@ -905,6 +905,51 @@ describe('ping, duplicates, keepalive, health, restarting', { timeout: 30_000 },
     }
   });
 
+  test('duplicate clients: any frame, not only SendPacket, makes its connection the active one', async () => {
+    const relay = await startRelay();
+    try {
+      const sender = await rawClient(relay.port);
+      const shared = keyPair();
+      const older = await RawConn.tcp(relay.port);
+      await older.handshake(shared);
+      const before = relay.metric('duplicate_client_connections');
+      const newer = await RawConn.tcp(relay.port);
+      await newer.handshake(shared);
+      await metricRises(relay, 'duplicate_client_connections', before);
+
+      /** Sends one tagged packet to the shared key and tells which connection got it. */
+      const deliverTo = async (): Promise<RawConn> => {
+        const tag = randomBytes(8);
+        const got = (c: RawConn) => c.frames.some((f) => f.frameType === FrameType.RecvPacket && f.payload.subarray(32).equals(tag));
+        sender.write(frame(FrameType.SendPacket, shared.publicKey, tag));
+        await waitUntil(() => got(older) || got(newer), 5000, 'the packet on one of the two connections');
+        return got(older) ? older : newer;
+      };
+      const name = (c: RawConn) => (c === older ? 'the older connection' : 'the newer connection');
+      assert.equal(name(await deliverTo()), name(newer), 'the newest connection is active');
+
+      // Ping: the Pong says the relay has read it.
+      older.write(frame(FrameType.Ping, Buffer.from('12345678')));
+      await older.next(FrameType.Pong);
+      assert.equal(name(await deliverTo()), name(older), 'a Ping makes its connection active');
+
+      // NotePreferred has no answer: the home-connections gauge says the relay has read it.
+      const home = relay.metric('home_connections');
+      newer.write(frame(FrameType.NotePreferred, Buffer.from([1])));
+      await metricRises(relay, 'home_connections', home);
+      assert.equal(name(await deliverTo()), name(newer), 'a NotePreferred makes its connection active');
+
+      // A frame type the relay skips still counts as activity (as in derper, every frame read does).
+      const unknown = relay.metric('unknown_frames');
+      older.write(frame(0x7e, Buffer.from('whatever')));
+      await metricRises(relay, 'unknown_frames', unknown);
+      assert.equal(name(await deliverTo()), name(older), 'a skipped frame makes its connection active');
+      await closeAll(sender, older, newer);
+    } finally {
+      await relay.close();
+    }
+  });
+
   test('KeepAlive arrives on the configured period', async () => {
     const relay = await startRelay({ keepaliveMs: 200, keepaliveJitterMs: 0 });
     try {

@@ -31,6 +31,9 @@ pub struct Conn {
     closed: watch::Sender<bool>,
     /// Another connection with the same key exists (last writer is active).
     duplicate: AtomicBool,
+    /// Packets for this key come here: mirrors the relay's `active` map, written under its registry
+    /// lock, read without it on every frame.
+    active: AtomicBool,
     preferred: AtomicBool,
 }
 
@@ -41,6 +44,14 @@ impl Conn {
 
     pub(crate) fn set_duplicate(&self, dup: bool) {
         self.duplicate.store(dup, Relaxed);
+    }
+
+    pub(crate) fn set_active(&self, active: bool) {
+        self.active.store(active, Relaxed);
+    }
+
+    pub(crate) fn is_active(&self) -> bool {
+        self.active.load(Relaxed)
     }
 
     pub(crate) fn peer_present_frame(&self) -> Bytes {
@@ -106,6 +117,7 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
         outbox: Outbox::new(relay.config.queue_depth, relay.config.disco_queue_depth),
         closed: closed_tx,
         duplicate: AtomicBool::new(false),
+        active: AtomicBool::new(false),
         preferred: AtomicBool::new(false),
     });
     // Registered before ServerInfo goes out: a client may send to a peer the moment its peer's
@@ -330,15 +342,18 @@ async fn handle_frame(
 ) -> Result<(), ReadExit> {
     let m = &relay.metrics;
     let eof = |_| ReadExit::Eof;
+    // Last writer is active: any frame a client sends, whatever its type or validity, makes its
+    // connection the one its key's packets go to (derper's noteClientActivity). Two relaxed loads
+    // unless this connection has a duplicate and is not already the active one.
+    if conn.duplicate.load(Relaxed) && !conn.is_active() {
+        relay.note_activity(conn);
+    }
     match FrameType::from_u8(t) {
         Some(FrameType::SendPacket) => {
             if !(KEY_LEN..=KEY_LEN + MAX_PACKET_SIZE).contains(&len) {
                 return Err(ReadExit::ProtocolError);
             }
             let f = reader.take_frame(len).await.map_err(eof)?;
-            if conn.duplicate.load(Relaxed) {
-                relay.note_writer(conn);
-            }
             send_packet(relay, conn, state, f);
         }
         Some(FrameType::ForwardPacket) => {

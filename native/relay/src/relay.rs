@@ -56,7 +56,8 @@ pub trait Forwarder: Send + Sync {
 
 #[derive(Default)]
 struct Registry {
-    /// Every handshaken connection per key, oldest first.
+    /// Every handshaken connection per key, least recently active first: the last one is the active
+    /// one (connecting and sending frames are activity), the one packets for the key go to.
     clients: HashMap<Key, Vec<Arc<Conn>>>,
     conns: HashMap<u64, Arc<Conn>>,
     watchers: HashMap<u64, Arc<Conn>>,
@@ -198,7 +199,7 @@ impl Relay {
             }
         }
         list.push(conn.clone());
-        self.active.insert(conn.key, conn.clone());
+        self.make_active(conn);
         reg.conns.insert(conn.id, conn.clone());
         let present = conn.peer_present_frame();
         for w in reg.watchers.values() {
@@ -218,13 +219,12 @@ impl Relay {
             return;
         };
         list.retain(|c| c.id != conn.id);
-        if let Some(newest) = list.last().cloned() {
+        if let Some(most_recent) = list.last().cloned() {
             if list.len() == 1 {
-                newest.set_duplicate(false);
+                most_recent.set_duplicate(false);
             }
-            let was_active = self.active.get(&conn.key).is_some_and(|a| a.id == conn.id);
-            if was_active {
-                self.active.insert(conn.key, newest);
+            if !most_recent.is_active() {
+                self.make_active(&most_recent);
             }
             return;
         }
@@ -263,15 +263,27 @@ impl Relay {
             .insert(dst_conn.key, dst_conn.id);
     }
 
-    /// Last writer is active: a duplicate connection that sends becomes the one packets go to.
-    pub(crate) fn note_writer(&self, conn: &Arc<Conn>) {
-        if self.active.get(&conn.key).is_some_and(|a| a.id == conn.id) {
+    /// Last writer is active: a duplicate connection that sends any frame becomes the one packets
+    /// for its key go to, and the most recently active of the others takes over when it leaves.
+    pub(crate) fn note_activity(&self, conn: &Arc<Conn>) {
+        let mut reg = self.registry();
+        let Some(list) = reg.clients.get_mut(&conn.key) else {
             return;
+        };
+        let Some(i) = list.iter().position(|c| c.id == conn.id) else {
+            return;
+        };
+        let conn = list.remove(i);
+        list.push(conn.clone());
+        self.make_active(&conn);
+    }
+
+    /// Routes `conn`'s key to `conn`. Called with the registry lock held.
+    fn make_active(&self, conn: &Arc<Conn>) {
+        if let Some(previous) = self.active.insert(conn.key, conn.clone()) {
+            previous.set_active(false);
         }
-        let reg = self.registry();
-        if reg.conns.contains_key(&conn.id) {
-            self.active.insert(conn.key, conn.clone());
-        }
+        conn.set_active(true);
     }
 
     /// WatchConns: send the current clients, then stream changes.
