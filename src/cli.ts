@@ -3,6 +3,7 @@
 import { loadConfig, optionsHelp, optionsMarkdownTable } from './config.js';
 import { DerpmeshError } from './errors.js';
 import { createLogger } from './log.js';
+import { onParentGone } from './parent.js';
 import { version } from './version.js';
 
 const usage = `derpmesh ${version} — a high-availability DERP relay cluster
@@ -26,19 +27,30 @@ async function server(argv: string[]): Promise<void> {
   // `config-table` must work (and a missing addon must be reported cleanly) without it.
   const { startNode } = await import('./node.js');
   const node = await startNode(config, logger);
-  let signals = 0;
-  const stop = (signal: string) => {
-    signals++;
-    if (signals > 1) {
-      logger.warn('second signal: exiting now', { signal });
-      process.exit(1);
+  // The first signal starts the graceful stop, bounded by the shutdown grace. Further signals (a
+  // terminal's Ctrl-C and a wrapper such as npm often both send one) do not cut it short: exiting
+  // at once would skip the Restarting frames and strand an embedded Postgres. A stop that still
+  // has not finished well after the grace is abandoned, releasing the Postgres first.
+  let stopping = false;
+  const stop = (reason: string) => {
+    if (stopping) {
+      logger.warn('already stopping: the graceful stop goes on', { reason, graceMs: config.shutdownGraceMs });
+      return;
     }
-    logger.info('signal received', { signal });
+    stopping = true;
+    logger.info('stopping', { reason });
+    setTimeout(() => {
+      logger.error('the graceful stop did not finish in time: exiting now', { afterMs: config.shutdownGraceMs + HARD_STOP_MARGIN_MS });
+      void node.abandon().finally(() => process.exit(1));
+    }, config.shutdownGraceMs + HARD_STOP_MARGIN_MS).unref();
     void node.close().then(() => process.exit(0));
   };
-  process.on('SIGINT', () => stop('SIGINT'));
-  process.on('SIGTERM', () => stop('SIGTERM'));
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(signal, () => stop(signal));
+  onParentGone(() => stop('the parent process is gone'));
 }
+
+/** Time beyond the shutdown grace before a stuck stop is abandoned. */
+const HARD_STOP_MARGIN_MS = 5_000;
 
 async function main(argv: string[]): Promise<void> {
   const [command, ...rest] = argv;

@@ -34,6 +34,8 @@ export interface DerpmeshNode {
   health(): HealthReport;
   /** Graceful stop: stopped_at + publish, Restarting to every client, flush, close. */
   close(): Promise<void>;
+  /** For a stop that did not finish in time: release what outlives this process (the embedded Postgres). */
+  abandon(): Promise<void>;
 }
 
 export interface NodeExtras {
@@ -45,8 +47,15 @@ export interface NodeExtras {
 
 export async function startNode(config: ServerConfig, logger: Logger, extras: NodeExtras = {}): Promise<DerpmeshNode> {
   const cleanups: (() => Promise<void>)[] = [];
+  // Undone in reverse order, each step bounded: a stop must end even when a step hangs (a database
+  // that does not answer, a connection that never closes).
+  const stepLimitMs = config.shutdownGraceMs + 2_000;
   const undo = async () => {
-    for (const c of cleanups.reverse()) await c().catch(() => {});
+    for (const c of cleanups.splice(0).reverse()) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([c().catch(() => {}), new Promise<void>((r) => (timer = setTimeout(r, stepLimitMs)))]);
+      clearTimeout(timer);
+    }
   };
   try {
     return await start(config, logger, extras, cleanups, undo);
@@ -112,8 +121,13 @@ async function start(
     healthReport: () => health(),
   });
 
+  // The static peers (--mesh-with) are meshed from the start, with or without peers in Postgres.
+  relay?.setMeshPeers(config.meshWith);
   registry.on('peers', (peers) => {
-    relay?.setMeshPeers(peers.filter((p) => p.regionId === config.regionId && p.relayUrl !== '').map((p) => p.relayUrl));
+    relay?.setMeshPeers([
+      ...config.meshWith,
+      ...peers.filter((p) => p.regionId === config.regionId && p.relayUrl !== '').map((p) => p.relayUrl),
+    ]);
   });
 
   /** Cluster misconfigurations worth shouting about (log, API, health). */
@@ -260,7 +274,15 @@ async function start(
       statusPage(registry, config.latencyThresholdMs, warnings),
     ],
   });
-  cleanups.push(() => http.close());
+  // Stop order: stop accepting; Restarting to every client and flush (the relay stops its mesh
+  // links first); then close whatever is left. With TLS terminated in Node the DERP connections are
+  // sockets of this server, so closing the server before the relay would cut them without a
+  // Restarting frame, and waiting for it to close would wait for clients that never leave.
+  cleanups.push(async () => {
+    http.stopAccepting();
+    await relay?.close({ graceMs: config.shutdownGraceMs });
+    await http.close();
+  });
 
   await registry.start();
   cleanups.push(() => registry.stop());
@@ -302,6 +324,9 @@ async function start(
         await undo();
         log.info('stopped');
       })()),
+    abandon: async () => {
+      await embedded?.release();
+    },
   };
 }
 

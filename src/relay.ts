@@ -48,6 +48,7 @@ export class Relay {
   /** What Node decided before the relay core saw a connection. */
   readonly #upgrades = { refused: 0, bridged: 0 };
   #closed = false;
+  #closing: Promise<void> | undefined;
 
   constructor(options: RelayOptions = {}) {
     this.#core = new native.RelayCore(options);
@@ -172,9 +173,9 @@ export class Relay {
   }
 
   /** Graceful shutdown: Restarting to every client, flush, close. New upgrades get 503. */
-  async close(options: ShutdownOptions = {}): Promise<void> {
+  close(options: ShutdownOptions = {}): Promise<void> {
     this.#closed = true;
-    await this.#core.shutdown(options.reconnectInMs ?? 0, options.tryForMs ?? 30_000, options.graceMs ?? 5_000);
+    return (this.#closing ??= this.#core.shutdown(options.reconnectInMs ?? 0, options.tryForMs ?? 30_000, options.graceMs ?? 5_000));
   }
 
   #classify(req: IncomingMessage): UpgradeKind | undefined {
@@ -207,16 +208,24 @@ export class Relay {
       for (;;) {
         const chunk = await bridge.read();
         if (chunk === null || socket.destroyed) break;
-        if (!socket.write(chunk)) {
-          await new Promise<void>((resolve) => {
-            socket.once('drain', resolve);
-            socket.once('close', resolve);
-          });
-        }
+        if (!socket.write(chunk)) await writable(socket);
       }
       socket.end();
     })();
   }
+}
+
+/** Resolves when a backpressured socket drains or closes, leaving no listener behind either way. */
+function writable(socket: Duplex): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const done = () => {
+      socket.off('drain', done);
+      socket.off('close', done);
+      resolve();
+    };
+    socket.on('drain', done);
+    socket.on('close', done);
+  });
 }
 
 function websocketAccept(key: string): string {

@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url';
 
 import { DerpClient } from '../src/client/index.js';
 import { waitFor } from './helpers/cluster.js';
-import { deliver } from './helpers/traffic.js';
+import { deliver, echoRoundTrips, quantile } from './helpers/traffic.js';
 
 const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
 
@@ -33,6 +33,35 @@ function processGroupAlive(pgid: number): boolean {
   }
 }
 
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** The pids of the `derpmesh server` processes whose parent is `ppid`. */
+function nodesOf(ppid: number): number[] {
+  return execFileSync('ps', ['-eo', 'pid=,ppid=,args='], { encoding: 'utf8' })
+    .split('\n')
+    .map((l) => l.trim().split(/\s+/))
+    .filter(([, parent, ...args]) => Number(parent) === ppid && args.join(' ').includes('cli.js server'))
+    .map(([pid]) => Number(pid));
+}
+
+/** Waits until none of `pids` runs, or fails naming those that still do. */
+async function expectGone(pids: number[], withinMs: number, what: string): Promise<number> {
+  const start = Date.now();
+  await waitFor(`${what} gone`, withinMs, () => pids.every((p) => !pidAlive(p)), 50).catch(() => {
+    const left = pids.filter(pidAlive);
+    const ps = execFileSync('ps', ['-o', 'pid=,args=', '-p', left.join(',')], { encoding: 'utf8' });
+    throw new Error(`${what} still running ${withinMs} ms later:\n${ps}`);
+  });
+  return Date.now() - start;
+}
+
 interface RunningCluster {
   child: ChildProcess;
   stdout(): string;
@@ -40,6 +69,8 @@ interface RunningCluster {
   output(): string;
   exited: Promise<[number | null, NodeJS.Signals | null]>;
   accessUrl: string;
+  /** Each node's own address, from the table. */
+  nodeUrls: string[];
 }
 
 /** Runs `derpmesh cluster --nodes 3` in its own process group and waits for its table. */
@@ -73,6 +104,7 @@ async function startCluster(stateDir: string): Promise<RunningCluster> {
     output,
     exited,
     accessUrl: /Access URL (http:\/\/127\.0\.0\.1:\d+) /.exec(stdout)![1]!,
+    nodeUrls: [...stdout.matchAll(/^node-\d+\s+(http:\/\/127\.0\.0\.1:\d+)\s/gm)].map((m) => m[1]!),
   };
 }
 
@@ -107,7 +139,7 @@ function expectGracefulNodes(cluster: RunningCluster): void {
   assert.equal((stderr.match(/INFO {2}stopped node=node-\d/g) ?? []).length, 3, `not every node logged "stopped":\n${stderr}`);
 }
 
-describe('derpmesh cluster', { timeout: 110_000 }, () => {
+describe('derpmesh cluster', { timeout: 400_000 }, () => {
   const stateDir = mkdtempSync(join(tmpdir(), 'derpmesh-cluster-'));
   // When the tests run as root the embedded Postgres runs as an unprivileged user, which must be able
   // to traverse the state directory (mkdtemp makes it 0700).
@@ -198,4 +230,76 @@ describe('derpmesh cluster', { timeout: 110_000 }, () => {
       expectGracefulNodes(cluster);
     },
   );
+
+  test('through the access URL, small request/response exchanges between nodes are as fast as direct (p50 < 2 ms)', async () => {
+    const cluster = await startCluster(stateDir);
+    running.push(cluster);
+    try {
+      // Two clients on different nodes through the access URL, and two dialled directly.
+      const viaAccess: DerpClient[] = [];
+      const a = await DerpClient.connect({ url: cluster.accessUrl });
+      viaAccess.push(a);
+      let b: DerpClient | undefined;
+      for (let i = 0; i < 6 && !b; i++) {
+        const c = await DerpClient.connect({ url: cluster.accessUrl });
+        viaAccess.push(c);
+        if (!c.serverPublicKey.equals(a.serverPublicKey)) b = c;
+      }
+      clients.push(...viaAccess);
+      assert.ok(b, 'the access URL never put a second client on another node');
+      const da = await DerpClient.connect({ url: cluster.nodeUrls[0]! });
+      const db = await DerpClient.connect({ url: cluster.nodeUrls[1]! });
+      clients.push(da, db);
+      await deliver(a, b, 10_000);
+      await deliver(da, db, 10_000);
+      // Interleaved rounds, so both paths see the same machine load.
+      const via: number[] = [];
+      const direct: number[] = [];
+      for (let round = 0; round < 4; round++) {
+        via.push(...(await echoRoundTrips(a, b, 50, { burst: 3 })));
+        direct.push(...(await echoRoundTrips(da, db, 50, { burst: 3 })));
+      }
+      const row = (name: string, v: number[]) => `${name}: p50 ${quantile(v, 0.5).toFixed(3)} ms, p99 ${quantile(v, 0.99).toFixed(3)} ms`;
+      console.log(`${row('access URL', via)}; ${row('direct', direct)} (${via.length} exchanges each)`);
+      assert.equal(via.length, 200);
+      assert.ok(quantile(via, 0.5) < 2, row('through the access URL', via));
+    } finally {
+      await Promise.all(clients.splice(0).map((c) => c.close().catch(() => {})));
+      process.kill(cluster.child.pid!, 'SIGINT');
+      await expectCleanExit(cluster, stateDir, 'SIGINT');
+    }
+  });
+
+  test('two SIGTERMs 5 ms apart: the nodes and the Postgres stop within the shutdown grace, checked by pid', async () => {
+    const cluster = await startCluster(stateDir);
+    running.push(cluster);
+    const nodes = nodesOf(cluster.child.pid!);
+    assert.equal(nodes.length, 3, `three node processes under the cluster: ${nodes.join(',')}`);
+    const postgres = postgresProcessesIn(stateDir).map((l) => Number(l.split(/\s+/)[0]));
+    assert.ok(postgres.length > 0, 'its Postgres runs');
+    process.kill(cluster.child.pid!, 'SIGTERM');
+    await new Promise((r) => setTimeout(r, 5));
+    process.kill(cluster.child.pid!, 'SIGTERM');
+    const graceMs = 5_000;
+    const ms = await expectGone([cluster.child.pid!, ...nodes, ...postgres], graceMs, 'the cluster, its nodes and its Postgres');
+    console.log(`everything stopped ${ms} ms after two SIGTERMs`);
+    const [code] = await cluster.exited;
+    assert.equal(code, 0, cluster.output());
+    assert.match(cluster.stderr(), /signal received while stopping/);
+    assert.match(cluster.stderr(), /cluster stopped/);
+    expectGracefulNodes(cluster);
+  });
+
+  test('kill -9 of the cluster command: its nodes stop by themselves, and the Postgres with the last of them', async () => {
+    const cluster = await startCluster(stateDir);
+    running.push(cluster);
+    const nodes = nodesOf(cluster.child.pid!);
+    assert.equal(nodes.length, 3);
+    const postgres = postgresProcessesIn(stateDir).map((l) => Number(l.split(/\s+/)[0]));
+    process.kill(cluster.child.pid!, 'SIGKILL');
+    const ms = await expectGone([...nodes, ...postgres], 15_000, 'the orphaned nodes and their Postgres');
+    console.log(`nodes and Postgres gone ${ms} ms after the cluster command was killed`);
+    assert.match(cluster.stderr(), /stopping.*reason="the parent process is gone"/);
+    expectGracefulNodes(cluster);
+  });
 });

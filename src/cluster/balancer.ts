@@ -1,5 +1,10 @@
 // A small TCP round-robin load balancer: the access URL of a local cluster. A connection that
 // cannot reach its node is retried on the next one, so a dead node is skipped.
+//
+// It forwards bytes as they arrive: Nagle's algorithm is off on both sides (DERP is many small
+// frames; with it on, a small write waits for the previous one's ACK, ~40 ms with delayed ACKs).
+// Each direction keeps its own backpressure (pipe), a FIN is passed on as a FIN (half-close), and
+// an error or reset on either side closes the other.
 import { connect, createServer, type Server, type Socket } from 'node:net';
 
 export interface Balancer {
@@ -12,30 +17,27 @@ export async function startBalancer(host: string, port: number, backends: number
   let ports = [...backends];
   let next = 0;
   const sockets = new Set<Socket>();
-  const server: Server = createServer((client) => {
-    sockets.add(client);
-    client.on('close', () => sockets.delete(client));
+  const track = (s: Socket) => {
+    sockets.add(s);
+    s.once('close', () => sockets.delete(s));
+  };
+  const server: Server = createServer({ allowHalfOpen: true, pauseOnConnect: true, noDelay: true }, (client) => {
+    track(client);
     client.on('error', () => client.destroy());
-    client.pause();
     const attempt = (tries: number) => {
+      if (client.destroyed) return;
       if (tries >= ports.length) {
         client.destroy();
         return;
       }
       const backendPort = ports[next++ % ports.length]!;
-      const upstream = connect(backendPort, '127.0.0.1');
+      const upstream = connect({ port: backendPort, host: '127.0.0.1', allowHalfOpen: true, noDelay: true });
+      track(upstream);
+      const retry = () => attempt(tries + 1);
+      upstream.once('error', retry);
       upstream.once('connect', () => {
-        sockets.add(upstream);
-        upstream.on('close', () => sockets.delete(upstream));
-        client.pipe(upstream);
-        upstream.pipe(client);
-        client.resume();
-        upstream.on('error', () => client.destroy());
-        client.on('close', () => upstream.destroy());
-        upstream.on('close', () => client.destroy());
-      });
-      upstream.once('error', () => {
-        if (upstream.connecting || !sockets.has(upstream)) attempt(tries + 1);
+        upstream.off('error', retry);
+        splice(client, upstream);
       });
     };
     attempt(0);
@@ -55,4 +57,23 @@ export async function startBalancer(host: string, port: number, backends: number
         server.close(() => resolve());
       }),
   };
+}
+
+/** Joins two connected sockets both ways until both directions have ended or either fails. */
+function splice(a: Socket, b: Socket): void {
+  a.pipe(b); // ends b's write side when a ends (half-close passed on)
+  b.pipe(a);
+  const closeBoth = () => {
+    a.destroy();
+    b.destroy();
+  };
+  a.on('error', closeBoth);
+  b.on('error', closeBoth);
+  // A socket closes by itself once it has both received and sent its FIN; its partner then finishes
+  // writing what it holds (end, not destroy). A reset on either side arrives as an error above.
+  a.once('close', () => b.end());
+  b.once('close', () => a.end());
+  a.setNoDelay(true);
+  b.setNoDelay(true);
+  a.resume();
 }

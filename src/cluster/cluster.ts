@@ -6,6 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 
 import { options, parseDuration } from '../config.js';
+import { STOP_WITH_PARENT_ENV } from '../parent.js';
 import { configError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { freePort } from '../net.js';
@@ -73,51 +74,79 @@ export async function clusterCommand(argv: string[]): Promise<void> {
 
   const children: ChildProcess[] = ports.map((port, i) => {
     const name = `node-${i + 1}`;
+    const { CODER_PG_CONNECTION_URL: _external, ...inherited } = process.env;
     const child = spawn(process.execPath, [cli, 'server'], {
       env: {
-        ...process.env,
+        ...inherited,
         CODER_ADDRESS: `127.0.0.1:${port}`,
         CODER_ACCESS_URL: accessUrl,
         CODER_DERP_SERVER_RELAY_URL: `http://127.0.0.1:${port}`,
-        CODER_PG_CONNECTION_URL: postgres.url,
+        // Each node joins the embedded Postgres through the state directory, as a user of it: the
+        // last user to stop stops it, so it goes with the nodes even if this process is killed.
+        DERPMESH_STATE_DIR: stateDir,
         DERPMESH_HOSTNAME: name,
         DERPMESH_HEARTBEAT_INTERVAL: heartbeat,
+        // The node stops (gracefully) when this process is gone, however it went: see cli.ts.
+        [STOP_WITH_PARENT_ENV]: '1',
       },
-      stdio: ['ignore', 'inherit', 'inherit'],
+      // The IPC channel carries nothing; it closes when this process dies, which the node watches.
+      stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
       // Own process group: a terminal's Ctrl-C reaches only this process, which then stops each
       // node gracefully (Restarting to clients, stopped_at) with one SIGTERM.
       detached: true,
     });
+    child.on('error', (err) => logger.error('could not start a node process', { name, err }));
     child.on('exit', (code, signal) => {
       if (!stopping) logger.warn('node exited', { name, code, signal });
     });
+    child.channel?.unref();
     return child;
   });
 
-  // Never leave nodes behind if this process dies without stopping them.
+  // Never leave nodes behind if this process exits without stopping them.
   process.on('exit', () => {
     for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
   });
   let stopping = false;
-  const stop = async () => {
-    if (stopping) return;
-    stopping = true;
-    logger.info('stopping the cluster');
-    await Promise.all(
-      children.map(async (c) => {
-        if (c.exitCode !== null || c.signalCode !== null) return;
-        c.kill('SIGTERM');
-        const timer = setTimeout(() => c.kill('SIGKILL'), 15_000);
-        await once(c, 'exit');
-        clearTimeout(timer);
-      }),
-    );
-    await balancer.close();
-    await postgres.release();
-    logger.info('cluster stopped');
+  let stopped: Promise<void> | undefined;
+  // A node that has not exited this long after its SIGTERM is killed: its own graceful stop is
+  // bounded by the shutdown grace, so this only catches a node that hangs.
+  const killAfterMs = (parseDuration(process.env.DERPMESH_SHUTDOWN_GRACE ?? options.shutdownGrace.default ?? '5s') ?? 5_000) + 2_000;
+  const stop = () =>
+    (stopped ??= (async () => {
+      stopping = true;
+      logger.info('stopping the cluster', { nodes: children.length });
+      const killed: string[] = [];
+      await Promise.all(
+        children.map(async (c, i) => {
+          if (c.exitCode !== null || c.signalCode !== null) return;
+          const exit = once(c, 'exit');
+          c.kill('SIGTERM');
+          const timer = setTimeout(() => {
+            killed.push(`node-${i + 1}`);
+            c.kill('SIGKILL');
+          }, killAfterMs);
+          await exit;
+          clearTimeout(timer);
+        }),
+      );
+      if (killed.length > 0) logger.warn('nodes did not stop in time and were killed', { nodes: killed.join(','), afterMs: killAfterMs });
+      await balancer.close();
+      await postgres.release();
+      logger.info('cluster stopped', { killed: killed.length });
+    })());
+  // However many signals arrive (a terminal's Ctrl-C and a wrapper such as npm may both send one),
+  // the first starts the stop and the others wait for it: the stop is bounded, and exiting early
+  // would strand the nodes and the Postgres.
+  let signals = 0;
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (++signals > 1) {
+      logger.warn('signal received while stopping: still stopping the nodes and the Postgres', { signal, limitMs: killAfterMs });
+      return;
+    }
+    void stop().then(() => process.exit(0));
   };
-  process.once('SIGINT', () => void stop().then(() => process.exit(0)));
-  process.once('SIGTERM', () => void stop().then(() => process.exit(0)));
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(signal, onSignal);
 
   try {
     const views = await waitForCluster(ports, count, 60_000);

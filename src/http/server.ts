@@ -41,6 +41,9 @@ export interface HttpServer {
   url: string;
   port: number;
   counters: ReturnType<typeof httpCounters>;
+  /** Stops accepting connections; open ones (and upgraded ones bridged through Node) go on. */
+  stopAccepting(): void;
+  /** Stops accepting and closes every connection still open, upgraded or not. */
   close(): Promise<void>;
 }
 
@@ -83,6 +86,13 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     relay.handleUpgrade(req, socket, head);
   });
 
+  // Every TCP connection, upgraded or not: with TLS in Node, bridged DERP connections live here and
+  // keep server.close() waiting until they are gone.
+  const sockets = new Set<Socket>();
+  server.on('connection', (socket: Socket) => {
+    sockets.add(socket);
+    socket.once('close', () => sockets.delete(socket));
+  });
   // Our own head timer: Node's headersTimeout is only checked every connectionsCheckingInterval.
   const connectionEvent = options.tls ? 'secureConnection' : 'connection';
   server.on(connectionEvent, (socket: Socket) => {
@@ -124,6 +134,13 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     });
   });
   const port = (server.address() as AddressInfo).port;
+  let closing = false;
+  const closed = new Promise<void>((resolve) => server.once('close', () => resolve()));
+  const stopAccepting = () => {
+    if (closing) return;
+    closing = true;
+    server.close();
+  };
   const hostForUrl = options.host.includes(':')
     ? `[${options.host}]`
     : options.host === '0.0.0.0' || options.host === '::'
@@ -134,11 +151,13 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     port,
     url: `${options.tls ? 'https' : 'http'}://${hostForUrl}:${port}`,
     counters,
-    close: () =>
-      new Promise<void>((resolve) => {
-        server.close(() => resolve());
-        server.closeAllConnections();
-      }),
+    stopAccepting,
+    close: () => {
+      stopAccepting();
+      server.closeAllConnections();
+      for (const socket of sockets) socket.destroy();
+      return closed;
+    },
   };
 }
 

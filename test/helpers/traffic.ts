@@ -78,3 +78,63 @@ export function stream(a: DerpClient, b: DerpClient, ratePerSec = 200) {
     },
   };
 }
+
+/**
+ * `count` request/response exchanges a→b→a, one at a time: b answers every packet from a with
+ * the same bytes. Returns each exchange's round trip in ms, in the order measured.
+ */
+export async function echoRoundTrips(
+  a: DerpClient,
+  b: DerpClient,
+  count: number,
+  { size = 64, burst = 1, timeoutMs = 5_000 }: { size?: number; burst?: number; timeoutMs?: number } = {},
+): Promise<number[]> {
+  const echo = (src: Buffer, data: Buffer) => {
+    if (src.equals(a.publicKey)) b.send(a.publicKey, data);
+  };
+  b.on('packet', echo);
+  const rtts: number[] = [];
+  try {
+    for (let i = 0; i < count; i++) {
+      // `burst` packets sent back to back (each its own write, as a tunnel's small packets are);
+      // the exchange ends when every echo is back.
+      const payloads = Array.from({ length: burst }, (_, j) => {
+        const p = Buffer.alloc(size, (i + j) & 0xff);
+        p.writeUInt32BE(i, 0);
+        p.writeUInt16BE(j, 4);
+        return p;
+      });
+      const start = process.hrtime.bigint();
+      await new Promise<void>((resolve, reject) => {
+        let waiting = burst;
+        const timer = setTimeout(() => {
+          a.off('packet', onPacket);
+          reject(new Error(`exchange ${i} got ${burst - waiting} of ${burst} answers within ${timeoutMs} ms`));
+        }, timeoutMs);
+        const onPacket = (src: Buffer, data: Buffer) => {
+          if (!src.equals(b.publicKey) || !payloads.some((p) => p.equals(data)) || --waiting > 0) return;
+          clearTimeout(timer);
+          a.off('packet', onPacket);
+          resolve();
+        };
+        a.on('packet', onPacket);
+        // Each packet of the burst in its own turn of the event loop, so each is its own segment.
+        const sendFrom = (j: number) => {
+          a.send(b.publicKey, payloads[j]!);
+          if (j + 1 < burst) setImmediate(sendFrom, j + 1);
+        };
+        sendFrom(0);
+      });
+      rtts.push(Number(process.hrtime.bigint() - start) / 1e6);
+    }
+  } finally {
+    b.off('packet', echo);
+  }
+  return rtts;
+}
+
+/** The q-quantile (0..1) of `values`. */
+export function quantile(values: number[], q: number): number {
+  const sorted = [...values].sort((x, y) => x - y);
+  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]!;
+}
