@@ -1,7 +1,7 @@
 // A child process whose output is collected and whose URL is known once it prints it; `derpmesh
 // server` that way, with its own state directory (so its embedded Postgres never mixes with anything else).
 import { spawn, type ChildProcess } from 'node:child_process';
-import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -31,6 +31,7 @@ export function spawnAnnounced(
     };
     child.stdout!.on('data', onData);
     child.stderr!.on('data', onData);
+    child.once('error', (err) => reject(new Error(`${options.what} could not be started: ${err.message}`)));
     child.once('exit', (code) => reject(new Error(`${options.what} exited with ${code}: ${text}`)));
     setTimeout(() => reject(new Error(`${options.what} did not start: ${text}`)), options.timeoutMs).unref();
   });
@@ -38,19 +39,48 @@ export function spawnAnnounced(
   return { child, output: () => text, url };
 }
 
-export type ServerProcess = AnnouncedProcess;
+export type ServerProcess = AnnouncedProcess & { stateDir: string };
 
-/** `command` is the argv before `server`: `[process.execPath, cli]`, or an installed bin. */
+/** The pid of the postmaster running on `stateDir`'s embedded Postgres data, if its pid file names one. */
+export function embeddedPostmasterPid(stateDir: string): number | undefined {
+  try {
+    const pid = Number(readFileSync(join(stateDir, 'postgres', 'data', 'postmaster.pid'), 'utf8').split('\n')[0]);
+    return pid > 0 ? pid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * `command` is the argv before `server`: `[process.execPath, cli]`, or an installed bin. With
+ * DERPMESH_STATE_DIR in `env`, the server uses that state directory (shared with others, kept);
+ * otherwise one of its own, removed (with any Postgres left on it) after the server exits.
+ */
 export function startServerProcess(command: string[], args: string[], env: NodeJS.ProcessEnv = {}, startTimeoutMs = 15_000): ServerProcess {
-  const stateDir = mkdtempSync(join(tmpdir(), 'derpmesh-server-test-'));
+  const ownStateDir = env.DERPMESH_STATE_DIR === undefined;
+  const stateDir = env.DERPMESH_STATE_DIR ?? mkdtempSync(join(tmpdir(), 'derpmesh-server-test-'));
   // The embedded Postgres runs as its own user when we are root: it must traverse the directory.
-  chmodSync(stateDir, 0o755);
+  if (ownStateDir) chmodSync(stateDir, 0o755);
   const server = spawnAnnounced([...command, 'server', ...args], {
     announce: /listen=(http:\/\/\S+)/,
     what: 'server',
-    env: { DERPMESH_STATE_DIR: stateDir, ...env },
+    env: { ...env, DERPMESH_STATE_DIR: stateDir },
     timeoutMs: startTimeoutMs,
   });
-  server.child.once('exit', () => setTimeout(() => rmSync(stateDir, { recursive: true, force: true }), 2_000).unref());
-  return server;
+  if (ownStateDir) {
+    server.child.once('exit', () =>
+      setTimeout(() => {
+        // Only this server used the state directory: a Postgres still on it (the server was
+        // killed before it could stop it) goes with the directory.
+        const postmaster = embeddedPostmasterPid(stateDir);
+        try {
+          if (postmaster) process.kill(postmaster, 'SIGQUIT');
+        } catch {
+          // already gone
+        }
+        rmSync(stateDir, { recursive: true, force: true });
+      }, 2_000).unref(),
+    );
+  }
+  return { ...server, stateDir };
 }
