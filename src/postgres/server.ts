@@ -1,6 +1,7 @@
 // Runs a Postgres server process from the system's binaries: initdb on first use, start on a given port
 // (TCP on 127.0.0.1 only, unix sockets in a directory of our choosing), fast shutdown. Used by the tests'
-// throwaway servers (test/helpers/postgres.ts).
+// throwaway servers (test/helpers/postgres.ts). `lookupUser` and `runToCompletion` also serve the
+// embedded Postgres (embedded.ts).
 //
 // Postgres refuses to run as root. When we are root the server runs as an unprivileged user (default
 // `nobody`, or DERPMESH_POSTGRES_USER) through spawn's uid/gid options: no sudo, runuser or download needed.
@@ -43,19 +44,66 @@ export function findPostgresBinDir(): string {
   return found;
 }
 
+/** An unprivileged user a server runs as (through spawn's uid/gid), with its name for messages. */
+export interface PostgresIdentity {
+  uid: number;
+  gid: number;
+  name: string;
+}
+
+/** The user `user` (a name or a numeric uid), or undefined if the system has none. */
+export function lookupUser(user: string): PostgresIdentity | undefined {
+  try {
+    const id = (flag: string) => execFileSync('id', [flag, user], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+    return { uid: Number(id('-u')), gid: Number(id('-g')), name: id('-nu') };
+  } catch {
+    return undefined;
+  }
+}
+
 /** Who the server runs as: ourselves, or when we are root, DERPMESH_POSTGRES_USER (default `nobody`). */
-export function postgresIdentity(): { uid: number; gid: number } | undefined {
+export function postgresIdentity(): PostgresIdentity | undefined {
   if (process.getuid?.() !== 0) return undefined;
   const user = process.env.DERPMESH_POSTGRES_USER ?? 'nobody';
-  try {
-    const uid = Number(execFileSync('id', ['-u', user], { encoding: 'utf8' }).trim());
-    const gid = Number(execFileSync('id', ['-g', user], { encoding: 'utf8' }).trim());
-    return { uid, gid };
-  } catch {
+  const identity = lookupUser(user);
+  if (!identity) {
     throw new Error(
       `running as root and user ${JSON.stringify(user)} does not exist; Postgres refuses to run as root, so set DERPMESH_POSTGRES_USER to an unprivileged user`,
     );
   }
+  return identity;
+}
+
+/**
+ * Runs a helper (initdb, postgres -V) to completion as `identity` (or ourselves), with its output
+ * kept for the error: rejects with a plain Error if it cannot be spawned, fails or outlives `timeoutMs`.
+ */
+export function runToCompletion(
+  file: string,
+  args: string[],
+  options: { cwd: string; identity?: PostgresIdentity; timeoutMs?: number },
+): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(file, args, {
+      cwd: options.cwd,
+      ...(options.identity && { uid: options.identity.uid, gid: options.identity.gid }),
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, LC_ALL: 'C' },
+    });
+    let output = '';
+    child.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()));
+    child.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()));
+    const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? startTimeoutMs);
+    child.once('error', (error) => {
+      clearTimeout(timer);
+      reject(new Error(`${file} failed to start: ${error.message}`));
+    });
+    child.once('exit', (code, signal) => {
+      clearTimeout(timer);
+      if (code === 0) resolve(output);
+      else reject(new Error(`${file} exited with ${signal ?? code}:\n${output.slice(-logTailChars)}`));
+    });
+  });
 }
 
 export interface PostgresServerOptions {
@@ -116,7 +164,7 @@ export class PostgresServer {
     this.#log = '';
     const child = spawn(join(binDir, 'postgres'), args, {
       cwd: socketDir,
-      ...this.#identity,
+      ...(this.#identity && { uid: this.#identity.uid, gid: this.#identity.gid }),
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, LC_ALL: 'C' },
     });
@@ -174,27 +222,7 @@ export class PostgresServer {
     return postgresAnswers(this.maintenanceUrl(), 1_000);
   }
 
-  #run(file: string, args: string[]): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const child = spawn(file, args, {
-        cwd: this.#options.socketDir,
-        ...this.#identity,
-        stdio: ['ignore', 'pipe', 'pipe'],
-        env: { ...process.env, LC_ALL: 'C' },
-      });
-      let output = '';
-      child.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()));
-      child.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()));
-      const timer = setTimeout(() => child.kill('SIGKILL'), startTimeoutMs);
-      child.once('error', (error) => {
-        clearTimeout(timer);
-        reject(new Error(`${file} failed to start: ${error.message}`));
-      });
-      child.once('exit', (code, signal) => {
-        clearTimeout(timer);
-        if (code === 0) resolve();
-        else reject(new Error(`${file} exited with ${signal ?? code}:\n${output.slice(-logTailChars)}`));
-      });
-    });
+  async #run(file: string, args: string[]): Promise<void> {
+    await runToCompletion(file, args, { cwd: this.#options.socketDir, identity: this.#identity });
   }
 }
