@@ -4,7 +4,19 @@
 import { strict as assert } from 'node:assert';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { once } from 'node:events';
-import { accessSync, chmodSync, constants, copyFileSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import {
+  accessSync,
+  chmodSync,
+  constants,
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  rmSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { delimiter, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -13,7 +25,7 @@ import { after, before, describe, test } from 'node:test';
 import { DerpClient } from '../src/client/index.js';
 import { detectPlatform, prebuiltPlatforms } from '../src/native.js';
 import { checkEmbedExample } from './helpers/embed-example.js';
-import { startServerProcess } from './helpers/server-process.js';
+import { embeddedPostmasterPid, startServerProcess } from './helpers/server-process.js';
 import { exchangeOnce } from './helpers/traffic.js';
 
 const repo = fileURLToPath(new URL('../../', import.meta.url));
@@ -191,6 +203,50 @@ describe('installing the packed tarballs without a Rust toolchain', () => {
       copyFileSync(join(repo, 'dist/examples/embed.js'), script);
       await checkEmbedExample(script, { cwd: app, env: userEnv() });
     });
+  });
+
+  describe('installed as root in a mode-700 directory (issue 14: Postgres runs as its own user, which cannot enter it)', () => {
+    const skip = process.getuid?.() === 0 ? false : 'needs root';
+    if (skip) console.log('# SKIP installed as root in a mode-700 directory: not running as root');
+    const privateDir = join(work, 'private');
+    const app = join(privateDir, 'app');
+    before(() => {
+      if (skip) return;
+      mkdirSync(privateDir, { mode: 0o700 });
+      chmodSync(privateDir, 0o700);
+      install(app, [rootTarball, platformTarball]);
+    });
+
+    test(
+      'derpmesh server runs the embedded Postgres from a copy in the state directory and relays',
+      { skip, timeout: 120_000 },
+      async () => {
+        const server = startServerProcess(
+          [join(app, 'node_modules/.bin/derpmesh')],
+          ['--http-address', '127.0.0.1:0', '--shutdown-grace', '1s'],
+          userEnv(),
+          90_000,
+        );
+        try {
+          const url = await server.url;
+          const postmaster = embeddedPostmasterPid(server.stateDir);
+          assert.ok(postmaster, server.output());
+          const binary = readlinkSync(`/proc/${postmaster}/exe`);
+          assert.ok(binary.startsWith(join(server.stateDir, 'postgres', 'binaries')), `the postmaster runs ${binary}`);
+          const a = await DerpClient.connect({ url });
+          const b = await DerpClient.connect({ url });
+          await exchangeOnce(a, b);
+          await Promise.all([a.close(), b.close()]);
+          const exited = once(server.child, 'exit');
+          server.child.kill('SIGTERM');
+          const [code] = (await exited) as [number];
+          assert.equal(code, 0, server.output());
+          assert.doesNotMatch(server.output(), /Unhandled 'error' event|EACCES/);
+        } finally {
+          if (server.child.exitCode === null) server.child.kill('SIGKILL');
+        }
+      },
+    );
   });
 
   describe('root package without the platform package', () => {
