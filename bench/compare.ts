@@ -69,6 +69,7 @@ class RelayProcess {
     child.once('exit', (code, signal) => {
       this.#exited = signal ?? `exit code ${code}`;
     });
+    child.once('error', (err) => (this.#exited = `spawn failed: ${err.message}`));
   }
 
   get pid(): number {

@@ -56,6 +56,10 @@ function spawnChild(command: string, args: string[]): { child: ChildProcess; std
     exited = signal ?? `exit code ${code}`;
     children.delete(child);
   });
+  child.once('error', (err) => {
+    exited = `spawn failed: ${err.message}`;
+    children.delete(child);
+  });
   return { child, stderr: () => stderr, exited: () => exited };
 }
 

@@ -690,6 +690,7 @@ describe(
         ],
         { stdio: 'ignore' },
       );
+      derper.once('error', (err) => console.log(`derper could not be started: ${err.message}`));
       url = `http://127.0.0.1:${port}`;
       await waitUntilListening(port, 10_000);
     });

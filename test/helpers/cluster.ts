@@ -77,6 +77,7 @@ export async function startNodeProcess(o: NodeOptions): Promise<NodeProcess> {
     child.stdout!.on('data', onData);
     child.stderr!.on('data', onData);
     child.once('exit', (code) => reject(new Error(`${o.name} exited with ${code} before starting:\n${text}`)));
+    child.once('error', (err) => reject(new Error(`${o.name} could not be started: ${err.message}`)));
     setTimeout(() => reject(new Error(`${o.name} did not start within 30 s:\n${text}`)), 30_000).unref();
   });
   started.catch(() => {});
