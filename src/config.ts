@@ -96,6 +96,13 @@ export const options = {
     kind: 'string',
     description: 'PEM CA certificate(s) trusted for https relay URLs of peers, besides the public roots (private CAs).',
   },
+  meshWith: {
+    flag: '--mesh-with',
+    env: ['DERPMESH_MESH_WITH'],
+    kind: 'string',
+    description:
+      "Relays to mesh with besides the peers found in Postgres, e.g. Tailscale `derper` nodes: comma-separated relay URLs (`http://10.0.0.2:3000`) or host names, which mean `https://<host>` as in derper's `--mesh-with`. This node's own address may be in the list.",
+  },
   hostname: {
     flag: '--hostname',
     env: ['DERPMESH_HOSTNAME'],
@@ -172,6 +179,8 @@ export interface ServerConfig {
   tlsCertFile?: string;
   tlsKeyFile?: string;
   meshCaFile?: string;
+  /** Relay base URLs (no trailing slash, no `/derp`) meshed with in addition to the Postgres peers. */
+  meshWith: string[];
   hostname?: string;
   stateDir: string;
   heartbeatIntervalMs: number;
@@ -312,6 +321,7 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     tlsCertFile,
     tlsKeyFile,
     meshCaFile: raw.meshCaFile,
+    meshWith: raw.meshWith !== undefined ? parseMeshWith(raw.meshWith) : [],
     hostname: raw.hostname,
     stateDir: raw.stateDir!,
     heartbeatIntervalMs: durationMs('heartbeatInterval'),
@@ -322,6 +332,44 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     logLevel: oneOf('logLevel'),
     sources,
   };
+}
+
+/**
+ * `--mesh-with`: comma-separated relay URLs or host names, as relay base URLs. A bare `host[:port]`
+ * is `https://host[:port]`, the URL derper's own `--mesh-with` dials (`https://<host>/derp`).
+ */
+function parseMeshWith(text: string): string[] {
+  const urls: string[] = [];
+  for (const entry of text.split(',').map((e) => e.trim())) {
+    if (entry === '') continue;
+    const what = `${describe('meshWith')} entry ${JSON.stringify(entry)}`;
+    if (!entry.includes('://')) {
+      if (entry.includes('/')) {
+        const dialHost = entry.slice(entry.indexOf('/') + 1);
+        throw configError(
+          `${what}: derper's host/dial-host form is not supported; give the address to dial as a URL instead, e.g. https://${dialHost} (its certificate must then be valid for that name)`,
+          entry,
+        );
+      }
+      const bad = () =>
+        configError(`${what} must be a host name like derp1.example.com[:port] or a relay URL like http://10.0.0.2:3000`, entry);
+      if (!/^(?:\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::\d{1,5})?$/i.test(entry)) throw bad();
+      try {
+        urls.push(new URL(`https://${entry}`).origin);
+      } catch {
+        throw bad();
+      }
+      continue;
+    }
+    const url = parseHttpUrl('meshWith', entry);
+    if (url.username !== '' || url.password !== '' || url.search !== '' || url.hash !== '') {
+      throw configError(`${what} must be a plain relay URL like http://10.0.0.2:3000, without user info, query or fragment`, entry);
+    }
+    // A relay base URL: derper-style `…/derp` URLs name the same relay.
+    const path = url.pathname.replace(/\/+$/, '').replace(/\/derp$/, '');
+    urls.push(`${url.origin}${path}`);
+  }
+  return urls;
 }
 
 /** `*:80` → 0.0.0.0:80; `[::1]:80`; `host:port`. Port 0 picks a free port. */

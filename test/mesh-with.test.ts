@@ -1,0 +1,176 @@
+// Static mesh peers (`--mesh-with`): how the option reads, and a derpmesh node meshed both ways with
+// Tailscale's own `derper` (built from the Go module proxy by bench/derper.sh), the migration path
+// between the two: a client on each reaches a client on the other.
+import { strict as assert } from 'node:assert';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { homedir, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { after, before, describe, test } from 'node:test';
+
+import pg from 'pg';
+
+import { DerpClient } from '../src/client/index.js';
+import { loadConfig } from '../src/config.js';
+import { DerpmeshError } from '../src/errors.js';
+import { startNodeProcess, waitFor, type NodeProcess } from './helpers/cluster.js';
+import { freePort, startPostgres, type TestPostgres } from './helpers/postgres.js';
+import { deliver } from './helpers/traffic.js';
+
+describe('--mesh-with / DERPMESH_MESH_WITH', () => {
+  const meshWith = (value: string) => loadConfig(['--mesh-with', value], {}).meshWith;
+
+  test('relay URLs, and bare host names as derper reads them (https://host)', () => {
+    assert.deepEqual(loadConfig([], {}).meshWith, []);
+    assert.deepEqual(meshWith('http://10.0.0.2:3000, https://derp2.example.com/ ,derp3.example.com,derp4.example.com:8443'), [
+      'http://10.0.0.2:3000',
+      'https://derp2.example.com',
+      'https://derp3.example.com',
+      'https://derp4.example.com:8443',
+    ]);
+    assert.deepEqual(meshWith('https://derp1.example.com/derp,http://[::1]:3340,derp5.example.com:443,'), [
+      'https://derp1.example.com',
+      'http://[::1]:3340',
+      'https://derp5.example.com',
+    ]);
+    assert.deepEqual(loadConfig([], { DERPMESH_MESH_WITH: 'derp1.example.com' }).meshWith, ['https://derp1.example.com']);
+    assert.deepEqual(loadConfig(['--mesh-with=http://a:1'], { DERPMESH_MESH_WITH: 'derp1.example.com' }).meshWith, ['http://a:1']);
+  });
+
+  test('bad entries stop the node with a message naming the option and the entry', () => {
+    const rejects = (value: string, message: RegExp) =>
+      assert.throws(
+        () => meshWith(value),
+        (err: unknown) => {
+          assert.ok(err instanceof DerpmeshError, String(err));
+          assert.equal(err.code, 'DERPMESH_ERR_CONFIG');
+          assert.match(err.message, /--mesh-with \/ DERPMESH_MESH_WITH/);
+          assert.match(err.message, message);
+          return true;
+        },
+      );
+    rejects('derp1.example.com,ftp://derp2.example.com', /must use http or https, got ftp/);
+    rejects('derp1.example.com/10.0.0.1', /derper's host\/dial-host form is not supported.*https:\/\/10\.0\.0\.1/);
+    rejects('not a host', /"not a host" must be a host name/);
+    rejects('derp1.example.com:99999', /must be a host name/);
+    rejects('https://user:secret@derp1.example.com', /without user info, query or fragment/);
+    rejects('http://derp1.example.com/?x=1', /without user info, query or fragment/);
+  });
+});
+
+// ─── against derper ────────────────────────────────────────────────────────────
+
+const derperScript = fileURLToPath(new URL('../../bench/derper.sh', import.meta.url));
+const cachedDerper = join(process.env.DERPMESH_CACHE ?? join(homedir(), '.cache', 'derpmesh'), 'bin', 'derper');
+
+function goAvailable(): boolean {
+  try {
+    execFileSync('go', ['version'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+const canRunDerper = goAvailable() || existsSync(cachedDerper);
+if (!canRunDerper) console.log(`# SKIP derpmesh meshed with derper: Go is not installed and there is no ${cachedDerper}`);
+
+describe('derpmesh and derper meshed both ways', { timeout: 600_000, skip: !canRunDerper && 'Go is not installed' }, () => {
+  let derperBinary = '';
+  let postgres: TestPostgres | undefined;
+  let node: NodeProcess | undefined;
+  let derper: ChildProcess | undefined;
+  let derperOutput = '';
+  let dir = '';
+  const clients: DerpClient[] = [];
+
+  before(() => {
+    dir = mkdtempSync(join(tmpdir(), 'derpmesh-mesh-with-'));
+  });
+  after(async () => {
+    await Promise.all(clients.map((c) => c.close().catch(() => {})));
+    derper?.kill('SIGKILL');
+    await node?.kill9();
+    await postgres?.stop();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('builds derper', { timeout: 1_500_000 }, () => {
+    derperBinary = execFileSync('bash', [derperScript], {
+      encoding: 'utf8',
+      timeout: 1_400_000,
+      stdio: ['ignore', 'pipe', 'inherit'],
+    }).trim();
+    assert.ok(derperBinary.endsWith('derper'), derperBinary);
+  });
+
+  test('a client on each reaches a client on the other, both directions', { timeout: 120_000 }, async () => {
+    postgres = await startPostgres();
+    const [nodePort, derperPort] = [await freePort(), await freePort()];
+    const derperUrl = `http://127.0.0.1:${derperPort}`;
+    // The same list on both sides, each relay's own address included (each recognizes itself by its
+    // server key). derper reads bare host names; derpmesh needs http:// for a plain-HTTP peer.
+    node = await startNodeProcess({
+      name: 'mesh-with-node',
+      postgresUrl: postgres.url,
+      port: nodePort,
+      env: { DERPMESH_MESH_WITH: `${derperUrl},http://127.0.0.1:${nodePort}` },
+    });
+    await node.started;
+
+    // The cluster's mesh key lives in Postgres: 64 hex characters, what derper's --mesh-psk-file takes.
+    const db = new pg.Client({ connectionString: postgres.url });
+    await db.connect();
+    const { rows } = await db.query<{ value: string }>("SELECT value FROM site_config WHERE key = 'mesh_key'");
+    await db.end();
+    const meshKey = rows[0]!.value;
+    assert.match(meshKey, /^[0-9a-f]{64}$/);
+    writeFileSync(join(dir, 'mesh.key'), meshKey);
+
+    derper = spawn(
+      derperBinary,
+      [
+        '-a',
+        `127.0.0.1:${derperPort}`,
+        '-stun=false',
+        '-http-port=-1',
+        '-c',
+        join(dir, 'derper.json'),
+        '-mesh-psk-file',
+        join(dir, 'mesh.key'),
+        '-mesh-with',
+        `127.0.0.1:${nodePort},127.0.0.1:${derperPort}`,
+      ],
+      // derper dials its --mesh-with hosts as https://<host>/derp; this makes derphttp speak plain
+      // HTTP to the same host:port (a test without certificates).
+      { env: { ...process.env, TS_DEBUG_USE_DERP_HTTP: '1' }, stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    for (const stream of [derper.stdout!, derper.stderr!]) stream.on('data', (d: Buffer) => (derperOutput += d.toString()));
+
+    // derpmesh's link to derper: the node's mesh health is OK once every link is connected (or itself).
+    await waitFor('the node to be meshed with derper', 30_000, async () => {
+      const health = await node!.health();
+      const mesh = health.nodes[0]?.sections.mesh;
+      return mesh?.code === 'MESH_OK' && mesh.message.includes('meshed with 1 peer relays') ? mesh : undefined;
+    }).catch((err: Error) => {
+      throw new Error(`${err.message}\nnode:\n${node!.output()}\nderper:\n${derperOutput}`);
+    });
+
+    for (const [from, to] of [
+      [node.url, derperUrl],
+      [derperUrl, node.url],
+    ]) {
+      const a = await DerpClient.connect({ url: from! });
+      const b = await DerpClient.connect({ url: to! });
+      clients.push(a, b);
+      // a → b goes through a's relay's link to b's relay, b → a through the other link.
+      await deliver(a, b, 15_000).catch((err: Error) => {
+        throw new Error(`${from} → ${to}: ${err.message}\nderper:\n${derperOutput}`);
+      });
+      await deliver(b, a, 15_000).catch((err: Error) => {
+        throw new Error(`${to} → ${from}: ${err.message}\nderper:\n${derperOutput}`);
+      });
+    }
+  });
+});
