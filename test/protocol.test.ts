@@ -12,6 +12,7 @@ import { FrameType, MAGIC } from '../src/client/frame.js';
 import { native } from '../src/native.js';
 import {
   RawConn,
+  type KeyPair,
   clientInfoPayload,
   discoPacket,
   frame,
@@ -905,46 +906,80 @@ describe('ping, duplicates, keepalive, health, restarting', { timeout: 30_000 },
     }
   });
 
+  /** Connections of one key, oldest first, opened after `sender`. */
+  const sameKeyConns = async (relay: TestRelay, count: number): Promise<{ shared: KeyPair; conns: RawConn[] }> => {
+    const shared = keyPair();
+    const conns: RawConn[] = [];
+    for (let i = 0; i < count; i++) {
+      const before = relay.metric('duplicate_client_connections');
+      const conn = await RawConn.tcp(relay.port);
+      await conn.handshake(shared);
+      conns.push(conn);
+      if (i > 0) await metricRises(relay, 'duplicate_client_connections', before);
+    }
+    return { shared, conns };
+  };
+
+  /** Sends one tagged packet from `sender` to `key` and tells which of `conns` got it (its index). */
+  const deliveredTo = async (sender: RawConn, key: Buffer, conns: RawConn[]): Promise<number> => {
+    const tag = randomBytes(8);
+    const got = (c: RawConn) => c.frames.some((f) => f.frameType === FrameType.RecvPacket && f.payload.subarray(32).equals(tag));
+    sender.write(frame(FrameType.SendPacket, key, tag));
+    await waitUntil(() => conns.some(got), 5000, 'the packet on one of the connections of the key');
+    return conns.findIndex(got);
+  };
+
   test('duplicate clients: any frame, not only SendPacket, makes its connection the active one', async () => {
     const relay = await startRelay();
     try {
       const sender = await rawClient(relay.port);
-      const shared = keyPair();
-      const older = await RawConn.tcp(relay.port);
-      await older.handshake(shared);
-      const before = relay.metric('duplicate_client_connections');
-      const newer = await RawConn.tcp(relay.port);
-      await newer.handshake(shared);
-      await metricRises(relay, 'duplicate_client_connections', before);
-
-      /** Sends one tagged packet to the shared key and tells which connection got it. */
-      const deliverTo = async (): Promise<RawConn> => {
-        const tag = randomBytes(8);
-        const got = (c: RawConn) => c.frames.some((f) => f.frameType === FrameType.RecvPacket && f.payload.subarray(32).equals(tag));
-        sender.write(frame(FrameType.SendPacket, shared.publicKey, tag));
-        await waitUntil(() => got(older) || got(newer), 5000, 'the packet on one of the two connections');
-        return got(older) ? older : newer;
-      };
-      const name = (c: RawConn) => (c === older ? 'the older connection' : 'the newer connection');
-      assert.equal(name(await deliverTo()), name(newer), 'the newest connection is active');
+      const { shared, conns } = await sameKeyConns(relay, 2);
+      const [older, newer] = conns as [RawConn, RawConn];
+      const OLDER = 0;
+      const NEWER = 1;
+      assert.equal(await deliveredTo(sender, shared.publicKey, conns), NEWER, 'the newest connection is active');
 
       // Ping: the Pong says the relay has read it.
       older.write(frame(FrameType.Ping, Buffer.from('12345678')));
       await older.next(FrameType.Pong);
-      assert.equal(name(await deliverTo()), name(older), 'a Ping makes its connection active');
+      assert.equal(await deliveredTo(sender, shared.publicKey, conns), OLDER, 'a Ping makes its connection active');
 
       // NotePreferred has no answer: the home-connections gauge says the relay has read it.
       const home = relay.metric('home_connections');
       newer.write(frame(FrameType.NotePreferred, Buffer.from([1])));
       await metricRises(relay, 'home_connections', home);
-      assert.equal(name(await deliverTo()), name(newer), 'a NotePreferred makes its connection active');
+      assert.equal(await deliveredTo(sender, shared.publicKey, conns), NEWER, 'a NotePreferred makes its connection active');
 
       // A frame type the relay skips still counts as activity (as in derper, every frame read does).
       const unknown = relay.metric('unknown_frames');
       older.write(frame(0x7e, Buffer.from('whatever')));
       await metricRises(relay, 'unknown_frames', unknown);
-      assert.equal(name(await deliverTo()), name(older), 'a skipped frame makes its connection active');
-      await closeAll(sender, older, newer);
+      assert.equal(await deliveredTo(sender, shared.publicKey, conns), OLDER, 'a skipped frame makes its connection active');
+      await closeAll(sender, ...conns);
+    } finally {
+      await relay.close();
+    }
+  });
+
+  test('duplicate clients: when the active connection leaves, the most recently active other one takes over', async () => {
+    const relay = await startRelay();
+    try {
+      const sender = await rawClient(relay.port);
+      const { shared, conns } = await sameKeyConns(relay, 3);
+      const [first, second] = conns as [RawConn, RawConn, RawConn];
+      for (const [index, conn] of [
+        [1, second],
+        [0, first],
+      ] as const) {
+        conn.write(frame(FrameType.Ping, Buffer.from('12345678')));
+        await conn.next(FrameType.Pong);
+        assert.equal(await deliveredTo(sender, shared.publicKey, conns), index);
+      }
+      // Active: the first; before it the second spoke, after the third (the newest) connected.
+      first.destroy();
+      await waitUntil(() => relay.metric('connections') <= 3, 3000, 'the relay to see the first connection go');
+      assert.equal(await deliveredTo(sender, shared.publicKey, conns), 1, 'the second, not the newest, takes over');
+      await closeAll(sender, ...conns);
     } finally {
       await relay.close();
     }
