@@ -907,13 +907,13 @@ describe('ping, duplicates, keepalive, health, restarting', { timeout: 30_000 },
   });
 
   /** Connections of one key, oldest first, opened after `sender`. */
-  const sameKeyConns = async (relay: TestRelay, count: number): Promise<{ shared: KeyPair; conns: RawConn[] }> => {
+  const sameKeyConns = async (relay: TestRelay, count: number, clientInfo?: unknown): Promise<{ shared: KeyPair; conns: RawConn[] }> => {
     const shared = keyPair();
     const conns: RawConn[] = [];
     for (let i = 0; i < count; i++) {
       const before = relay.metric('duplicate_client_connections');
       const conn = await RawConn.tcp(relay.port);
-      await conn.handshake(shared);
+      await conn.handshake(shared, clientInfo);
       conns.push(conn);
       if (i > 0) await metricRises(relay, 'duplicate_client_connections', before);
     }
@@ -955,6 +955,21 @@ describe('ping, duplicates, keepalive, health, restarting', { timeout: 30_000 },
       older.write(frame(0x7e, Buffer.from('whatever')));
       await metricRises(relay, 'unknown_frames', unknown);
       assert.equal(await deliveredTo(sender, shared.publicKey, conns), OLDER, 'a skipped frame makes its connection active');
+      await closeAll(sender, ...conns);
+    } finally {
+      await relay.close();
+    }
+  });
+
+  test('duplicate mesh connections (the data lanes of a mesh link) do not move the active one by sending', async () => {
+    const relay = await startRelay({ meshKey: MESH_KEY });
+    try {
+      const sender = await rawClient(relay.port);
+      const { shared, conns } = await sameKeyConns(relay, 2, { version: 2, meshKey: MESH_KEY });
+      const [older] = conns as [RawConn, RawConn];
+      older.write(frame(FrameType.Ping, Buffer.from('12345678')));
+      await older.next(FrameType.Pong);
+      assert.equal(await deliveredTo(sender, shared.publicKey, conns), 1, 'the newest mesh connection stays active');
       await closeAll(sender, ...conns);
     } finally {
       await relay.close();

@@ -344,8 +344,10 @@ async fn handle_frame(
     let eof = |_| ReadExit::Eof;
     // Last writer is active: any frame a client sends, whatever its type or validity, makes its
     // connection the one its key's packets go to (derper's noteClientActivity). Two relaxed loads
-    // unless this connection has a duplicate and is not already the active one.
-    if conn.duplicate.load(Relaxed) && !conn.is_active() {
+    // unless this connection has a duplicate and is not already the active one. Mesh connections are
+    // left out: a mesh link's data lanes are duplicates of one relay key that all send, and nothing
+    // is addressed to a relay's key, so tracking them would only take the registry lock per frame.
+    if conn.duplicate.load(Relaxed) && !conn.is_active() && !conn.can_mesh {
         relay.note_activity(conn);
     }
     match FrameType::from_u8(t) {
