@@ -21,7 +21,11 @@ import { createPool } from './postgres/pool.js';
 import { Pubsub } from './postgres/pubsub.js';
 import { ReplicaRegistry } from './replicas/registry.js';
 import { Relay, type RelayOptions } from './relay.js';
+import { MeshTrust } from './mesh-trust.js';
 import { version } from './version.js';
+
+/** Heartbeats a mesh link may be down before clients are told (Health frame). */
+const LINK_DOWN_HEARTBEATS = 3;
 
 export interface DerpmeshNode {
   id: string;
@@ -95,9 +99,9 @@ async function start(
     });
   }
   const relayUrl = customRelays ? '' : (config.relayUrl?.href.replace(/\/$/, '') ?? '');
-  const meshCaPem = config.meshCaFile ? readMeshCa(config.meshCaFile) : undefined;
+  const trust = MeshTrust.fromFile(config.meshCaFile);
   // Custom relays: clients use the relays of the custom map, so this node runs none and meshes nothing.
-  const relay = customRelays ? undefined : new Relay({ queueDepth: config.queueDepth, meshKey, meshCaPem, ...extras.relay });
+  const relay = customRelays ? undefined : new Relay({ queueDepth: config.queueDepth, meshKey, meshCaPem: trust.caPem, ...extras.relay });
   if (!config.derpServerEnable && !config.derpConfigUrl && !config.derpConfigPath) {
     log.warn(
       'the embedded relay is disabled and no custom relay map is set (CODER_DERP_CONFIG_URL or CODER_DERP_CONFIG_PATH): /derpmap is empty and clients have no relay',
@@ -117,6 +121,7 @@ async function start(
     heartbeatIntervalMs: config.heartbeatIntervalMs,
     latencyThresholdMs: config.latencyThresholdMs,
     probePeers: relay !== undefined,
+    trust,
     cleanupAfterMs: extras.cleanupAfterMs,
     healthReport: () => health(),
   });
@@ -132,10 +137,12 @@ async function start(
 
   /** Cluster misconfigurations worth shouting about (log, API, health). */
   let lastWarnings = '';
+  /** This node runs a relay in a cluster of 2 or more but peers have no URL to mesh with it. */
+  const lacksRelayUrl = () => relay !== undefined && !relayUrl && registry.peers().length >= 1;
   const warnings = (): string[] => {
     const out: string[] = [];
     const live = registry.peers().length + 1;
-    if (relay && live >= 2 && !relayUrl) {
+    if (lacksRelayUrl()) {
       out.push(
         `RELAY_NO_RELAY_URL: ${live} replicas share this database but ${hostname} has no relay URL, so peers cannot mesh with its relay and clients on different nodes cannot reach each other; set CODER_DERP_SERVER_RELAY_URL to this node's own address`,
       );
@@ -287,12 +294,32 @@ async function start(
   await registry.start();
   cleanups.push(() => registry.stop());
 
-  // Clients learn through a DERP Health frame when this relay cannot do its job in the cluster.
+  // Clients learn through a DERP Health frame when this relay cannot do its job: only problems of
+  // this relay's own data path (what a client here would notice as lost packets), never a probe's
+  // verdict or another node's state. A mesh link counts once it has been down for a few heartbeats,
+  // so a peer that restarts does not make every client here flash a warning.
+  const linkDownSince = new Map<string, number>();
   const healthTimer = setInterval(() => {
     if (!relay) return;
-    const h = health();
-    const problems = [h.sections.relay, h.sections.mesh].filter((s) => s.severity === 'error' || s.code === 'RELAY_NO_RELAY_URL');
-    relay.setHealth(problems.map((p) => p.message).join('; '));
+    const now = Date.now();
+    const problems: string[] = [];
+    if (lacksRelayUrl()) {
+      problems.push('this relay has no relay URL: clients of other relays in its region cannot reach clients here');
+    }
+    const links = relay.meshLinks().filter((l) => l.state !== 'self' && l.state !== 'stopped');
+    for (const url of linkDownSince.keys()) if (!links.some((l) => l.url === url)) linkDownSince.delete(url);
+    for (const link of links) {
+      if (link.state === 'connected') {
+        linkDownSince.delete(link.url);
+        continue;
+      }
+      const since = linkDownSince.get(link.url) ?? now;
+      linkDownSince.set(link.url, since);
+      if (now - since >= LINK_DOWN_HEARTBEATS * config.heartbeatIntervalMs) {
+        problems.push(`this relay cannot reach its peer relay ${link.url}: clients connected there are unreachable from here`);
+      }
+    }
+    relay.setHealth(problems.join('; '));
   }, config.heartbeatIntervalMs);
   healthTimer.unref();
   cleanups.push(async () => clearInterval(healthTimer));
@@ -328,14 +355,6 @@ async function start(
       await embedded?.release();
     },
   };
-}
-
-function readMeshCa(path: string): Buffer {
-  try {
-    return readFileSync(path);
-  } catch (err) {
-    throw configError(`DERPMESH_MESH_CA_FILE ${path} cannot be read: ${(err as Error).message}`, path);
-  }
 }
 
 /** The DERP map clients use: the custom one when configured, else one embedded region. */

@@ -85,7 +85,7 @@ describe('HA configuration', { timeout: 110_000 }, () => {
 
     proxy.setDelay(100);
     const warned = await waitFor('slow-a warning about slow-b', 10 * HEARTBEAT_MS, async () => {
-      const entry = (await a.replicas()).replicas.find((r) => r.hostname === 'slow-b');
+      const entry = (await a.replicas()).find((r) => r.hostname === 'slow-b');
       return entry?.latency_warning ? entry : undefined;
     });
     const entry = warned.value;
@@ -122,12 +122,12 @@ describe('HA configuration', { timeout: 110_000 }, () => {
     assert.ok(seconds >= 0.08 && seconds <= 0.12, `derpmesh_peer_latency_seconds for slow-b is ${seconds}`);
 
     // b measures a directly: no warning there.
-    const fromB = (await b.replicas()).replicas.find((r) => r.hostname === 'slow-a');
+    const fromB = (await b.replicas()).find((r) => r.hostname === 'slow-a');
     assert.equal(fromB?.latency_warning, undefined, JSON.stringify(fromB));
 
     proxy.setDelay(0);
     await waitFor('the warning cleared everywhere', 10 * HEARTBEAT_MS, async () => {
-      const r = (await a.replicas()).replicas.find((x) => x.hostname === 'slow-b');
+      const r = (await a.replicas()).find((x) => x.hostname === 'slow-b');
       const h = (await a.health()).nodes.find((n) => n.hostname === 'slow-a');
       const m = await a.metrics();
       return (
@@ -160,7 +160,7 @@ describe('HA configuration', { timeout: 110_000 }, () => {
     const mesh = (await a.health()).nodes.find((n) => n.hostname === 'reach-a')!.sections.mesh!;
     assert.equal(mesh.code, 'MESH_PEER_UNREACHABLE');
     assert.match(mesh.message, /reach-b/);
-    const { replicas } = await a.replicas();
+    const replicas = await a.replicas();
     assert.ok(replicas.find((r) => r.hostname === 'reach-b')?.unreachable_from_here);
   });
 
@@ -201,7 +201,7 @@ describe('HA configuration', { timeout: 110_000 }, () => {
     );
 
     const { warnings } = await waitFor("the warning in norelay's API", 10 * HEARTBEAT_MS, async () => {
-      const r = await bare.replicas();
+      const r = await bare.health();
       return r.warnings.some((w) => w.startsWith('RELAY_NO_RELAY_URL')) ? r : undefined;
     }).then((x) => x.value);
     assert.ok(
@@ -216,7 +216,7 @@ describe('HA configuration', { timeout: 110_000 }, () => {
     assert.equal(own.sections.relay!.severity, 'warning');
 
     // The peer complains too: its clients cannot reach norelay's clients.
-    const otherWarnings = (await other.replicas()).warnings;
+    const otherWarnings = (await other.health()).warnings;
     assert.ok(
       otherWarnings.some((w) => /^RELAY_NO_RELAY_URL: peer norelay /.test(w)),
       otherWarnings.join('\n'),
@@ -274,7 +274,8 @@ describe('HA configuration', { timeout: 110_000 }, () => {
       const metrics = await n.metrics();
       assert.doesNotMatch(metrics, /^derpmesh_mesh_links [1-9]/m, `${n.name} has mesh links`);
       assert.doesNotMatch(metrics, /^derpmesh_peer_latency/m, `${n.name} probes peer relays`);
-      const { replicas, warnings } = await n.replicas();
+      const replicas = await n.replicas();
+      const { warnings } = await n.health();
       assert.equal(replicas.length, 2);
       for (const r of replicas) {
         assert.equal(r.relay_address, '', `${r.hostname} registered a relay URL in custom relays mode`);
@@ -306,7 +307,8 @@ describe('HA configuration', { timeout: 110_000 }, () => {
       assert.equal(lines(n.output(), /relay URL is ignored/).length, 1, n.output());
       // No relay runs with a custom map, so there are no mesh links at all.
       assert.doesNotMatch(await n.metrics(), /^derpmesh_mesh_links [1-9]/m);
-      const { replicas, warnings } = await n.replicas();
+      const replicas = await n.replicas();
+      const { warnings } = await n.health();
       assert.deepEqual(
         replicas.map((r) => r.relay_address),
         ['', ''],

@@ -101,7 +101,7 @@ describe('HA cluster', { timeout: 600_000 }, () => {
     const info = await restarting;
     assert.ok(info.tryForMs > 0);
     const told = await waitFor('n1 marking n4 stopped', HEARTBEAT_MS, async () => {
-      const { replicas } = await n1.replicas();
+      const replicas = await n1.replicas();
       return replicas.find((r) => r.hostname === 'n4')?.state === 'stopped';
     });
     assert.ok(Date.now() - stoppedAt < 2 * HEARTBEAT_MS + 2_000, `peers learned after ${told.ms} ms`);

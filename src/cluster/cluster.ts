@@ -167,7 +167,7 @@ async function waitForCluster(ports: number[], count: number, timeoutMs: number)
       ports.map(async (port) => {
         try {
           const res = await fetch(`http://127.0.0.1:${port}/api/v2/replicas`, { signal: AbortSignal.timeout(2_000) });
-          return ((await res.json()) as { replicas: ReplicaView[] }).replicas;
+          return (await res.json()) as ReplicaView[];
         } catch {
           return [];
         }

@@ -55,7 +55,9 @@ export function apiRoutes(s: ApiSources): RouteHandler[] {
           unreachable_from_here: measured?.error,
         };
       });
-      return json(res, 200, { replicas, warnings: s.warnings() });
+      // A bare array, as Coder's API answers (codersdk.Replica's fields first); cluster warnings
+      // are in the health report.
+      return json(res, 200, replicas);
     },
     (req, res) => {
       if (path(req) !== '/api/v2/debug/health') return false;

@@ -5,6 +5,8 @@ import { performance } from 'node:perf_hooks';
 
 import type pg from 'pg';
 
+import type { MeshTrust } from '../mesh-trust.js';
+
 export interface ProbeResult {
   /** Median round trip in ms, when the peer answered. */
   rttMs?: number;
@@ -35,11 +37,15 @@ function request(agent: http.Agent, url: URL, timeoutMs: number): Promise<void> 
 
 /**
  * Median round trip of a few GETs to the peer's latency-check endpoint over one kept-alive
- * connection (the first request opens the connection and is not counted).
+ * connection (the first request opens the connection and is not counted). https peers are checked
+ * against `trust`, the same trust the mesh links use.
  */
-export async function probeRelay(relayUrl: string, timeoutMs = 3_000): Promise<ProbeResult> {
+export async function probeRelay(relayUrl: string, trust: MeshTrust, timeoutMs = 3_000): Promise<ProbeResult> {
   const url = new URL('/derp/latency-check', relayUrl);
-  const agent = new (url.protocol === 'https:' ? https.Agent : http.Agent)({ keepAlive: true, maxSockets: 1 });
+  const agent =
+    url.protocol === 'https:'
+      ? new https.Agent({ keepAlive: true, maxSockets: 1, ...trust.tlsOptions() })
+      : new http.Agent({ keepAlive: true, maxSockets: 1 });
   try {
     await request(agent, url, timeoutMs);
     const samples: number[] = [];

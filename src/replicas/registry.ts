@@ -7,6 +7,7 @@ import type pg from 'pg';
 
 import type { HealthReport } from '../health.js';
 import type { Logger } from '../log.js';
+import type { MeshTrust } from '../mesh-trust.js';
 import type { Pubsub } from '../postgres/pubsub.js';
 import { probeDatabase, probeRelay, type ProbeResult } from './probe.js';
 import { fromRow, type Replica, type ReplicaRow } from './replica.js';
@@ -36,6 +37,8 @@ export interface ReplicaRegistryOptions {
   latencyThresholdMs: number;
   /** Probe peers' relays every heartbeat (off when this node runs no relay). */
   probePeers: boolean;
+  /** Whom to trust on https relay URLs: the same as the mesh links. */
+  trust: MeshTrust;
   /** Stale and stopped rows older than this are deleted (default 1 h). */
   cleanupAfterMs?: number;
   /** This node's current health report, stored with every heartbeat (cluster-wide view). */
@@ -308,7 +311,7 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
       return [];
     }
     const peers = this.peers().filter((p) => p.regionId === this.#o.self.regionId && p.relayUrl !== '');
-    const results = await Promise.all(peers.map(async (p) => [p, await probeRelay(p.relayUrl)] as const));
+    const results = await Promise.all(peers.map(async (p) => [p, await probeRelay(p.relayUrl, this.#o.trust)] as const));
     const latencies = results.map(([p, r]: readonly [Replica, ProbeResult]) => this.#notePeerLatency(p, r));
     this.#peerLatency = new Map(latencies.map((l) => [l.replicaId, l]));
     return latencies;

@@ -1,6 +1,8 @@
 // Real derpmesh node processes on one real Postgres, for multi-node and failure tests.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
+import { get as httpsGet } from 'node:https';
 import { fileURLToPath } from 'node:url';
 
 import { freePort } from './postgres.js';
@@ -29,7 +31,8 @@ export interface NodeProcess {
   output(): string;
   /** Resolves once the node logged that it started. */
   started: Promise<void>;
-  replicas(): Promise<{ replicas: ReplicaView[]; warnings: string[] }>;
+  /** GET /api/v2/replicas: a bare array, as Coder's API. */
+  replicas(): Promise<ReplicaView[]>;
   health(): Promise<{
     severity: string;
     nodes: { hostname: string; sections: Record<string, { severity: string; code: string; message: string }> }[];
@@ -49,11 +52,13 @@ export interface NodeOptions {
   /** Relay URL to advertise; default the node's own address. `null` = none. */
   relayUrl?: string | null;
   env?: NodeJS.ProcessEnv;
+  /** Serve HTTPS with this certificate and trust `caFile` for peers (and for this helper's requests). */
+  tls?: { certFile: string; keyFile: string; caFile: string };
 }
 
 export async function startNodeProcess(o: NodeOptions): Promise<NodeProcess> {
   const port = o.port ?? (await freePort());
-  const url = `http://127.0.0.1:${port}`;
+  const url = `${o.tls ? 'https' : 'http'}://127.0.0.1:${port}`;
   const env: NodeJS.ProcessEnv = {
     ...process.env,
     CODER_ADDRESS: `127.0.0.1:${port}`,
@@ -63,6 +68,7 @@ export async function startNodeProcess(o: NodeOptions): Promise<NodeProcess> {
     DERPMESH_HEARTBEAT_INTERVAL: `${o.heartbeatMs ?? 500}ms`,
     DERPMESH_SHUTDOWN_GRACE: '2s',
     DERPMESH_LOG_LEVEL: 'info',
+    ...(o.tls ? { CODER_TLS_CERT_FILE: o.tls.certFile, CODER_TLS_KEY_FILE: o.tls.keyFile, DERPMESH_MESH_CA_FILE: o.tls.caFile } : {}),
     ...o.env,
   };
   if (o.relayUrl !== null) env.CODER_DERP_SERVER_RELAY_URL = o.relayUrl ?? url;
@@ -81,10 +87,8 @@ export async function startNodeProcess(o: NodeOptions): Promise<NodeProcess> {
     setTimeout(() => reject(new Error(`${o.name} did not start within 30 s:\n${text}`)), 30_000).unref();
   });
   started.catch(() => {});
-  const get = async (path: string) => {
-    const res = await fetch(url + path, { signal: AbortSignal.timeout(5_000) });
-    return res;
-  };
+  const ca = o.tls ? readFileSync(o.tls.caFile) : undefined;
+  const get = (path: string) => getUrl(url + path, ca);
   return {
     name: o.name,
     port,
@@ -112,6 +116,24 @@ export async function startNodeProcess(o: NodeOptions): Promise<NodeProcess> {
 }
 
 /** Polls `check` until it returns a truthy value or `timeoutMs` passes; returns how long it took. */
+/** GET with a 5 s limit; https URLs are verified against `ca` (Node's fetch takes no CA). */
+export async function getUrl(url: string, ca?: Buffer): Promise<{ status: number; json(): Promise<unknown>; text(): Promise<string> }> {
+  if (!url.startsWith('https:')) return fetch(url, { signal: AbortSignal.timeout(5_000) });
+  return new Promise((resolve, reject) => {
+    const req = httpsGet(url, { ca, timeout: 5_000 }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => {
+        const body = Buffer.concat(chunks).toString('utf8');
+        resolve({ status: res.statusCode ?? 0, json: async () => JSON.parse(body) as unknown, text: async () => body });
+      });
+      res.on('error', reject);
+    });
+    req.on('timeout', () => req.destroy(new Error(`GET ${url}: no answer within 5 s`)));
+    req.on('error', reject);
+  });
+}
+
 export async function waitFor<T>(
   what: string,
   timeoutMs: number,
@@ -135,7 +157,7 @@ export async function waitFor<T>(
 
 /** Live peers (not self) a node lists, by hostname. */
 export async function livePeers(node: NodeProcess): Promise<string[]> {
-  const { replicas } = await node.replicas();
+  const replicas = await node.replicas();
   return replicas
     .filter((r) => r.state === 'live' && !r.self)
     .map((r) => r.hostname)
