@@ -277,6 +277,18 @@ describe('as root, from a clone in a mode-700 directory (issue 14)', { timeout: 
     await stop(again);
     assert.doesNotMatch(again.output(), /copied the embedded Postgres/);
     assert.match(server.output(), /copied the embedded Postgres/);
+
+    // A copy that no longer matches its manifest is made again; a half-made one is removed.
+    const binaries = join(stateDir, 'postgres', 'binaries');
+    const [version] = readdirSync(binaries);
+    writeFileSync(join(binaries, version!, 'share', 'postgresql', 'postgres.bki'), 'damaged');
+    mkdirSync(join(binaries, '.partial-1-1'));
+    const third = track(startServer(stateDir, [process.execPath, join(clone, 'dist/src/cli.js')]));
+    await relays(await third.url);
+    postmasterOf(stateDir);
+    await stop(third);
+    assert.match(third.output(), /copied the embedded Postgres/);
+    assert.deepEqual(readdirSync(binaries), [version]);
   });
 
   test('derpmesh cluster runs from it, relays, and leaves no Postgres when it stops', { skip }, async () => {

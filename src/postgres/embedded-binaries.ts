@@ -5,7 +5,8 @@
 //
 // The copy is made in a temporary directory, its manifest (every file with its size, every link
 // with its target) written last, then renamed into place: a directory named after the version
-// exists only complete, and is checked against its manifest before every use.
+// exists only complete, and is checked against its manifest before every use. Called under
+// starting.lock (embedded.ts) only.
 import { spawnSync } from 'node:child_process';
 import {
   chmodSync,
@@ -140,6 +141,7 @@ function copyDistribution(pkg: BinariesPackage, copy: string): void {
   const partial = join(parent, `.partial-${process.pid}-${Date.now()}`);
   try {
     mkdirSync(parent, { recursive: true, mode: 0o755 });
+    chmodSync(parent, 0o755); // whatever the umask: the Postgres user must pass
     for (const part of ['bin', 'lib', 'share']) {
       cpSync(join(pkg.nativeDir, part), join(partial, part), { recursive: true, verbatimSymlinks: true });
     }
@@ -163,6 +165,11 @@ function copyDistribution(pkg: BinariesPackage, copy: string): void {
     walk(partial);
     writeFileSync(join(partial, manifestName), JSON.stringify(manifest));
     renameSync(partial, copy);
+    // Other versions, and copies a crash left half made, are never used again (this runs under
+    // starting.lock, so no copy is in progress; a running postmaster keeps its open binary).
+    for (const entry of readdirSync(parent)) {
+      if (join(parent, entry) !== copy) rmSync(join(parent, entry), { recursive: true, force: true });
+    }
   } catch (err) {
     rmSync(partial, { recursive: true, force: true });
     throw new DerpmeshError(

@@ -17,6 +17,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import {
+  chmodSync,
   chownSync,
   closeSync,
   existsSync,
@@ -96,7 +97,10 @@ export async function startEmbeddedPostgres(options: { stateDir: string; logger:
     );
   }
   const identity = runAs(paths.dataDir);
-  if (identity) assertTraversable(dir, identity);
+  if (identity) {
+    chmodSync(dir, 0o755); // ours, whatever the umask: the Postgres user must pass
+    assertTraversable(dir, identity);
+  }
 
   const descriptor = await withLock(paths, Date.now() + (options.timeoutMs ?? readyTimeoutMs), async () => {
     const running = await runningServer(paths);
