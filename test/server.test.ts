@@ -6,7 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { describe, test } from 'node:test';
 
 import { DerpClient } from '../src/client/index.js';
-import { startServerProcess, type ServerProcess } from './helpers/server-process.js';
+import { embeddedPostmasterPid, startServerProcess, type ServerProcess } from './helpers/server-process.js';
 
 const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
 
@@ -41,6 +41,34 @@ describe('derpmesh server process', () => {
     }
   });
 
+  test(
+    'two SIGTERMs 5 ms apart: Restarting still reaches the client, and the embedded Postgres stops with the server',
+    { timeout: 40_000 },
+    async () => {
+      const server = startServer(['--http-address', '127.0.0.1:0', '--shutdown-grace', '2s']);
+      try {
+        const url = await server.url;
+        const a = await DerpClient.connect({ url });
+        const postmaster = embeddedPostmasterPid(server.stateDir);
+        assert.ok(postmaster !== undefined && alive(postmaster), 'the embedded Postgres runs');
+        const restarting = once(a, 'restarting');
+        const exited = once(server.child, 'exit');
+        server.child.kill('SIGTERM');
+        await new Promise((r) => setTimeout(r, 5));
+        server.child.kill('SIGTERM');
+        await restarting;
+        const [code] = (await exited) as [number];
+        assert.equal(code, 0, server.output());
+        assert.match(server.output(), /already stopping: the graceful stop goes on/);
+        for (let i = 0; i < 50 && alive(postmaster!); i++) await new Promise((r) => setTimeout(r, 100));
+        assert.ok(!alive(postmaster!), `the embedded Postgres (pid ${postmaster}) outlived the server:\n${server.output()}`);
+        await a.close();
+      } finally {
+        server.child.kill('SIGKILL');
+      }
+    },
+  );
+
   test('bad configuration exits 2 with the code and what to do', { timeout: 15_000 }, async () => {
     const server = startServer([], {
       CODER_ADDRESS: '127.0.0.1:0',
@@ -69,3 +97,12 @@ describe('derpmesh server process', () => {
     }
   });
 });
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
