@@ -5,7 +5,7 @@
 //   data/                   the cluster (owned by the user Postgres runs as)
 //   password                the `derpmesh` role's password
 //   embedded-postgres.json  port and password of the running server: how the other nodes find it
-//   users/<pid>             one file per process using it; the last one out stops the server
+//   users/<pid>.<n>         one file per handle using it; the last one out stops the server
 //   starting.lock           held (O_EXCL) while a process starts, restarts or stops the server
 //   postgres.log            the server's output
 //   binaries/<version>/     a copy of the binaries, when the Postgres user cannot run them where installed
@@ -102,41 +102,55 @@ export async function startEmbeddedPostgres(options: { stateDir: string; logger:
     assertTraversable(dir, identity);
   }
 
-  const descriptor = await withLock(paths, Date.now() + (options.timeoutMs ?? readyTimeoutMs), async () => {
+  const { descriptor, userFile } = await withLock(paths, Date.now() + (options.timeoutMs ?? readyTimeoutMs), async () => {
     const running = await runningServer(paths);
     if (running) {
       logger.info('using the embedded Postgres another local node started', { dataDir: paths.dataDir, port: running.port });
     } else {
       await startServer(paths, identity, logger);
     }
-    addUser(paths);
-    return running ?? readDescriptor(paths)!;
+    return { descriptor: running ?? readDescriptor(paths)!, userFile: addUser(paths) };
   });
-  return watch(paths, descriptor, identity, logger);
+  return watch(paths, descriptor, userFile, identity, logger);
 }
 
 /** The handle a node keeps: a watchdog that restarts a dead postmaster, and release(). */
-function watch(paths: Paths, descriptor: Descriptor, identity: PostgresIdentity | undefined, logger: Logger): EmbeddedPostgres {
+function watch(
+  paths: Paths,
+  descriptor: Descriptor,
+  userFile: string,
+  identity: PostgresIdentity | undefined,
+  logger: Logger,
+): EmbeddedPostgres {
   let released = false;
   let restarting: Promise<void> | undefined;
+  // After a failed restart, the next one waits 2 s, 4 s, … up to 30 s.
+  let failures = 0;
+  let nextAttemptAt = 0;
   const restart = async () => {
-    logger.warn('the embedded Postgres is gone (its postmaster died): restarting it on the same port', {
-      dataDir: paths.dataDir,
-      port: descriptor.port,
-    });
+    if (failures === 0) {
+      logger.warn('the embedded Postgres is gone (its postmaster died): restarting it on the same port', {
+        dataDir: paths.dataDir,
+        port: descriptor.port,
+      });
+    }
     try {
       const restarted = await withLock(paths, Date.now() + readyTimeoutMs, async () => {
         if (released || (await runningServer(paths))) return false; // another node was quicker
         await startServer(paths, identity, logger, descriptor);
         return true;
       });
+      failures = 0;
       if (restarted) logger.info('restarted the embedded Postgres', { dataDir: paths.dataDir, port: descriptor.port });
     } catch (err) {
-      logger.warn('could not restart the embedded Postgres; trying again', { err: (err as Error).message });
+      failures++;
+      const retryMs = Math.min(30_000, 1_000 * 2 ** failures);
+      nextAttemptAt = Date.now() + retryMs;
+      logger.warn('could not restart the embedded Postgres', { err: (err as Error).message, failures, retryMs });
     }
   };
   const watchdog = setInterval(() => {
-    if (released || restarting || postmasterPid(paths.dataDir) !== undefined) return;
+    if (released || restarting || Date.now() < nextAttemptAt || postmasterPid(paths.dataDir) !== undefined) return;
     restarting = restart().finally(() => (restarting = undefined));
   }, watchdogIntervalMs);
   watchdog.unref();
@@ -151,10 +165,10 @@ function watch(paths: Paths, descriptor: Descriptor, identity: PostgresIdentity 
       await restarting;
       try {
         await withLock(paths, Date.now() + readyTimeoutMs, async () => {
-          removeUser(paths);
+          rmSync(userFile, { force: true });
           const others = liveUsers(paths);
           if (others.length > 0) {
-            logger.info('leaving the embedded Postgres running for the other local nodes using it', { pids: others.join(',') });
+            logger.info('leaving the embedded Postgres running for the other local nodes using it', { users: others.join(',') });
             return;
           }
           rmSync(paths.descriptor, { force: true });
@@ -340,7 +354,10 @@ function assertTraversable(dir: string, identity: PostgresIdentity): void {
   }
 }
 
-// --- who uses the server: users/<pid>, holding the process's start time against pid reuse ---
+// --- who uses the server: users/<pid>.<n> (n: the handle within the process), holding the
+// process's start time against pid reuse ---
+
+let handles = 0;
 
 function startTimeOf(pid: number): string {
   try {
@@ -351,33 +368,32 @@ function startTimeOf(pid: number): string {
   }
 }
 
-function addUser(paths: Paths): void {
+/** Registers this handle as a user; returns its file. */
+function addUser(paths: Paths): string {
   mkdirSync(paths.users, { recursive: true, mode: 0o755 });
-  writeFileSync(join(paths.users, String(process.pid)), startTimeOf(process.pid));
+  const file = join(paths.users, `${process.pid}.${++handles}`);
+  writeFileSync(file, startTimeOf(process.pid));
+  return file;
 }
 
-function removeUser(paths: Paths): void {
-  rmSync(join(paths.users, String(process.pid)), { force: true });
-}
-
-/** The pids of the live users, after removing the files of dead ones. */
-function liveUsers(paths: Paths): number[] {
+/** The live users (`<pid>.<n>`), after removing the files of dead processes. */
+function liveUsers(paths: Paths): string[] {
   let names: string[];
   try {
     names = readdirSync(paths.users);
   } catch {
     return [];
   }
-  const live: number[] = [];
+  const live: string[] = [];
   for (const name of names) {
-    const pid = Number(name);
+    const pid = Number(name.split('.')[0]);
     let started = '';
     try {
       started = readFileSync(join(paths.users, name), 'utf8');
     } catch {
       continue;
     }
-    if (pid > 0 && alive(pid) && (started === '' || started === startTimeOf(pid))) live.push(pid);
+    if (pid > 0 && alive(pid) && (started === '' || started === startTimeOf(pid))) live.push(name);
     else rmSync(join(paths.users, name), { force: true });
   }
   return live;
