@@ -279,7 +279,7 @@ async function spawnPostmaster(paths: Paths, binDir: string, identity: PostgresI
   child.once('exit', (code, signal) => (failure ??= `postgres exited with ${signal ?? code}`));
   child.unref();
   const cannotStart = (why: string) => {
-    const tail = readFileSync(paths.log, 'utf8').slice(logStart).trim().slice(-2_000);
+    const tail = readFileSync(paths.log).subarray(logStart).toString().trim().slice(-2_000);
     return new DerpmeshError(
       'DERPMESH_ERR_CONFIG',
       `could not start the embedded Postgres in ${paths.dataDir}${identity ? ` as user ${identity.name}` : ''}: ${why}${tail ? `\n${tail}\n` : '. '}` +
@@ -487,7 +487,16 @@ function postmasterPid(dataDir: string): number | undefined {
   } catch {
     return undefined;
   }
-  return pid > 0 && alive(pid) ? pid : undefined;
+  return pid > 0 && alive(pid) && isPostgres(pid) ? pid : undefined;
+}
+
+/** Whether `pid` runs postgres (where /proc tells): a dead postmaster's pid may be reused by anything. */
+function isPostgres(pid: number): boolean {
+  try {
+    return readFileSync(`/proc/${pid}/comm`, 'utf8').startsWith('postgres');
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code !== 'ENOENT' || !existsSync('/proc/self');
+  }
 }
 
 /** Fast shutdown (SIGINT); immediate (SIGQUIT) if that hangs; SIGKILL as the last resort. */
