@@ -1,11 +1,16 @@
 // Compatibility with real Tailscale clients: Tailscale's own Go DERP client (tailscale.com/derp/derphttp,
 // built from the Go module proxy by test/interop/build.sh) drives the relay.
 import { strict as assert } from 'node:assert';
-import { execFile, execFileSync } from 'node:child_process';
+import { execFile, execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { rmSync } from 'node:fs';
+import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { describe, test } from 'node:test';
 
+import { hasOpenssl, makePrivateCa, type PrivateCa } from './helpers/certs.js';
+import { startNodeProcess, waitFor, type NodeProcess } from './helpers/cluster.js';
+import { startPostgres, type TestPostgres } from './helpers/postgres.js';
 import { startRelay } from './helpers/relay.js';
 
 const buildScript = fileURLToPath(new URL('../../test/interop/build.sh', import.meta.url));
@@ -21,6 +26,8 @@ function goAvailable(): boolean {
 
 const hasGo = goAvailable();
 if (!hasGo) console.log('# SKIP Tailscale interop: Go is not installed, so the derphttp client cannot be built');
+const opensslMissing = hasOpenssl() ? false : 'no openssl to make the private CA certificates';
+if (hasGo && opensslMissing) console.log('# SKIP Tailscale interop over TLS: openssl is not installed');
 
 interface Check {
   check: string;
@@ -48,10 +55,12 @@ function runInterop(
 }
 
 describe('Tailscale derphttp client against derpmesh', { skip: !hasGo && 'Go is not installed' }, () => {
-  let binary = '';
+  let built = '';
+  // Built by the first test; a test selected alone (--test-name-pattern) builds it itself.
+  const binary = () =>
+    (built ||= execFileSync('bash', [buildScript], { encoding: 'utf8', timeout: 1_400_000, stdio: ['ignore', 'pipe', 'inherit'] }).trim());
   test('builds the Go interop client', { timeout: 1_500_000 }, () => {
-    binary = execFileSync('bash', [buildScript], { encoding: 'utf8', timeout: 1_400_000, stdio: ['ignore', 'pipe', 'inherit'] }).trim();
-    assert.ok(binary.endsWith('derpinterop'));
+    assert.ok(binary().endsWith('derpinterop'));
   });
 
   for (const websocket of [false, true]) {
@@ -62,7 +71,7 @@ describe('Tailscale derphttp client against derpmesh', { skip: !hasGo && 'Go is 
         const meshKey = randomBytes(32).toString('hex');
         const relay = await startRelay({ meshKey });
         try {
-          const { code, checks, stderr } = await runInterop(binary, relay.url, meshKey, websocket);
+          const { code, checks, stderr } = await runInterop(binary(), relay.url, meshKey, websocket);
           const failed = checks.filter((c) => !c.ok);
           assert.deepEqual(failed, [], `failed checks: ${JSON.stringify(failed)}\n${stderr}`);
           const names = checks.map((c) => c.check);
@@ -81,4 +90,91 @@ describe('Tailscale derphttp client against derpmesh', { skip: !hasGo && 'Go is 
       },
     );
   }
+
+  // Two TLS nodes (certificates from a private CA) meshed over https; the Go client trusts the CA
+  // with -ca-file (derphttp.Client.TLSConfig). Handshake for the restart step: derpinterop prints
+  // the check restart_ready and reads stdin; the test sends SIGTERM to node A and writes a line.
+  test(
+    'TLS cluster (private CA): packets both ways through the mesh, no Health problem, SIGTERM sends Restarting',
+    { skip: opensslMissing, timeout: 1_400_000 + 240_000 }, // the build bound (when run alone) + the run
+    async () => {
+      const HEARTBEAT_MS = 300;
+      let ca: PrivateCa | undefined;
+      let pg: TestPostgres | undefined;
+      const nodes: NodeProcess[] = [];
+      try {
+        ca = makePrivateCa();
+        pg = await startPostgres();
+        const [a, b] = await Promise.all(
+          ['interop-tls-a', 'interop-tls-b'].map((name) =>
+            startNodeProcess({ name, postgresUrl: pg!.url, heartbeatMs: HEARTBEAT_MS, tls: ca! }),
+          ),
+        );
+        nodes.push(a!, b!);
+        await Promise.all(nodes.map((n) => n.started));
+        await waitFor('each node probed its peer over https', 30_000, async () => {
+          const views = await Promise.all(nodes.map((n) => n.replicas()));
+          return views.every((v) => {
+            const peer = v.find((r) => !r.self && r.state === 'live');
+            return peer !== undefined && (peer.latency_from_here_ms !== undefined || peer.unreachable_from_here !== undefined);
+          });
+        });
+        await new Promise((r) => setTimeout(r, 3 * HEARTBEAT_MS));
+
+        const started = Date.now();
+        const args = ['-url', `${a!.url}/derp`, '-url2', `${b!.url}/derp`, '-ca-file', ca.caFile];
+        args.push('-expect-no-health', '-hold', `${4 * HEARTBEAT_MS}ms`, '-wait-restarting', '-overall-timeout', '90s');
+        const child = spawn(binary(), args, { stdio: ['pipe', 'pipe', 'pipe'] });
+        child.stdin.on('error', () => {}); // EPIPE if it already exited
+        let stderr = '';
+        child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+        const exited = new Promise<number | null>((resolve) => {
+          child.once('exit', (code) => resolve(code));
+          child.once('error', (err) => {
+            stderr += `spawn error: ${err.message}\n`;
+            resolve(null);
+          });
+        });
+        const killer = setTimeout(() => child.kill('SIGKILL'), 120_000);
+        const checks: Check[] = [];
+        let nodeAExit: Promise<number | null> | undefined;
+        let stoppedAt = 0;
+        let stopMs = -1;
+        for await (const line of createInterface({ input: child.stdout })) {
+          if (!line.startsWith('{')) continue;
+          const check = JSON.parse(line) as Check;
+          checks.push(check);
+          if (check.check === 'restart_ready' && check.ok) {
+            stoppedAt = Date.now();
+            nodeAExit = a!.stop().then((exitCode) => {
+              stopMs = Date.now() - stoppedAt;
+              return exitCode;
+            }); // sends SIGTERM at once
+            child.stdin.end('stopped\n');
+          }
+        }
+        const code = await exited;
+        clearTimeout(killer);
+        const aCode = nodeAExit ? await nodeAExit : undefined;
+        console.log(
+          `TLS interop: derpinterop ran ${Date.now() - started} ms; node A exited ${aCode === undefined ? 'never stopped' : `${stopMs} ms after SIGTERM`}`,
+        );
+        for (const c of checks) console.log(`  ${c.ok ? 'ok  ' : 'FAIL'} ${c.check}: ${c.detail}`);
+
+        const failed = checks.filter((c) => !c.ok);
+        assert.deepEqual(failed, [], `failed checks: ${JSON.stringify(failed)}\n${stderr}`);
+        const names = checks.map((c) => c.check);
+        const required = ['two_node_handshake', 'tls_connection', 'mesh_route_a_to_b', 'mesh_route_b_to_a'];
+        for (const size of [16, 1400, 65536]) required.push(`mesh_packet_a_to_b_${size}`, `mesh_packet_b_to_a_${size}`);
+        required.push('no_health_problem', 'restart_ready', 'restarting_frame', 'other_node_unaffected');
+        for (const r of required) assert.ok(names.includes(r), `missing check ${r}: ${names.join(', ')}\n${stderr}`);
+        assert.equal(code, 0, `derpinterop exit code\n${stderr}`);
+        assert.equal(aCode, 0, `node A exit code after SIGTERM\n${a!.output()}`);
+      } finally {
+        await Promise.all(nodes.map((n) => n.kill9()));
+        await pg?.stop();
+        if (ca) rmSync(ca.dir, { recursive: true, force: true });
+      }
+    },
+  );
 });

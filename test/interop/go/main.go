@@ -5,12 +5,17 @@
 //
 // and exits 0 only if every check passed (1 if any failed, 2 on bad usage).
 // Every step is bounded by -timeout and the whole run by -overall-timeout.
+//
+// With -url2 it runs the two-relay checks of twonode.go instead (one client
+// on each relay of a mesh; see there).
 package main
 
 import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -36,6 +41,7 @@ var (
 	flagTimeout   = flag.Duration("timeout", 10*time.Second, "timeout for each step")
 	flagOverall   = flag.Duration("overall-timeout", 2*time.Minute, "hard limit for the whole run")
 	flagVerbose   = flag.Bool("v", false, "log derphttp client messages to stderr")
+	flagCAFile    = flag.String("ca-file", "", "PEM CA certificate(s) trusted for https URLs besides the system roots (private CA)")
 )
 
 // ---- output ----
@@ -91,6 +97,15 @@ type peer struct {
 	events chan event
 	logs   *logBuf
 	ws     bool // dial over WebSocket
+
+	healthMu sync.Mutex
+	health   []string // Problem of every Health frame received, "" = healthy
+}
+
+func (p *peer) healthFrames() []string {
+	p.healthMu.Lock()
+	defer p.healthMu.Unlock()
+	return append([]string(nil), p.health...)
 }
 
 type logBuf struct {
@@ -119,12 +134,35 @@ func (l *logBuf) contains(s string) bool {
 
 var netMon = netmon.NewStatic()
 
+// tlsConfig is nil (system roots) unless -ca-file is given.
+var tlsConfig *tls.Config
+
+func loadCAFile(path string) error {
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return fmt.Errorf("%s: no PEM certificate found", path)
+	}
+	// derphttp passes this to tlsdial.Config, which tries these roots after
+	// the system ones.
+	tlsConfig = &tls.Config{RootCAs: pool}
+	return nil
+}
+
 func newPeer(name string, meshKey key.DERPMesh, watch bool) (*peer, error) {
+	return newPeerURL(name, *flagURL, meshKey, watch)
+}
+
+func newPeerURL(name, url string, meshKey key.DERPMesh, watch bool) (*peer, error) {
 	p := &peer{name: name, events: make(chan event, 4096), logs: new(logBuf)}
-	c, err := derphttp.NewClient(key.NewNode(), *flagURL, p.logs.logf(name), netMon)
+	c, err := derphttp.NewClient(key.NewNode(), url, p.logs.logf(name), netMon)
 	if err != nil {
 		return nil, err
 	}
+	c.TLSConfig = tlsConfig
 	c.MeshKey = meshKey
 	c.WatchConnectionChanges = watch
 	p.c = c
@@ -172,6 +210,13 @@ func (p *peer) startRecv() {
 				p.events <- event{kind: "peer_gone", src: m.Peer, reason: m.Reason}
 			case derp.ServerInfoMessage:
 				p.events <- event{kind: "server_info", desc: fmt.Sprintf("%+v", m)}
+			case derp.HealthMessage:
+				p.healthMu.Lock()
+				p.health = append(p.health, m.Problem)
+				p.healthMu.Unlock()
+				p.events <- event{kind: "health", desc: m.Problem}
+			case derp.ServerRestartingMessage:
+				p.events <- event{kind: "restarting", desc: fmt.Sprintf("ReconnectIn=%v TryFor=%v", m.ReconnectIn, m.TryFor)}
 			default:
 				p.events <- event{kind: "other", desc: fmt.Sprintf("%T", m)}
 			}
@@ -276,6 +321,17 @@ func main() {
 			os.Exit(2)
 		}
 	}
+	if msg := checkTwoNodeUsage(); msg != "" {
+		fmt.Fprintf(os.Stderr, "derpinterop: %s\n", msg)
+		flag.Usage()
+		os.Exit(2)
+	}
+	if *flagCAFile != "" {
+		if err := loadCAFile(*flagCAFile); err != nil {
+			fmt.Fprintf(os.Stderr, "derpinterop: bad -ca-file: %v\n", err)
+			os.Exit(2)
+		}
+	}
 	if *flagWebsocket {
 		if !websocketCompiled {
 			report("websocket_transport", false, "derpinterop was built without -tags ts_debug_websockets; derphttp cannot dial WebSocket")
@@ -289,7 +345,11 @@ func main() {
 	})
 	defer watchdog.Stop()
 
-	run(meshKey)
+	if *flagURL2 != "" {
+		runTwoNodes()
+	} else {
+		run(meshKey)
+	}
 
 	if failed {
 		os.Exit(1)
