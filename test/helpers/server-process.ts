@@ -68,19 +68,25 @@ export function startServerProcess(command: string[], args: string[], env: NodeJ
     timeoutMs: startTimeoutMs,
   });
   if (ownStateDir) {
-    server.child.once('exit', () =>
-      setTimeout(() => {
-        // Only this server used the state directory: a Postgres still on it (the server was
-        // killed before it could stop it) goes with the directory.
-        const postmaster = embeddedPostmasterPid(stateDir);
-        try {
-          if (postmaster) process.kill(postmaster, 'SIGQUIT');
-        } catch {
-          // already gone
-        }
-        rmSync(stateDir, { recursive: true, force: true });
-      }, 2_000).unref(),
-    );
+    ownStateDirs.add(stateDir);
+    server.child.once('exit', () => setTimeout(() => removeStateDir(stateDir), 2_000).unref());
   }
   return { ...server, stateDir };
+}
+
+/** State directories of servers started here, removed after their server exits or with this process. */
+const ownStateDirs = new Set<string>();
+process.once('exit', () => ownStateDirs.forEach(removeStateDir));
+
+function removeStateDir(stateDir: string): void {
+  // Only its server used the state directory: a Postgres still on it (the server was killed before
+  // it could stop it) goes with the directory.
+  const postmaster = embeddedPostmasterPid(stateDir);
+  try {
+    if (postmaster) process.kill(postmaster, 'SIGQUIT');
+  } catch {
+    // already gone
+  }
+  rmSync(stateDir, { recursive: true, force: true });
+  ownStateDirs.delete(stateDir);
 }
