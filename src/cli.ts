@@ -3,6 +3,7 @@
 import { loadConfig, optionsHelp, optionsMarkdownTable } from './config.js';
 import { DerpmeshError } from './errors.js';
 import { createLogger } from './log.js';
+import type { DerpmeshNode } from './node.js';
 import { onParentGone } from './parent.js';
 import { version } from './version.js';
 
@@ -26,27 +27,34 @@ async function server(argv: string[]): Promise<void> {
   // Imported here, not at the top: the native addon loads with it, and `--version`, `--help` and
   // `config-table` must work (and a missing addon must be reported cleanly) without it.
   const { startNode } = await import('./node.js');
-  const node = await startNode(config, logger);
   // The first signal starts the graceful stop, bounded by the shutdown grace. Further signals (a
   // terminal's Ctrl-C and a wrapper such as npm often both send one) do not cut it short: exiting
   // at once would skip the Restarting frames and strand an embedded Postgres. A stop that still
-  // has not finished well after the grace is abandoned, releasing the Postgres first.
-  let stopping = false;
+  // has not finished well after the grace is abandoned, releasing the Postgres first. A signal
+  // during the start is kept until the node has started, so what it started is released too.
+  let node: DerpmeshNode | undefined;
+  let stopReason: string | undefined;
+  const beginStop = (n: DerpmeshNode) => {
+    setTimeout(() => {
+      logger.error('the graceful stop did not finish in time: exiting now', { afterMs: config.shutdownGraceMs + HARD_STOP_MARGIN_MS });
+      void n.abandon().finally(() => process.exit(1));
+    }, config.shutdownGraceMs + HARD_STOP_MARGIN_MS).unref();
+    void n.close().then(() => process.exit(0));
+  };
   const stop = (reason: string) => {
-    if (stopping) {
+    if (stopReason !== undefined) {
       logger.warn('already stopping: the graceful stop goes on', { reason, graceMs: config.shutdownGraceMs });
       return;
     }
-    stopping = true;
+    stopReason = reason;
     logger.info('stopping', { reason });
-    setTimeout(() => {
-      logger.error('the graceful stop did not finish in time: exiting now', { afterMs: config.shutdownGraceMs + HARD_STOP_MARGIN_MS });
-      void node.abandon().finally(() => process.exit(1));
-    }, config.shutdownGraceMs + HARD_STOP_MARGIN_MS).unref();
-    void node.close().then(() => process.exit(0));
+    if (node) beginStop(node);
+    else logger.info('the node is still starting: it stops once started');
   };
   for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(signal, () => stop(signal));
   onParentGone(() => stop('the parent process is gone'));
+  node = await startNode(config, logger);
+  if (stopReason !== undefined) beginStop(node);
 }
 
 /** Time beyond the shutdown grace before a stuck stop is abandoned. */

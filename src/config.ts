@@ -4,6 +4,7 @@ import { homedir } from 'node:os';
 import { join } from 'node:path';
 
 import { configError, DerpmeshError } from './errors.js';
+import { relayBase, relayUrl, RelayUrlError, sameUrlKey } from './relay-url.js';
 
 function defaultStateDir(): string {
   return process.getuid?.() === 0 ? '/var/lib/derpmesh' : join(homedir(), '.derpmesh');
@@ -234,23 +235,24 @@ function describe(name: OptionName): string {
   return [spec.flag, ...spec.env].join(' / ');
 }
 
-function parseHttpUrl(name: OptionName, text: string): URL {
-  let url: URL;
+function parseHttpUrl(name: OptionName, text: string, plain = false): URL {
   try {
-    url = new URL(text);
-  } catch {
-    throw configError(`${describe(name)} must be an http(s) URL like http://10.0.0.1:3000, got ${JSON.stringify(text)}`, text);
+    return relayUrl(text, { plain });
+  } catch (err) {
+    if (!(err instanceof RelayUrlError)) throw err;
+    const got = JSON.stringify(text);
+    switch (err.reason) {
+      case 'syntax':
+        throw configError(`${describe(name)} must be an http(s) URL like http://10.0.0.1:3000, got ${got}`, text);
+      case 'scheme':
+        throw configError(`${describe(name)} must use http or https, got ${new URL(text).protocol.replace(':', '')} in ${got}`, text);
+      case 'extras':
+        throw configError(
+          `${describe(name)} must be a plain URL like http://10.0.0.2:3000, without user info, query or fragment, got ${got}`,
+          text,
+        );
+    }
   }
-  if (url.protocol !== 'http:' && url.protocol !== 'https:') {
-    throw configError(`${describe(name)} must use http or https, got ${url.protocol.replace(':', '')} in ${JSON.stringify(text)}`, text);
-  }
-  return url;
-}
-
-/** Comparable form of a URL: scheme, host, effective port, path without a trailing slash. */
-export function normalizeUrl(url: URL): string {
-  const port = url.port || (url.protocol === 'https:' ? '443' : '80');
-  return `${url.protocol}//${url.hostname.toLowerCase()}:${port}${url.pathname.replace(/\/+$/, '')}`;
 }
 
 /** Reads options from flags (first) and the environment, validates them, and derives defaults. */
@@ -294,7 +296,7 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv = pro
       : new URL(`http://${listenHost === '0.0.0.0' ? '127.0.0.1' : listenHost}:${listenPort}`);
   const relayUrl = raw.relayUrl !== undefined ? parseHttpUrl('relayUrl', raw.relayUrl) : undefined;
   const derpServerEnable = value('derpServerEnable', parseBool, 'true or false')!;
-  if (relayUrl && derpServerEnable && normalizeUrl(relayUrl) === normalizeUrl(accessUrl)) {
+  if (relayUrl && derpServerEnable && sameUrlKey(relayUrl) === sameUrlKey(accessUrl)) {
     throw new DerpmeshError(
       'DERPMESH_ERR_RELAY_URL_IS_ACCESS_URL',
       `the relay URL (${relayUrl.href}) equals the access URL: nodes would mesh through the load balancer and reach random nodes. ` +
@@ -361,13 +363,8 @@ function parseMeshWith(text: string): string[] {
       }
       continue;
     }
-    const url = parseHttpUrl('meshWith', entry);
-    if (url.username !== '' || url.password !== '' || url.search !== '' || url.hash !== '') {
-      throw configError(`${what} must be a plain relay URL like http://10.0.0.2:3000, without user info, query or fragment`, entry);
-    }
     // A relay base URL: derper-style `…/derp` URLs name the same relay.
-    const path = url.pathname.replace(/\/+$/, '').replace(/\/derp$/, '');
-    urls.push(`${url.origin}${path}`);
+    urls.push(relayBase(parseHttpUrl('meshWith', entry, true)));
   }
   return urls;
 }

@@ -7,8 +7,15 @@ import { hostname as osHostname } from 'node:os';
 import type pg from 'pg';
 
 import type { ServerConfig } from './config.js';
-import { configError } from './errors.js';
-import { mostSevere, section, worst, type HealthReport, type HealthSection } from './health.js';
+import { loadDerpMap } from './derpmap.js';
+import {
+  ClientHealth,
+  findMisconfigurations,
+  formatMisconfiguration,
+  nodeHealth,
+  type HealthReport,
+  type Misconfiguration,
+} from './health.js';
 import { apiRoutes } from './http/api.js';
 import { startHttpServer, type HttpServer } from './http/server.js';
 import { statusPage } from './http/status.js';
@@ -20,12 +27,10 @@ import { migrate } from './postgres/migrations.js';
 import { createPool } from './postgres/pool.js';
 import { Pubsub } from './postgres/pubsub.js';
 import { ReplicaRegistry } from './replicas/registry.js';
-import { Relay, type RelayOptions } from './relay.js';
 import { MeshTrust } from './mesh-trust.js';
+import { relayBase } from './relay-url.js';
+import { Relay } from './relay.js';
 import { version } from './version.js';
-
-/** Heartbeats a mesh link may be down before clients are told (Health frame). */
-const LINK_DOWN_HEARTBEATS = 3;
 
 export interface DerpmeshNode {
   id: string;
@@ -42,14 +47,7 @@ export interface DerpmeshNode {
   abandon(): Promise<void>;
 }
 
-export interface NodeExtras {
-  /** Relay tunables beyond the configuration (tests). */
-  relay?: Partial<RelayOptions>;
-  /** Delete stale rows older than this (tests). */
-  cleanupAfterMs?: number;
-}
-
-export async function startNode(config: ServerConfig, logger: Logger, extras: NodeExtras = {}): Promise<DerpmeshNode> {
+export async function startNode(config: ServerConfig, logger: Logger): Promise<DerpmeshNode> {
   const cleanups: (() => Promise<void>)[] = [];
   // Undone in reverse order, each step bounded: a stop must end even when a step hangs (a database
   // that does not answer, a connection that never closes).
@@ -62,7 +60,7 @@ export async function startNode(config: ServerConfig, logger: Logger, extras: No
     }
   };
   try {
-    return await start(config, logger, extras, cleanups, undo);
+    return await start(config, logger, cleanups, undo);
   } catch (err) {
     await undo();
     throw err;
@@ -72,7 +70,6 @@ export async function startNode(config: ServerConfig, logger: Logger, extras: No
 async function start(
   config: ServerConfig,
   logger: Logger,
-  extras: NodeExtras,
   cleanups: (() => Promise<void>)[],
   undo: () => Promise<void>,
 ): Promise<DerpmeshNode> {
@@ -98,10 +95,10 @@ async function start(
       relayUrl: config.relayUrl.href,
     });
   }
-  const relayUrl = customRelays ? '' : (config.relayUrl?.href.replace(/\/$/, '') ?? '');
+  const relayUrl = customRelays || !config.relayUrl ? '' : relayBase(config.relayUrl);
   const trust = MeshTrust.fromFile(config.meshCaFile);
   // Custom relays: clients use the relays of the custom map, so this node runs none and meshes nothing.
-  const relay = customRelays ? undefined : new Relay({ queueDepth: config.queueDepth, meshKey, meshCaPem: trust.caPem, ...extras.relay });
+  const relay = customRelays ? undefined : new Relay({ queueDepth: config.queueDepth, meshKey, meshCaPem: trust.caPem });
   if (!config.derpServerEnable && !config.derpConfigUrl && !config.derpConfigPath) {
     log.warn(
       'the embedded relay is disabled and no custom relay map is set (CODER_DERP_CONFIG_URL or CODER_DERP_CONFIG_PATH): /derpmap is empty and clients have no relay',
@@ -122,104 +119,50 @@ async function start(
     latencyThresholdMs: config.latencyThresholdMs,
     probePeers: relay !== undefined,
     trust,
-    cleanupAfterMs: extras.cleanupAfterMs,
-    healthReport: () => health(),
   });
 
   // The static peers (--mesh-with) are meshed from the start, with or without peers in Postgres.
   relay?.setMeshPeers(config.meshWith);
-  registry.on('peers', (peers) => {
-    relay?.setMeshPeers([
-      ...config.meshWith,
-      ...peers.filter((p) => p.regionId === config.regionId && p.relayUrl !== '').map((p) => p.relayUrl),
-    ]);
+  registry.on('peers', () => {
+    const discovered = registry
+      .regionalPeers()
+      .filter((p) => p.relayUrl !== '')
+      .map((p) => p.relayUrl);
+    relay?.setMeshPeers([...config.meshWith, ...discovered]);
   });
 
-  /** Cluster misconfigurations worth shouting about (log, API, health). */
-  let lastWarnings = '';
-  /** This node runs a relay in a cluster of 2 or more but peers have no URL to mesh with it. */
-  const lacksRelayUrl = () => relay !== undefined && !relayUrl && registry.peers().length >= 1;
-  const warnings = (): string[] => {
-    const out: string[] = [];
-    const live = registry.peers().length + 1;
-    if (lacksRelayUrl()) {
-      out.push(
-        `RELAY_NO_RELAY_URL: ${live} replicas share this database but ${hostname} has no relay URL, so peers cannot mesh with its relay and clients on different nodes cannot reach each other; set CODER_DERP_SERVER_RELAY_URL to this node's own address`,
-      );
+  /** Cluster misconfigurations as this node sees them; each change is logged once. */
+  let loggedMisconfigurations = '';
+  const misconfigurations = (): Misconfiguration[] => {
+    const found = findMisconfigurations({
+      runsRelay: relay !== undefined,
+      hostname,
+      relayUrl,
+      livePeers: registry.peers(),
+      regionalPeers: registry.regionalPeers(),
+    });
+    const text = found.map(formatMisconfiguration).join('\n');
+    if (text !== loggedMisconfigurations) {
+      loggedMisconfigurations = text;
+      for (const m of found) log.warn(`MISCONFIGURATION ${formatMisconfiguration(m)}`);
     }
-    for (const p of registry.peers()) {
-      if (relay && p.regionId === config.regionId && p.relayUrl === '') {
-        out.push(`RELAY_NO_RELAY_URL: peer ${p.hostname} (${p.id}) has no relay URL; its clients are unreachable from here`);
-      }
-    }
-    const text = out.join('\n');
-    if (text !== lastWarnings) {
-      lastWarnings = text;
-      for (const w of out) log.warn(`MISCONFIGURATION ${w}`);
-    }
-    return out;
+    return found;
   };
+  const warnings = () => misconfigurations().map(formatMisconfiguration);
 
-  const health = (): HealthReport => {
-    const dbError = registry.databaseError();
-    const dbRtt = registry.databaseLatencyMs();
-    const database: HealthSection = dbError
-      ? section('error', 'DB_UNREACHABLE', `database unreachable: ${dbError}`)
-      : dbRtt !== undefined && dbRtt > config.latencyThresholdMs
-        ? section('warning', 'DB_SLOW', `database round trip ${dbRtt.toFixed(2)} ms exceeds ${config.latencyThresholdMs} ms`)
-        : section('ok', 'DB_OK', dbRtt === undefined ? 'database reachable' : `database round trip ${dbRtt.toFixed(2)} ms`);
-    const noRelayUrl = warnings().find((w) => w.startsWith('RELAY_NO_RELAY_URL'));
-    const relaySection: HealthSection = !relay
-      ? section('ok', 'RELAY_DISABLED', 'embedded relay disabled: custom relays')
-      : noRelayUrl
-        ? section('warning', 'RELAY_NO_RELAY_URL', noRelayUrl.replace(/^RELAY_NO_RELAY_URL: /, ''))
-        : section('ok', 'RELAY_OK', `relay serving ${relay.metric('clients')} clients`);
-    let mesh: HealthSection;
-    if (!relay) {
-      mesh = section('ok', 'MESH_DISABLED', 'custom relays: no mesh');
-    } else {
-      const findings: HealthSection[] = [];
-      for (const l of registry.peerLatencies()) {
-        if (l.error)
-          findings.push(section('error', 'MESH_PEER_UNREACHABLE', `failed to reach relay ${l.hostname} (${l.relayUrl}): ${l.error}`));
-        else if (l.slow)
-          findings.push(
-            section(
-              'warning',
-              'MESH_PEER_SLOW',
-              `round trip to ${l.hostname} (${l.relayUrl}) is ${l.rttMs!.toFixed(2)} ms, above ${config.latencyThresholdMs} ms`,
-            ),
-          );
-      }
-      for (const link of relay.meshLinks()) {
-        if (link.state !== 'connected' && link.state !== 'self') {
-          findings.push(
-            section('warning', 'MESH_LINK_DOWN', `mesh link to ${link.url} is ${link.state}${link.lastError ? `: ${link.lastError}` : ''}`),
-          );
-        }
-      }
-      for (const p of registry.peers()) {
-        if (p.version !== version)
-          findings.push(section('warning', 'MESH_VERSION_MISMATCH', `peer ${p.hostname} runs ${p.version}, this node ${version}`));
-      }
-      mesh = mostSevere(
-        findings,
-        section('ok', 'MESH_OK', `meshed with ${relay.meshLinks().filter((l) => l.state === 'connected').length} peer relays`),
-      );
-    }
-    const ps = pubsub.state();
-    const pubsubSection = ps.connected
-      ? section('ok', 'PUBSUB_OK', `listening (${ps.reconnects} reconnects)`)
-      : section('error', 'PUBSUB_DISCONNECTED', `LISTEN connection down${ps.lastError ? `: ${ps.lastError}` : ''}; polling only`);
-    const sections = { database, relay: relaySection, mesh, pubsub: pubsubSection };
-    return {
+  const health = (): HealthReport =>
+    nodeHealth({
       replicaId: id,
       hostname,
-      severity: worst(Object.values(sections).map((s) => s.severity)),
-      generatedAt: new Date().toISOString(),
-      sections,
-    };
-  };
+      version,
+      latencyThresholdMs: config.latencyThresholdMs,
+      database: { error: registry.databaseError(), rttMs: registry.databaseLatencyMs() },
+      relay: relay && { clients: relay.metric('clients'), links: relay.meshLinks() },
+      peers: registry.peers(),
+      peerLatencies: registry.peerLatencies(),
+      pubsub: pubsub.state(),
+      misconfigurations: misconfigurations(),
+    });
 
   const derpMap = await loadDerpMap(config);
   const metrics = (): MetricSample[] => {
@@ -294,33 +237,15 @@ async function start(
   await registry.start();
   cleanups.push(() => registry.stop());
 
-  // Clients learn through a DERP Health frame when this relay cannot do its job: only problems of
-  // this relay's own data path (what a client here would notice as lost packets), never a probe's
-  // verdict or another node's state. A mesh link counts once it has been down for a few heartbeats,
-  // so a peer that restarts does not make every client here flash a warning.
-  const linkDownSince = new Map<string, number>();
-  const healthTimer = setInterval(() => {
-    if (!relay) return;
-    const now = Date.now();
-    const problems: string[] = [];
-    if (lacksRelayUrl()) {
-      problems.push('this relay has no relay URL: clients of other relays in its region cannot reach clients here');
-    }
-    const links = relay.meshLinks().filter((l) => l.state !== 'self' && l.state !== 'stopped');
-    for (const url of linkDownSince.keys()) if (!links.some((l) => l.url === url)) linkDownSince.delete(url);
-    for (const link of links) {
-      if (link.state === 'connected') {
-        linkDownSince.delete(link.url);
-        continue;
-      }
-      const since = linkDownSince.get(link.url) ?? now;
-      linkDownSince.set(link.url, since);
-      if (now - since >= LINK_DOWN_HEARTBEATS * config.heartbeatIntervalMs) {
-        problems.push(`this relay cannot reach its peer relay ${link.url}: clients connected there are unreachable from here`);
-      }
-    }
-    relay.setHealth(problems.join('; '));
-  }, config.heartbeatIntervalMs);
+  // Every heartbeat the node pushes its health: its report to the registry (stored with the next
+  // heartbeat, for the cluster-wide view) and its own data-path problems to its clients.
+  const clientHealth = new ClientHealth(config.heartbeatIntervalMs);
+  const pushHealth = () => {
+    registry.setHealthReport(health());
+    relay?.setHealth(clientHealth.problem(misconfigurations(), relay.meshLinks()));
+  };
+  pushHealth();
+  const healthTimer = setInterval(pushHealth, config.heartbeatIntervalMs);
   healthTimer.unref();
   cleanups.push(async () => clearInterval(healthTimer));
 
@@ -353,48 +278,6 @@ async function start(
       })()),
     abandon: async () => {
       await embedded?.release();
-    },
-  };
-}
-
-/** The DERP map clients use: the custom one when configured, else one embedded region. */
-async function loadDerpMap(config: ServerConfig): Promise<unknown> {
-  if (config.derpConfigPath) {
-    try {
-      return JSON.parse(readFileSync(config.derpConfigPath, 'utf8'));
-    } catch (err) {
-      throw configError(
-        `CODER_DERP_CONFIG_PATH ${config.derpConfigPath} must be a readable JSON relay map: ${(err as Error).message}`,
-        config.derpConfigPath,
-      );
-    }
-  }
-  if (config.derpConfigUrl) {
-    const res = await fetch(config.derpConfigUrl, { signal: AbortSignal.timeout(10_000) });
-    if (!res.ok)
-      throw configError(`CODER_DERP_CONFIG_URL answered ${res.status}; it must serve the relay map as JSON`, config.derpConfigUrl.href);
-    return res.json();
-  }
-  if (!config.derpServerEnable) return { Regions: {} };
-  const access = config.accessUrl;
-  const https = access.protocol === 'https:';
-  return {
-    Regions: {
-      [config.regionId]: {
-        RegionID: config.regionId,
-        RegionCode: 'derpmesh',
-        RegionName: 'derpmesh embedded relay',
-        Nodes: [
-          {
-            Name: `${config.regionId}a`,
-            RegionID: config.regionId,
-            HostName: access.hostname,
-            DERPPort: Number(access.port || (https ? 443 : 80)),
-            STUNPort: -1,
-            ForceHTTP: !https,
-          },
-        ],
-      },
     },
   };
 }

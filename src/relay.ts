@@ -6,6 +6,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { TLSSocket } from 'node:tls';
 
+import { formatPublicKey } from './client/keys.js';
 import { DerpmeshError } from './errors.js';
 import { native, type MeshLinkStatus, type Metric } from './native.js';
 
@@ -56,7 +57,7 @@ export class Relay {
 
   /** The relay's public key as `nodekey:<64 hex>`. */
   get publicKey(): string {
-    return `nodekey:${this.#core.publicKey}`;
+    return formatPublicKey(Buffer.from(this.#core.publicKey, 'hex'));
   }
 
   /** Whether `req` asks for a DERP connection this relay should take. */

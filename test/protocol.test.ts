@@ -8,7 +8,7 @@ import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 
 import { DerpClient, parsePublicKey, type DerpClientEvents } from '../src/client/index.js';
-import { FrameType, MAGIC } from '../src/client/frame.js';
+import { FrameType, MAGIC, PROTOCOL_VERSION } from '../src/client/frame.js';
 import { native } from '../src/native.js';
 import {
   RawConn,
@@ -227,7 +227,7 @@ describe('handshake', { timeout: 30_000 }, () => {
     assert.equal(headers.get('derp-public-key'), serverKey.toString('hex'));
     assert.equal(serverKeyFrame.frameType, FrameType.ServerKey);
     assert.deepEqual(serverKeyFrame.payload, Buffer.concat([MAGIC, serverKey]));
-    conn.write(frame(FrameType.ClientInfo, clientInfoPayload(client, serverKey, { version: 2, CanAckPings: true })));
+    conn.write(frame(FrameType.ClientInfo, clientInfoPayload(client, serverKey, { version: PROTOCOL_VERSION, CanAckPings: true })));
     const info = await conn.next();
     assert.equal(info.frameType, FrameType.ServerInfo);
     const json = native.boxOpen(client.privateKey, serverKey, info.payload);
@@ -241,7 +241,7 @@ describe('handshake', { timeout: 30_000 }, () => {
     const conn = await RawConn.tcp(relay.port, {
       request: upgradeRequest({ fastStart: true }),
       after: Buffer.concat([
-        frame(FrameType.ClientInfo, clientInfoPayload(client, serverKey, { version: 2 })),
+        frame(FrameType.ClientInfo, clientInfoPayload(client, serverKey, { version: PROTOCOL_VERSION })),
         frame(FrameType.SendPacket, client.publicKey, Buffer.from('to myself')),
       ]),
       expectHead: false,
@@ -279,7 +279,7 @@ describe('handshake', { timeout: 30_000 }, () => {
 
   test('a wrong mesh key is not an error at handshake time, but WatchConns is then refused', async () => {
     const before = relay.metric('permission_denied');
-    const conn = await rawClient(relay.port, { version: 2, meshKey: 'e'.repeat(64) });
+    const conn = await rawClient(relay.port, { version: PROTOCOL_VERSION, meshKey: 'e'.repeat(64) });
     conn.write(frame(FrameType.WatchConns));
     await conn.waitClosed();
     assert.equal(conn.frames.filter((f) => f.frameType === FrameType.PeerPresent).length, 0);
@@ -357,7 +357,7 @@ describe('WebSocket', { timeout: 30_000 }, () => {
     const client = keyPair();
     const conn = await RawConn.websocket(relay.url);
     await conn.next(FrameType.ServerKey);
-    const clientInfo = frame(FrameType.ClientInfo, clientInfoPayload(client, serverKey, { version: 2 }));
+    const clientInfo = frame(FrameType.ClientInfo, clientInfoPayload(client, serverKey, { version: PROTOCOL_VERSION }));
     for (const byte of clientInfo) conn.write(Buffer.from([byte]));
     assert.equal((await conn.next()).frameType, FrameType.ServerInfo);
 
@@ -631,30 +631,14 @@ describe('watchers (mesh key)', { timeout: 30_000 }, () => {
 
 // ─── mesh between relays ───────────────────────────────────────────────────────
 
-interface MeshLink {
-  url: string;
-  state: string;
-  forwarders: number;
-}
-
-/** The relay's mesh API (absent from builds of the addon that predate mesh links). */
-function meshApi(relay: TestRelay): { setMeshPeers(urls: string[]): void; meshLinks(): MeshLink[] } {
-  return relay.relay as unknown as { setMeshPeers(urls: string[]): void; meshLinks(): MeshLink[] };
-}
-
-const hasMesh = typeof (native.RelayCore.prototype as unknown as Record<string, unknown>).setMeshPeers === 'function';
-
-describe('mesh: forwarders', { timeout: 30_000, skip: hasMesh ? false : 'the native addon has no setMeshPeers yet' }, () => {
+describe('mesh: forwarders', { timeout: 30_000 }, () => {
   /** Waits until `relay`'s link to the peer on `peer.port` is connected and has learned at least `forwarders` keys. */
   async function linkReady(relay: TestRelay, peer: { port: number }, forwarders = 0): Promise<void> {
     const port = `:${peer.port}`;
     await waitUntil(
-      () =>
-        meshApi(relay)
-          .meshLinks()
-          .some((l) => l.url.includes(port) && l.state === 'connected' && l.forwarders >= forwarders),
+      () => relay.relay.meshLinks().some((l) => l.url.includes(port) && l.state === 'connected' && l.forwarders >= forwarders),
       5000,
-      `the mesh link to port ${peer.port} (links: ${JSON.stringify(meshApi(relay).meshLinks())})`,
+      `the mesh link to port ${peer.port} (links: ${JSON.stringify(relay.relay.meshLinks())})`,
     );
   }
 
@@ -665,8 +649,8 @@ describe('mesh: forwarders', { timeout: 30_000, skip: hasMesh ? false : 'the nat
   test('forwarder registration: clients on two meshed relays reach each other', async () => {
     const [r1, r2] = await meshedRelays(2);
     try {
-      meshApi(r1!).setMeshPeers([r2!.url]);
-      meshApi(r2!).setMeshPeers([r1!.url]);
+      r1!.relay.setMeshPeers([r2!.url]);
+      r2!.relay.setMeshPeers([r1!.url]);
       const a = await DerpClient.connect({ url: r1!.url });
       const b = await DerpClient.connect({ url: r2!.url, transport: 'websocket' });
       await linkReady(r1!, r2!, 1);
@@ -688,7 +672,7 @@ describe('mesh: forwarders', { timeout: 30_000, skip: hasMesh ? false : 'the nat
   test('multi-forwarder: the first registered peer wins, never both; the next takes over when it goes', async () => {
     const [r1, r2, r3] = await meshedRelays(3);
     try {
-      meshApi(r1!).setMeshPeers([r2!.url, r3!.url]);
+      r1!.relay.setMeshPeers([r2!.url, r3!.url]);
       const privateKey = native.generatePrivateKey();
       const onR2 = await DerpClient.connect({ url: r2!.url, privateKey });
       await linkReady(r1!, r2!, 1);
@@ -705,10 +689,7 @@ describe('mesh: forwarders', { timeout: 30_000, skip: hasMesh ? false : 'the nat
 
       await onR2.close();
       await waitUntil(
-        () =>
-          meshApi(r1!)
-            .meshLinks()
-            .find((l) => l.url.includes(`:${r2!.port}`))?.forwarders === 0,
+        () => r1!.relay.meshLinks().find((l) => l.url.includes(`:${r2!.port}`))?.forwarders === 0,
         3000,
         'the forwarder via r2 to go',
       );
@@ -727,7 +708,7 @@ describe('mesh: forwarders', { timeout: 30_000, skip: hasMesh ? false : 'the nat
   test('a local client wins over a forwarder for the same key', async () => {
     const [r1, r2] = await meshedRelays(2);
     try {
-      meshApi(r1!).setMeshPeers([r2!.url]);
+      r1!.relay.setMeshPeers([r2!.url]);
       const privateKey = native.generatePrivateKey();
       const remote = await DerpClient.connect({ url: r2!.url, privateKey });
       await linkReady(r1!, r2!, 1);
@@ -748,7 +729,7 @@ describe('mesh: forwarders', { timeout: 30_000, skip: hasMesh ? false : 'the nat
   test('ForwardPacket is never re-forwarded (one hop)', async () => {
     const [r1, r2] = await meshedRelays(2);
     try {
-      meshApi(r1!).setMeshPeers([r2!.url]);
+      r1!.relay.setMeshPeers([r2!.url]);
       const far = await DerpClient.connect({ url: r2!.url });
       await linkReady(r1!, r2!, 1);
       const mesh = await DerpClient.connect({ url: r1!.url, meshKey: MESH_KEY });
@@ -767,8 +748,8 @@ describe('mesh: forwarders', { timeout: 30_000, skip: hasMesh ? false : 'the nat
   test('a lost mesh peer: PeerGone(disconnected) to local clients that received from its clients', async () => {
     const [r1, r2] = await meshedRelays(2);
     try {
-      meshApi(r1!).setMeshPeers([r2!.url]);
-      meshApi(r2!).setMeshPeers([r1!.url]);
+      r1!.relay.setMeshPeers([r2!.url]);
+      r2!.relay.setMeshPeers([r1!.url]);
       const far = await DerpClient.connect({ url: r2!.url });
       const a = await DerpClient.connect({ url: r1!.url });
       const bystander = await DerpClient.connect({ url: r1!.url });
@@ -782,14 +763,7 @@ describe('mesh: forwarders', { timeout: 30_000, skip: hasMesh ? false : 'the nat
       await r2!.close();
       await waitUntil(() => goneAtA.length > 0, 5000, 'PeerGone at the client that heard from the lost peer');
       assert.deepEqual(goneAtA, [[far.publicKey, 'disconnected']]);
-      await waitUntil(
-        () =>
-          meshApi(r1!)
-            .meshLinks()
-            .every((l) => l.forwarders === 0),
-        3000,
-        'the forwarders of the lost link to go',
-      );
+      await waitUntil(() => r1!.relay.meshLinks().every((l) => l.forwarders === 0), 3000, 'the forwarders of the lost link to go');
       assert.deepEqual(goneAtBystander, [], 'nothing to clients that never heard from it');
       await closeAll(a, bystander, far);
     } finally {
@@ -801,8 +775,8 @@ describe('mesh: forwarders', { timeout: 30_000, skip: hasMesh ? false : 'the nat
     const [r1, r2] = await meshedRelays(2);
     const proxy = await tcpProxy(r2!.port);
     try {
-      meshApi(r1!).setMeshPeers([`http://127.0.0.1:${proxy.port}`]);
-      meshApi(r2!).setMeshPeers([r1!.url]);
+      r1!.relay.setMeshPeers([`http://127.0.0.1:${proxy.port}`]);
+      r2!.relay.setMeshPeers([r1!.url]);
       const far = await DerpClient.connect({ url: r2!.url });
       const a = await DerpClient.connect({ url: r1!.url });
       await linkReady(r1!, proxy, 1);
@@ -813,7 +787,7 @@ describe('mesh: forwarders', { timeout: 30_000, skip: hasMesh ? false : 'the nat
       const gone = nextEvent(a, 'peerGone');
       await proxy.close(); // the link breaks and cannot come back; r2 and far stay up
       assert.deepEqual(await gone, [far.publicKey, 'disconnected']);
-      assert.equal(meshApi(r1!).meshLinks()[0]!.forwarders, 0);
+      assert.equal(r1!.relay.meshLinks()[0]!.forwarders, 0);
       const before = r1!.metric('packets_dropped_unknown_dest');
       a.send(far.publicKey, Buffer.from('nowhere to go'));
       await metricRises(r1!, 'packets_dropped_unknown_dest', before);
@@ -828,9 +802,9 @@ describe('mesh: forwarders', { timeout: 30_000, skip: hasMesh ? false : 'the nat
     const r1 = await startRelay({ meshKey: MESH_KEY });
     const r2 = await startRelay({ meshKey: 'a'.repeat(64) });
     try {
-      meshApi(r1).setMeshPeers([r2.url]);
+      r1.relay.setMeshPeers([r2.url]);
       await sleep(300);
-      const [link] = meshApi(r1).meshLinks();
+      const [link] = r1.relay.meshLinks();
       assert.ok(link);
       assert.notEqual(link.state, 'connected');
       assert.ok(r2.metric('permission_denied') >= 1);
@@ -965,7 +939,7 @@ describe('ping, duplicates, keepalive, health, restarting', { timeout: 30_000 },
     const relay = await startRelay({ meshKey: MESH_KEY });
     try {
       const sender = await rawClient(relay.port);
-      const { shared, conns } = await sameKeyConns(relay, 2, { version: 2, meshKey: MESH_KEY });
+      const { shared, conns } = await sameKeyConns(relay, 2, { version: PROTOCOL_VERSION, meshKey: MESH_KEY });
       const [older] = conns as [RawConn, RawConn];
       older.write(frame(FrameType.Ping, Buffer.from('12345678')));
       await older.next(FrameType.Pong);
@@ -1220,7 +1194,7 @@ describe('bad input', { timeout: 30_000 }, () => {
 
   test('truncated ClientInfo, then end of stream', async () => {
     await expectHandshakeRejected('handshake_failure_io', (conn) => {
-      const full = frame(FrameType.ClientInfo, clientInfoPayload(keyPair(), serverKey, { version: 2 }));
+      const full = frame(FrameType.ClientInfo, clientInfoPayload(keyPair(), serverKey, { version: PROTOCOL_VERSION }));
       conn.write(full.subarray(0, full.length - 10));
       conn.end();
     });
@@ -1233,14 +1207,14 @@ describe('bad input', { timeout: 30_000 }, () => {
 
   test('a ClientInfo box that does not open', async () => {
     await expectHandshakeRejected('handshake_failure_box_open', (conn) =>
-      conn.write(frame(FrameType.ClientInfo, clientInfoPayload(keyPair(), serverKey, { version: 2 }, keyPair().privateKey))),
+      conn.write(frame(FrameType.ClientInfo, clientInfoPayload(keyPair(), serverKey, { version: PROTOCOL_VERSION }, keyPair().privateKey))),
     );
   });
 
   test('an all-zero client key', async () => {
     const zero = { privateKey: native.generatePrivateKey(), publicKey: Buffer.alloc(32) };
     await expectHandshakeRejected('handshake_failure_zero_key', (conn) =>
-      conn.write(frame(FrameType.ClientInfo, clientInfoPayload(zero, serverKey, { version: 2 }))),
+      conn.write(frame(FrameType.ClientInfo, clientInfoPayload(zero, serverKey, { version: PROTOCOL_VERSION }))),
     );
   });
 
@@ -1277,7 +1251,7 @@ describe('bad input', { timeout: 30_000 }, () => {
   });
 
   test('wrong sizes from a mesh peer: WatchConns ≠ 0, ClosePeer ≠ 32 bytes', async () => {
-    const mesh = { version: 2, meshKey: MESH_KEY };
+    const mesh = { version: PROTOCOL_VERSION, meshKey: MESH_KEY };
     await expectClosedAfterHandshake('protocol_errors', (conn) => conn.write(frame(FrameType.WatchConns, Buffer.alloc(1))), mesh);
     await expectClosedAfterHandshake('protocol_errors', (conn) => conn.write(frame(FrameType.ClosePeer, Buffer.alloc(31, 1))), mesh);
   });

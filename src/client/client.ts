@@ -276,11 +276,6 @@ export class DerpClient extends EventEmitter<DerpClientEvents> {
     this.#write(encodeFrame(FrameType.ClosePeer, key));
   }
 
-  /** Writes bytes as they are (tests of how a relay handles bad input). */
-  sendRaw(bytes: Buffer): void {
-    this.#write(bytes);
-  }
-
   /** Closes the connection gracefully and stops reconnecting. */
   close(): Promise<void> {
     this.#closePromise ??= this.#close();

@@ -4,6 +4,7 @@
 import net from 'node:net';
 import tls from 'node:tls';
 import WebSocket from 'ws';
+import { CLIENT_SCHEMES, derpEndpoint, relayUrl as parseRelayUrl, RelayUrlError } from '../relay-url.js';
 import { derpClientError } from './errors.js';
 
 export type TransportKind = 'tcp' | 'websocket';
@@ -60,20 +61,16 @@ const HTTP_RESPONSE_FIRST_BYTE = 0x48;
 
 /** Parses a relay URL: `http(s)://host[:port][/path]`, or `ws(s)://…`; an empty path becomes `/derp`. */
 export function relayUrl(text: string): URL {
-  let url: URL;
   try {
-    url = new URL(text);
+    return derpEndpoint(parseRelayUrl(text, { schemes: CLIENT_SCHEMES }));
   } catch (err) {
-    throw derpClientError('DERP_ERR_INVALID_OPTION', `invalid relay URL "${text}"; expected http(s)://host:port/derp`, {
-      value: text,
-      cause: err,
-    });
+    if (!(err instanceof RelayUrlError)) throw err;
+    const message =
+      err.reason === 'scheme'
+        ? `relay URL "${text}" must use http:, https:, ws: or wss:`
+        : `invalid relay URL "${text}"; expected http(s)://host:port/derp`;
+    throw derpClientError('DERP_ERR_INVALID_OPTION', message, { value: text, cause: err });
   }
-  if (!['http:', 'https:', 'ws:', 'wss:'].includes(url.protocol)) {
-    throw derpClientError('DERP_ERR_INVALID_OPTION', `relay URL "${text}" must use http:, https:, ws: or wss:`, { value: text });
-  }
-  if (url.pathname === '' || url.pathname === '/') url.pathname = '/derp';
-  return url;
 }
 
 /** Connects and upgrades; resolves once the DERP stream can be read and written. */

@@ -7,6 +7,7 @@
 // or a stuck backend looks healthy but delivers nothing).
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
+import { Backoff } from '../client/backoff.js';
 import type { Logger } from '../log.js';
 import { PostgresError } from './errors.js';
 
@@ -67,7 +68,7 @@ export class Pubsub {
   #client: pg.Client | undefined;
   #connected = false;
   #closed = false;
-  #backoffMs: number;
+  readonly #backoff: Backoff;
   #reconnectTimer: NodeJS.Timeout | undefined;
   #reconnects = 0;
   #lastReconnectAt: Date | undefined;
@@ -89,7 +90,7 @@ export class Pubsub {
       watchdogTimeoutMs: options.watchdogTimeoutMs ?? 5_000,
       connectionTimeoutMs: options.connectionTimeoutMs ?? 5_000,
     };
-    this.#backoffMs = this.#options.backoffInitialMs;
+    this.#backoff = new Backoff({ minDelayMs: this.#options.backoffInitialMs, maxDelayMs: this.#options.backoffMaxMs });
   }
 
   /** Opens the LISTEN connection; rejects if the first attempt fails. Later failures reconnect on their own. */
@@ -206,20 +207,19 @@ export class Pubsub {
     this.#clearPendingPing();
     void endQuietly(client);
     if (this.#closed) return;
-    this.#logger.warn('pubsub connection lost; reconnecting', { error, retryInMs: this.#backoffMs });
-    this.#scheduleReconnect();
+    this.#scheduleReconnect('pubsub connection lost; reconnecting', error.message);
   }
 
-  #scheduleReconnect(): void {
+  #scheduleReconnect(why: string, error: string): void {
     if (this.#closed || this.#reconnectTimer) return;
-    const delay = this.#backoffMs;
-    this.#backoffMs = Math.min(this.#backoffMs * 2, this.#options.backoffMaxMs);
+    const delay = this.#backoff.next();
+    this.#logger.warn(why, { error, retryInMs: delay });
     this.#reconnectTimer = setTimeout(() => {
       this.#reconnectTimer = undefined;
       this.#establish().then(
         () => {
           if (this.#closed) return;
-          this.#backoffMs = this.#options.backoffInitialMs;
+          this.#backoff.reset();
           this.#reconnects += 1;
           this.#lastReconnectAt = new Date();
           this.#logger.info('pubsub reconnected; subscribers will re-sync', { reconnects: this.#reconnects });
@@ -227,8 +227,7 @@ export class Pubsub {
         },
         (error: unknown) => {
           this.#lastError = error instanceof Error ? error.message : String(error);
-          this.#logger.warn('pubsub reconnect failed', { error: this.#lastError, retryInMs: this.#backoffMs });
-          this.#scheduleReconnect();
+          this.#scheduleReconnect('pubsub reconnect failed', this.#lastError);
         },
       );
     }, delay);

@@ -41,8 +41,6 @@ export interface ReplicaRegistryOptions {
   trust: MeshTrust;
   /** Stale and stopped rows older than this are deleted (default 1 h). */
   cleanupAfterMs?: number;
-  /** This node's current health report, stored with every heartbeat (cluster-wide view). */
-  healthReport?: () => HealthReport;
 }
 
 export interface PeerLatency {
@@ -58,16 +56,17 @@ export interface PeerLatency {
 export interface RegistryEvents {
   /** Live peers changed (ids or relay URLs). */
   peers: [peers: Replica[]];
-  /** Every sync, with all rows. */
-  replicas: [replicas: Replica[]];
 }
 
 export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
-  readonly #o: ReplicaRegistryOptions;
+  readonly #options: ReplicaRegistryOptions;
   readonly #log: Logger;
   #replicas: Replica[] = [];
-  #peerKey = '';
+  #peerSignature = '';
+  #regionalPeers: Replica[] = [];
   #peerLatency = new Map<string, PeerLatency>();
+  /** This node's latest health report, stored with every heartbeat (the cluster-wide view). */
+  #healthReport: HealthReport | null = null;
   #databaseLatencyMs: number | undefined;
   #databaseError: string | undefined;
   /** Since when heartbeats succeed without a break; peers are only judged stale after a full window of it. */
@@ -86,12 +85,12 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
 
   constructor(options: ReplicaRegistryOptions) {
     super();
-    this.#o = options;
+    this.#options = options;
     this.#log = options.logger.child({ component: 'replicas' });
   }
 
   get self(): SelfDescription {
-    return this.#o.self;
+    return this.#options.self;
   }
 
   /** Every row seen at the last sync, stale and stopped included. */
@@ -101,7 +100,17 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
 
   /** Live peers (not this node, not stopped, heartbeating). */
   peers(): Replica[] {
-    return this.#replicas.filter((r) => r.id !== this.#o.self.id && this.#isLive(r));
+    return this.#replicas.filter((r) => r.id !== this.#options.self.id && this.#isLive(r));
+  }
+
+  /** Live peers of this node's region (the ones its relay meshes with), as of the last sync. */
+  regionalPeers(): Replica[] {
+    return this.#regionalPeers;
+  }
+
+  /** The node's current health report; the next heartbeat stores it for the cluster to read. */
+  setHealthReport(report: HealthReport): void {
+    this.#healthReport = report;
   }
 
   peerLatencies(): PeerLatency[] {
@@ -117,22 +126,26 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
   }
 
   isStale(r: Replica): boolean {
-    return r.ageMs > STALE_AFTER_HEARTBEATS * this.#o.heartbeatIntervalMs;
+    return r.ageMs > STALE_AFTER_HEARTBEATS * this.#options.heartbeatIntervalMs;
   }
 
   /** Registers this node, subscribes to changes, and starts heartbeating. */
   async start(): Promise<void> {
     await this.#insert();
-    this.#unsubscribe = await this.#o.pubsub.subscribe(REPLICA_CHANNEL, {
+    this.#unsubscribe = await this.#options.pubsub.subscribe(REPLICA_CHANNEL, {
       onMessage: (id) => {
-        if (id !== this.#o.self.id) this.requestSync();
+        if (id !== this.#options.self.id) this.requestSync();
       },
       onDropped: () => this.requestSync(),
     });
     this.#databaseHealthySince = Date.now();
     await this.#publish();
     await this.sync();
-    this.#log.info('registered replica', { id: this.#o.self.id, relayUrl: this.#o.self.relayUrl || undefined, peers: this.peers().length });
+    this.#log.info('registered replica', {
+      id: this.#options.self.id,
+      relayUrl: this.#options.self.relayUrl || undefined,
+      peers: this.peers().length,
+    });
     this.#scheduleHeartbeat();
   }
 
@@ -143,7 +156,7 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
     clearTimeout(this.#staleTimer);
     this.#unsubscribe?.();
     try {
-      await this.#o.pool.query('UPDATE replicas SET stopped_at = now(), updated_at = now() WHERE id = $1', [this.#o.self.id]);
+      await this.#options.pool.query('UPDATE replicas SET stopped_at = now(), updated_at = now() WHERE id = $1', [this.#options.self.id]);
       await this.#publish();
     } catch (err) {
       this.#log.warn('could not mark replica stopped; peers will drop it after 3 heartbeats', { err });
@@ -183,26 +196,26 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
   }
 
   async #syncOnce(): Promise<void> {
-    const { rows } = await this.#o.pool.query<ReplicaRow>(
+    const { rows } = await this.#options.pool.query<ReplicaRow>(
       `SELECT *, (EXTRACT(EPOCH FROM (now() - updated_at)) * 1000)::bigint AS age_ms FROM replicas ORDER BY started_at, id`,
     );
     this.#replicas = rows.map(fromRow);
-    this.emit('replicas', this.#replicas);
     const peers = this.peers();
+    this.#regionalPeers = peers.filter((p) => p.regionId === this.#options.self.regionId);
     for (const p of peers) {
-      if (p.version !== this.#o.self.version && !this.#warnedVersions.has(p.id)) {
+      if (p.version !== this.#options.self.version && !this.#warnedVersions.has(p.id)) {
         this.#warnedVersions.add(p.id);
         this.#log.warn('peer runs a different derpmesh version', {
           peer: p.hostname,
           peerId: p.id,
           peerVersion: p.version,
-          ourVersion: this.#o.self.version,
+          ourVersion: this.#options.self.version,
         });
       }
     }
     const key = peers.map((p) => `${p.id}=${p.relayUrl}@${p.regionId}`).join(',');
-    if (key !== this.#peerKey) {
-      this.#peerKey = key;
+    if (key !== this.#peerSignature) {
+      this.#peerSignature = key;
       this.#log.info('peers changed', { peers: peers.map((p) => p.hostname + (p.relayUrl ? ` ${p.relayUrl}` : '')).join(', ') || 'none' });
       this.emit('peers', peers);
     }
@@ -213,7 +226,7 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
   #scheduleStaleCheck(peers: Replica[]): void {
     clearTimeout(this.#staleTimer);
     if (peers.length === 0 || this.#stopped) return;
-    const limit = STALE_AFTER_HEARTBEATS * this.#o.heartbeatIntervalMs;
+    const limit = STALE_AFTER_HEARTBEATS * this.#options.heartbeatIntervalMs;
     const soonest = Math.min(...peers.map((p) => limit - p.ageMs));
     this.#staleTimer = setTimeout(() => this.requestSync(), Math.max(soonest, 0) + 20);
     this.#staleTimer.unref();
@@ -224,13 +237,16 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
     if (!this.isStale(r)) return true;
     // After our own database outage everyone's heartbeats look old: give peers a full window to
     // heartbeat again before dropping them (the relay mesh keeps working meanwhile).
-    const window = STALE_AFTER_HEARTBEATS * this.#o.heartbeatIntervalMs;
+    const window = STALE_AFTER_HEARTBEATS * this.#options.heartbeatIntervalMs;
     return this.#databaseHealthySince === undefined || Date.now() - this.#databaseHealthySince < window;
   }
 
   #scheduleHeartbeat(): void {
     if (this.#stopped) return;
-    this.#heartbeatTimer = setTimeout(() => void this.#heartbeat().finally(() => this.#scheduleHeartbeat()), this.#o.heartbeatIntervalMs);
+    this.#heartbeatTimer = setTimeout(
+      () => void this.#heartbeat().finally(() => this.#scheduleHeartbeat()),
+      this.#options.heartbeatIntervalMs,
+    );
     this.#heartbeatTimer.unref();
   }
 
@@ -243,22 +259,23 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
     const peerLatencies = Object.fromEntries(
       probes.filter((p) => p.rttMs !== undefined).map((p) => [p.replicaId, Math.round(p.rttMs! * 1000)]),
     );
-    const health = this.#o.healthReport?.() ?? null;
     try {
-      const result = await this.#o.pool.query(
+      const result = await this.#options.pool.query(
         `UPDATE replicas SET updated_at = now(), database_latency = $2, error = $3, peer_latencies = $4, health = $5, relay_url = $6, stopped_at = NULL
          WHERE id = $1`,
         [
-          this.#o.self.id,
+          this.#options.self.id,
           Math.round((this.#databaseLatencyMs ?? 0) * 1000),
           error,
           JSON.stringify(peerLatencies),
-          JSON.stringify(health),
-          this.#o.self.relayUrl,
+          JSON.stringify(this.#healthReport),
+          this.#options.self.relayUrl,
         ],
       );
       if (result.rowCount === 0) {
-        this.#log.warn('our replica row is gone (cleaned up by a peer or deleted by hand); registering again', { id: this.#o.self.id });
+        this.#log.warn('our replica row is gone (cleaned up by a peer or deleted by hand); registering again', {
+          id: this.#options.self.id,
+        });
         await this.#insert();
         await this.#publish();
       }
@@ -277,16 +294,16 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
 
   async #probeDatabase(): Promise<boolean> {
     try {
-      this.#databaseLatencyMs = await probeDatabase(this.#o.pool);
+      this.#databaseLatencyMs = await probeDatabase(this.#options.pool);
       if (this.#databaseError !== undefined) {
         this.#log.info('database reachable again', { rttMs: round(this.#databaseLatencyMs) });
         this.#databaseError = undefined;
         this.#databaseHealthySince = Date.now();
       }
-      if (this.#databaseLatencyMs > this.#o.latencyThresholdMs) {
+      if (this.#databaseLatencyMs > this.#options.latencyThresholdMs) {
         this.#log.warn('database round trip above threshold', {
           rttMs: round(this.#databaseLatencyMs),
-          thresholdMs: this.#o.latencyThresholdMs,
+          thresholdMs: this.#options.latencyThresholdMs,
         });
       }
       return true;
@@ -306,12 +323,12 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
   }
 
   async #probePeers(): Promise<PeerLatency[]> {
-    if (!this.#o.probePeers) {
+    if (!this.#options.probePeers) {
       this.#peerLatency.clear();
       return [];
     }
-    const peers = this.peers().filter((p) => p.regionId === this.#o.self.regionId && p.relayUrl !== '');
-    const results = await Promise.all(peers.map(async (p) => [p, await probeRelay(p.relayUrl, this.#o.trust)] as const));
+    const peers = this.#regionalPeers.filter((p) => p.relayUrl !== '');
+    const results = await Promise.all(peers.map(async (p) => [p, await probeRelay(p.relayUrl, this.#options.trust)] as const));
     const latencies = results.map(([p, r]: readonly [Replica, ProbeResult]) => this.#notePeerLatency(p, r));
     this.#peerLatency = new Map(latencies.map((l) => [l.replicaId, l]));
     return latencies;
@@ -319,7 +336,7 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
 
   #notePeerLatency(peer: Replica, result: ProbeResult): PeerLatency {
     // Two slow probes in a row before warning: one scheduling hiccup on a busy host is not a slow link.
-    const over = result.rttMs !== undefined && result.rttMs > this.#o.latencyThresholdMs;
+    const over = result.rttMs !== undefined && result.rttMs > this.#options.latencyThresholdMs;
     const streak = over ? (this.#slowStreak.get(peer.id) ?? 0) + 1 : 0;
     this.#slowStreak.set(peer.id, streak);
     const slow = streak >= SLOW_PROBES_TO_WARN;
@@ -329,7 +346,7 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
         peerId: peer.id,
         relayUrl: peer.relayUrl,
         rttMs: round(result.rttMs!),
-        thresholdMs: this.#o.latencyThresholdMs,
+        thresholdMs: this.#options.latencyThresholdMs,
       });
       this.#slowWarned.add(peer.id);
     } else if (!slow && result.rttMs !== undefined && this.#slowWarned.delete(peer.id)) {
@@ -339,8 +356,8 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
   }
 
   async #insert(): Promise<void> {
-    const s = this.#o.self;
-    await this.#o.pool.query(
+    const s = this.#options.self;
+    await this.#options.pool.query(
       `INSERT INTO replicas (id, hostname, region_id, relay_url, version, started_at, updated_at, "primary")
        VALUES ($1, $2, $3, $4, $5, now(), now(), $6)
        ON CONFLICT (id) DO UPDATE SET updated_at = now(), stopped_at = NULL`,
@@ -350,17 +367,17 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
 
   async #publish(): Promise<void> {
     try {
-      await this.#o.pubsub.publish(REPLICA_CHANNEL, this.#o.self.id);
+      await this.#options.pubsub.publish(REPLICA_CHANNEL, this.#options.self.id);
     } catch (err) {
       this.#log.debug('could not publish replica change; peers will see it at their next poll', { err });
     }
   }
 
   async #cleanup(): Promise<void> {
-    const ms = this.#o.cleanupAfterMs ?? 3_600_000;
-    const { rowCount } = await this.#o.pool.query(
+    const ms = this.#options.cleanupAfterMs ?? 3_600_000;
+    const { rowCount } = await this.#options.pool.query(
       `DELETE FROM replicas WHERE updated_at < now() - make_interval(secs => $1) AND id <> $2`,
-      [ms / 1000, this.#o.self.id],
+      [ms / 1000, this.#options.self.id],
     );
     if (rowCount) this.#log.info('removed old replica rows', { count: rowCount });
   }

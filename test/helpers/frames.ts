@@ -5,7 +5,7 @@ import { once } from 'node:events';
 import net from 'node:net';
 import WebSocket from 'ws';
 
-import { FrameType, MAGIC } from '../../src/client/frame.js';
+import { FrameType, MAGIC, PROTOCOL_VERSION } from '../../src/client/frame.js';
 import { native } from '../../src/native.js';
 
 export interface Frame {
@@ -204,7 +204,7 @@ export class RawConn {
   }
 
   /** ServerKey → ClientInfo → ServerInfo; returns the server key. */
-  async handshake(client: KeyPair, json: unknown = { version: 2, CanAckPings: true }): Promise<Buffer> {
+  async handshake(client: KeyPair, json: unknown = { version: PROTOCOL_VERSION, CanAckPings: true }): Promise<Buffer> {
     const serverKeyFrame = await this.next();
     if (serverKeyFrame.frameType !== FrameType.ServerKey) throw new Error(`first frame was type ${serverKeyFrame.frameType}`);
     if (!serverKeyFrame.payload.subarray(0, 8).equals(MAGIC)) throw new Error('ServerKey without magic');

@@ -34,7 +34,6 @@ pub enum HandshakeError {
     BadJson,
     BadServerKey,
     BadServerInfo,
-    BadHttpResponse,
 }
 
 impl HandshakeError {
@@ -49,7 +48,6 @@ impl HandshakeError {
             HandshakeError::BadJson => "bad_json",
             HandshakeError::BadServerKey => "bad_server_key",
             HandshakeError::BadServerInfo => "bad_server_info",
-            HandshakeError::BadHttpResponse => "bad_http_response",
         }
     }
 }
@@ -101,9 +99,10 @@ impl ClientInfo {
     }
 }
 
-/// The server's half of ServerInfo: `{"version":2}` sealed to the client.
+/// The server's half of ServerInfo: `{"version":PROTOCOL_VERSION}` sealed to the client.
 pub fn server_info_frame(server: &KeyPair, client: &Key) -> Bytes {
-    let sealed = server.seal(client, br#"{"version":2}"#);
+    let info = serde_json::json!({ "version": frame::PROTOCOL_VERSION });
+    let sealed = server.seal(client, info.to_string().as_bytes());
     frame::encode(FrameType::ServerInfo, &[&sealed])
 }
 
