@@ -24,12 +24,20 @@ import {
   publicKeyOf,
 } from '../src/client/index.js';
 import { decodeServerFrame, formatIp } from '../src/client/messages.js';
+import { FrameParser } from '../src/client/parser.js';
 import { native } from '../src/native.js';
 import { discoPacket, frame, keyPair, sleep, waitUntil, withTimeout } from './helpers/frames.js';
 import { startHttpServer } from '../src/http/server.js';
 import { silentLogger } from '../src/log.js';
 import { Relay } from '../src/relay.js';
 import { startRelay } from './helpers/relay.js';
+
+/** The frames `chunk` completes, in order. */
+function parseFrames(parser: FrameParser, chunk: Buffer): { frameType: number; payload: Buffer }[] {
+  const frames: { frameType: number; payload: Buffer }[] = [];
+  parser.parse(chunk, (frameType, payload) => frames.push({ frameType, payload }));
+  return frames;
+}
 
 /** Asserts that `promise` rejects with a DerpClientError of `code`. */
 async function rejectsWithCode(promise: Promise<unknown>, code: string): Promise<DerpClientError> {
@@ -84,10 +92,10 @@ describe('frames', { timeout: 30_000 }, () => {
     const encoded = encodeFrame(FrameType.SendPacket, payload.subarray(0, 4), payload.subarray(4));
     assert.deepEqual(encoded.subarray(0, 5), Buffer.from([0x04, 0, 0, 0, 10]));
     assert.deepEqual(encoded.subarray(5), payload);
-    const parser = new native.FrameParser();
+    const parser = new FrameParser();
     const bytes = Buffer.concat([encoded, encodeFrame(FrameType.KeepAlive), encoded]);
     const frames = [];
-    for (const byte of bytes) frames.push(...parser.push(Buffer.from([byte])));
+    for (const byte of bytes) frames.push(...parseFrames(parser, Buffer.from([byte])));
     assert.deepEqual(
       frames.map((f) => [f.frameType, f.payload.toString()]),
       [
@@ -96,15 +104,15 @@ describe('frames', { timeout: 30_000 }, () => {
         [0x04, '0123456789'],
       ],
     );
-    assert.equal(parser.buffered, 0);
+    assert.equal(parser.pendingBytes, 0);
   });
 
   test('several frames in one chunk, and a 1 MiB limit', () => {
-    const parser = new native.FrameParser();
+    const parser = new FrameParser();
     const many = Buffer.concat(Array.from({ length: 100 }, (_, i) => encodeFrame(FrameType.Ping, Buffer.alloc(8, i))));
-    assert.equal(parser.push(many).length, 100);
-    assert.equal(parser.push(encodeFrame(FrameType.Health, Buffer.alloc(1024 * 1024))).length, 1);
-    assert.throws(() => new native.FrameParser().push(frame(FrameType.RecvPacket, Buffer.alloc(0)).fill(0xff, 1, 5)));
+    assert.equal(parseFrames(parser, many).length, 100);
+    assert.equal(parseFrames(parser, encodeFrame(FrameType.Health, Buffer.alloc(1024 * 1024))).length, 1);
+    assert.throws(() => parseFrames(new FrameParser(), frame(FrameType.RecvPacket, Buffer.alloc(0)).fill(0xff, 1, 5)));
   });
 
   test('isDiscoPacket needs the magic and 62 bytes', () => {
@@ -185,7 +193,7 @@ describe('handshake helpers', { timeout: 30_000 }, () => {
         canAckPings: true,
         isProber: false,
       });
-      const [decoded] = new native.FrameParser().push(encoded);
+      const [decoded] = parseFrames(new FrameParser(), encoded);
       assert.equal(decoded!.frameType, FrameType.ClientInfo);
       assert.deepEqual(decoded!.payload.subarray(0, 32), client.publicKey);
       const json = native.boxOpen(server.privateKey, client.publicKey, decoded!.payload.subarray(32));
@@ -302,7 +310,7 @@ class FakeRelay {
     const options = this.options;
     let buffered = Buffer.alloc(0);
     let request: string | undefined;
-    const parser = new native.FrameParser();
+    const parser = new FrameParser();
     let connection: FakeConnection | undefined;
     socket.on('data', (chunk: Buffer) => {
       if (options.silent) return;
@@ -321,7 +329,7 @@ class FakeRelay {
         if (!fastStart) socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n');
         socket.write(options.serverKeyFrame ?? encodeFrame(FrameType.ServerKey, MAGIC, this.keys.publicKey));
       }
-      for (const { frameType, payload } of parser.push(rest)) {
+      for (const { frameType, payload } of parseFrames(parser, rest)) {
         if (connection === undefined) {
           assert.equal(frameType, FrameType.ClientInfo);
           const client = payload.subarray(0, 32);

@@ -2,6 +2,8 @@ import { strict as assert } from 'node:assert';
 import { connect } from 'node:net';
 import { test } from 'node:test';
 
+import { FrameType, encodeFrame } from '../src/client/frame.js';
+import { FrameParser } from '../src/client/parser.js';
 import { native } from '../src/native.js';
 import { startRelay } from './helpers/relay.js';
 
@@ -11,7 +13,7 @@ test('raw handshake and packet through the relay', async () => {
     const clients = await Promise.all([0, 1].map(() => rawClient(r.port)));
     const [a, b] = clients;
     const payload = Buffer.alloc(100, 7);
-    a.socket.write(native.encodeFrame(0x04, Buffer.concat([b.pub, payload])));
+    a.socket.write(encodeFrame(FrameType.SendPacket, b.pub, payload));
     const f = await b.next((t) => t === 0x05);
     assert.deepEqual(f.payload.subarray(0, 32), a.pub);
     assert.deepEqual(f.payload.subarray(32), payload);
@@ -25,7 +27,7 @@ async function rawClient(port: number) {
   const priv = native.generatePrivateKey();
   const pub = native.publicKeyOf(priv);
   const socket = connect(port, '127.0.0.1');
-  const parser = new native.FrameParser();
+  const parser = new FrameParser();
   const frames: { frameType: number; payload: Buffer }[] = [];
   let waiter: (() => void) | undefined;
   let head = Buffer.alloc(0);
@@ -38,7 +40,7 @@ async function rawClient(port: number) {
       upgraded = true;
       d = head.subarray(end + 4);
     }
-    frames.push(...parser.push(d));
+    parser.parse(d, (frameType, payload) => frames.push({ frameType, payload }));
     waiter?.();
   });
   socket.write('GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n');
@@ -52,7 +54,7 @@ async function rawClient(port: number) {
   const sk = await next((t) => t === 0x01);
   const serverPub = sk.payload.subarray(8);
   const sealed = native.boxSeal(priv, serverPub, Buffer.from(JSON.stringify({ version: 2 })));
-  socket.write(native.encodeFrame(0x02, Buffer.concat([pub, sealed])));
+  socket.write(encodeFrame(FrameType.ClientInfo, pub, sealed));
   const si = await next((t) => t === 0x03);
   assert.ok(native.boxOpen(priv, serverPub, si.payload));
   return { socket, pub, next };

@@ -1,10 +1,10 @@
 // One DERP connection: dial, handshake (ServerKey → ClientInfo → ServerInfo), then decoded frames
 // out and encoded frames in. No reconnecting; DerpClient does that.
 import type { ConnectionOptions as TlsOptions } from 'node:tls';
-import { native } from '../native.js';
 import { derpClientError } from './errors.js';
 import { type ClientInfo, type ServerInfo, clientInfoFrame, openServerInfo, parseServerKey } from './handshake.js';
 import { type ServerMessage, decodeServerFrame } from './messages.js';
+import { FrameParser } from './parser.js';
 import { type Transport, type TransportKind, dial } from './transport.js';
 
 export interface ConnectionOptions {
@@ -41,7 +41,7 @@ export class DerpConnection {
   readonly #transport: Transport;
   readonly #options: ConnectionOptions;
   readonly #handlers: ConnectionHandlers;
-  readonly #parser = new native.FrameParser();
+  readonly #parser = new FrameParser();
   #state: State = 'serverKey';
   #clientInfoSent: boolean;
   #serverPublicKey: Buffer | undefined;
@@ -150,28 +150,31 @@ export class DerpConnection {
   }
 
   #onData(bytes: Buffer): void {
-    let frames;
+    let inHandler = false;
     try {
-      frames = this.#parser.push(bytes);
+      this.#parser.parse(bytes, (frameType, payload) => {
+        const message = this.#onFrame(frameType, payload);
+        if (message === undefined) return;
+        inHandler = true;
+        this.#handlers.message(message, this);
+        inHandler = false;
+      });
     } catch (err) {
-      this.#fail(derpClientError('DERP_ERR_PROTOCOL', `the relay sent an invalid frame: ${(err as Error).message}`, { cause: err }));
-      return;
+      // An exception from the message handler (an application's listener) is not the relay's doing:
+      // it propagates. Anything else is: a frame over 1 MiB, a handshake or message refused.
+      if (inHandler) throw err;
+      this.#fail(err as Error);
     }
-    for (const { frameType, payload } of frames) {
-      if (this.#state === 'closed') return;
-      let message: ServerMessage;
-      try {
-        if (this.#state !== 'open') {
-          this.#onHandshakeFrame(frameType, payload);
-          continue;
-        }
-        message = decodeServerFrame(frameType, payload);
-      } catch (err) {
-        this.#fail(err as Error);
-        return;
-      }
-      this.#handlers.message(message, this);
+  }
+
+  /** The message a frame carries; undefined for handshake frames and once closed. Throws when the connection cannot go on. */
+  #onFrame(frameType: number, payload: Buffer): ServerMessage | undefined {
+    if (this.#state === 'closed') return undefined;
+    if (this.#state !== 'open') {
+      this.#onHandshakeFrame(frameType, payload);
+      return undefined;
     }
+    return decodeServerFrame(frameType, payload);
   }
 
   #onHandshakeFrame(frameType: number, payload: Buffer): void {

@@ -1,14 +1,17 @@
 // DERP framing, as the client sees it. A frame is type(1) ‖ length(4, big-endian, excludes this
-// 5-byte header) ‖ payload. Encoding and incremental decoding are done by the native codec.
-import { native } from '../native.js';
+// 5-byte header) ‖ payload. Frames are written here and parsed by parser.ts.
 
+/** Bytes of the frame type that starts every frame. */
+export const FRAME_TYPE_LENGTH = 1;
+/** Bytes of the big-endian payload length that follows the type. */
+export const FRAME_LENGTH_LENGTH = 4;
 /** Bytes of a frame header: type(1) ‖ length(4). */
-export const FRAME_HEADER_LENGTH = 5;
+export const FRAME_HEADER_LENGTH = FRAME_TYPE_LENGTH + FRAME_LENGTH_LENGTH;
 /** Raw X25519 public and private keys are 32 bytes. */
 export const KEY_LENGTH = 32;
 /** Largest packet (after the key fields) a SendPacket/RecvPacket may carry. */
 export const MAX_PACKET_SIZE = 64 * 1024;
-/** Frames larger than this are fatal for a client (enforced by the native parser). */
+/** Frames larger than this are fatal for a client (enforced by the parser). */
 export const MAX_FRAME_SIZE = 1024 * 1024;
 /** The protocol version this client speaks (`version` in ClientInfo). */
 export const PROTOCOL_VERSION = 2;
@@ -22,6 +25,8 @@ export const DISCO_MAGIC = Buffer.from([0x54, 0x53, 0xf0, 0x9f, 0x92, 0xac]);
 export const MIN_DISCO_PACKET_LENGTH = 62;
 /** Bytes of a Ping and of the Pong that echoes it. */
 export const PING_DATA_LENGTH = 8;
+/** Bytes of a Restarting payload: reconnectIn ms(4, BE) ‖ tryFor ms(4, BE). */
+export const RESTARTING_LENGTH = 8;
 
 /** Frame types. S→C: server to client; C→S: client to server. */
 export const enum FrameType {
@@ -79,9 +84,16 @@ export const enum PeerPresentFlags {
   NotIdeal = 0x08,
 }
 
-/** One whole frame: header and payload. The payload parts are concatenated. */
+/** One whole frame: header and payload, in one allocation. The payload parts are concatenated. */
 export function encodeFrame(frameType: FrameType, ...payload: Buffer[]): Buffer {
-  return native.encodeFrame(frameType, payload.length === 1 ? payload[0]! : Buffer.concat(payload));
+  let length = 0;
+  for (const part of payload) length += part.length;
+  const frame = Buffer.allocUnsafe(FRAME_HEADER_LENGTH + length);
+  frame[0] = frameType;
+  frame.writeUInt32BE(length, FRAME_TYPE_LENGTH);
+  let offset = FRAME_HEADER_LENGTH;
+  for (const part of payload) offset += part.copy(frame, offset);
+  return frame;
 }
 
 /** Whether `packet` looks like a disco packet (the kind a relay answers with PeerGone(notHere)). */
