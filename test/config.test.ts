@@ -27,7 +27,7 @@ describe('configuration', () => {
     assert.equal(c.queueDepth, 512);
   });
 
-  test('environment names from HA.md, and flags override them', () => {
+  test('environment names of docs/ha.md, and flags override them', () => {
     const env = {
       CODER_ADDRESS: '*:8080',
       CODER_ACCESS_URL: 'https://derp.example.com',

@@ -1,5 +1,5 @@
 // The relay's wire behaviour, over real TCP and real WebSocket connections: every item of
-// PROTOCOL.md §7 plus the interop pitfalls, and a `bad input` block in which each kind of garbage
+// docs/protocol.md §7 plus the interop pitfalls, and a `bad input` block in which each kind of garbage
 // ends in a clean close and a metric while two bystanders keep exchanging packets.
 import { strict as assert } from 'node:assert';
 import { randomBytes } from 'node:crypto';
