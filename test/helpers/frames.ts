@@ -6,6 +6,7 @@ import net from 'node:net';
 import WebSocket from 'ws';
 
 import { FrameType, MAGIC, PROTOCOL_VERSION } from '../../src/client/frame.js';
+import { FrameParser } from '../../src/client/parser.js';
 import { native } from '../../src/native.js';
 
 export interface Frame {
@@ -100,7 +101,7 @@ export class RawConn {
   responseHead: string | undefined;
   /** Every byte received after the response head, unparsed. */
   received = Buffer.alloc(0);
-  #parser = new native.FrameParser();
+  #parser = new FrameParser();
   #waiters = new Set<() => void>();
   #isClosed = false;
   #sink: ByteSink;
@@ -226,7 +227,7 @@ export class RawConn {
     }
     this.received = Buffer.concat([this.received, chunk]);
     try {
-      this.frames.push(...this.#parser.push(chunk));
+      this.#parser.parse(chunk, (frameType, payload) => this.frames.push({ frameType, payload }));
     } catch (err) {
       this.#parseError = err as Error;
     }
