@@ -1,6 +1,6 @@
 // Frames a relay sends once the handshake is done, decoded into typed messages.
 import { derpClientError } from './errors.js';
-import { FrameType, KEY_LENGTH, PING_DATA_LENGTH, PeerGoneReason } from './frame.js';
+import { FrameType, KEY_LENGTH, PING_DATA_LENGTH, PeerGoneReason, RESTARTING_LENGTH } from './frame.js';
 
 /** Why a peer is gone: it left, it was never connected here, or a reason this client does not know. */
 export type PeerGoneReasonName = 'disconnected' | 'notHere' | number;
@@ -30,7 +30,13 @@ export type ServerMessage =
 const PEER_PRESENT_WITH_ADDRESS = KEY_LENGTH + 16 + 2;
 const PEER_PRESENT_WITH_FLAGS = PEER_PRESENT_WITH_ADDRESS + 1;
 
-/** Decodes one server frame. Throws `DERP_ERR_PROTOCOL` only for a RecvPacket without its source key. */
+/**
+ * Decodes one server frame. Short frames, as Tailscale's client treats them (`derp_client.go`,
+ * `recv`): a PeerGone or PeerPresent without its key, or a Ping, Pong or Restarting under 8 bytes,
+ * is ignored and the connection goes on. Throws `DERP_ERR_PROTOCOL` only for a RecvPacket without
+ * its source key (Tailscale's client drops that one too; the Rust decoder also fails on it).
+ * `test/vectors/frames.json` holds this rule for both codecs.
+ */
 export function decodeServerFrame(frameType: number, payload: Buffer): ServerMessage {
   switch (frameType) {
     case FrameType.RecvPacket:
@@ -55,7 +61,7 @@ export function decodeServerFrame(frameType: number, payload: Buffer): ServerMes
     case FrameType.Health:
       return { type: 'health', problem: payload.toString('utf8') };
     case FrameType.Restarting:
-      if (payload.length < 8) break;
+      if (payload.length < RESTARTING_LENGTH) break;
       return { type: 'restarting', reconnectInMs: payload.readUInt32BE(0), tryForMs: payload.readUInt32BE(4) };
   }
   return { type: 'ignored', frameType };

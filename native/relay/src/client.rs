@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::frame::{self, FrameType, HEADER_LEN, KEY_LEN, MAX_FRAME_SIZE, PING_LEN};
+use crate::frame::{self, FrameType, HEADER_LEN, KEY_LEN, MAX_FRAME_SIZE, PING_LEN, RESTARTING_LEN};
 use crate::handshake::{client_handshake, ClientInfo, HandshakeError};
 use crate::io::{FrameReader, Reader, Writer};
 use crate::keys::{Key, KeyPair};
@@ -425,7 +425,8 @@ pub enum ServerFrame {
         reconnect_in_ms: u32,
         try_for_ms: u32,
     },
-    /// Any other frame type (or one a client does not expect), with its payload.
+    /// Any other frame type, one a client does not expect, or a known frame too short to use
+    /// (dropped: see [`decode_server_frame`]), with its payload.
     Other {
         frame_type: u8,
         payload: Bytes,
@@ -677,19 +678,35 @@ impl DerpConn {
 }
 
 /// Decodes a whole frame (header included) as read by [`FrameReader`].
+///
+/// Short frames, as Tailscale's client treats them (`derp_client.go`, `recv`): a PeerGone or
+/// PeerPresent without its key, or a Ping, Pong or Restarting under 8 bytes, is dropped — decoded
+/// as [`ServerFrame::Other`], which readers ignore — and the connection goes on. A RecvPacket
+/// without its source key stays an error, as in the TypeScript client (Tailscale's client drops
+/// it too). `test/vectors/frames.json` holds this rule for both codecs.
 pub fn decode_server_frame(frame_type: u8, mut f: BytesMut) -> io::Result<ServerFrame> {
     let payload = f.split_off(HEADER_LEN).freeze();
-    let short = |what: &str| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{what} frame of {} bytes is too short", payload.len()),
-        )
-    };
     let key = |p: &Bytes| frame::key_at(p, 0);
-    Ok(match FrameType::from_u8(frame_type) {
+    let known = FrameType::from_u8(frame_type);
+    let minimum = match known {
+        Some(FrameType::PeerGone | FrameType::PeerPresent) => KEY_LEN,
+        Some(FrameType::Ping | FrameType::Pong) => PING_LEN,
+        Some(FrameType::Restarting) => RESTARTING_LEN,
+        _ => 0,
+    };
+    if payload.len() < minimum {
+        return Ok(ServerFrame::Other { frame_type, payload });
+    }
+    Ok(match known {
         Some(FrameType::RecvPacket) => {
             if payload.len() < KEY_LEN {
-                return Err(short("RecvPacket"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "RecvPacket frame of {} bytes is shorter than its source key",
+                        payload.len()
+                    ),
+                ));
             }
             ServerFrame::Packet {
                 src: key(&payload),
@@ -698,9 +715,6 @@ pub fn decode_server_frame(frame_type: u8, mut f: BytesMut) -> io::Result<Server
         }
         Some(FrameType::KeepAlive) => ServerFrame::KeepAlive,
         Some(t @ (FrameType::Ping | FrameType::Pong)) => {
-            if payload.len() < PING_LEN {
-                return Err(short("Ping/Pong"));
-            }
             let mut data = [0u8; PING_LEN];
             data.copy_from_slice(&payload[..PING_LEN]);
             if t == FrameType::Ping {
@@ -710,9 +724,6 @@ pub fn decode_server_frame(frame_type: u8, mut f: BytesMut) -> io::Result<Server
             }
         }
         Some(FrameType::PeerGone) => {
-            if payload.len() < KEY_LEN {
-                return Err(short("PeerGone"));
-            }
             // Relays before the reason byte existed send only the key: that meant "disconnected".
             let reason = payload.get(KEY_LEN).copied().unwrap_or(frame::PEER_GONE_DISCONNECTED);
             ServerFrame::PeerGone {
@@ -721,9 +732,6 @@ pub fn decode_server_frame(frame_type: u8, mut f: BytesMut) -> io::Result<Server
             }
         }
         Some(FrameType::PeerPresent) => {
-            if payload.len() < KEY_LEN {
-                return Err(short("PeerPresent"));
-            }
             let mut present = ServerFrame::PeerPresent {
                 key: key(&payload),
                 ip: None,
@@ -745,15 +753,10 @@ pub fn decode_server_frame(frame_type: u8, mut f: BytesMut) -> io::Result<Server
             present
         }
         Some(FrameType::Health) => ServerFrame::Health(String::from_utf8_lossy(&payload).into_owned()),
-        Some(FrameType::Restarting) => {
-            if payload.len() < 8 {
-                return Err(short("Restarting"));
-            }
-            ServerFrame::Restarting {
-                reconnect_in_ms: u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]),
-                try_for_ms: u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]),
-            }
-        }
+        Some(FrameType::Restarting) => ServerFrame::Restarting {
+            reconnect_in_ms: u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]),
+            try_for_ms: u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]),
+        },
         _ => ServerFrame::Other { frame_type, payload },
     })
 }

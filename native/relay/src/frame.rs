@@ -24,6 +24,8 @@ pub const CLIENT_INFO_MAX: usize = 256 << 10;
 /// Ping payloads: 8 bytes of data, larger pings are tolerated up to this size (only 8 are echoed).
 pub const PING_LEN: usize = 8;
 pub const PING_MAX: usize = 1000;
+/// Restarting payload: reconnect-in ms (u32 BE) ‖ try-for ms (u32 BE).
+pub const RESTARTING_LEN: usize = 8;
 /// PeerPresent payload: key(32) ‖ ip(16, IPv4-mapped) ‖ port(2, BE) ‖ flags(1).
 pub const PEER_PRESENT_LEN: usize = KEY_LEN + 16 + 2 + 1;
 /// Disco packets start with "TS💬" and are at least this long; their loss is answered with PeerGone(not here).
