@@ -836,11 +836,9 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.Bridge = nativeBinding.Bridge
-module.exports.FrameParser = nativeBinding.FrameParser
 module.exports.RelayCore = nativeBinding.RelayCore
 module.exports.boxOpen = nativeBinding.boxOpen
 module.exports.boxSeal = nativeBinding.boxSeal
-module.exports.encodeFrame = nativeBinding.encodeFrame
 module.exports.generatePrivateKey = nativeBinding.generatePrivateKey
 module.exports.holdClients = nativeBinding.holdClients
 module.exports.publicKeyOf = nativeBinding.publicKeyOf

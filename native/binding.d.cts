@@ -19,14 +19,6 @@ export declare class Bridge {
   read(): Promise<Buffer | null>
 }
 
-/** Incremental frame decoder for clients: bytes in, whole frames out. Frames over 1 MiB are fatal. */
-export declare class FrameParser {
-  constructor()
-  push(chunk: Buffer): Array<DecodedFrame>
-  /** Bytes buffered toward an incomplete frame. */
-  get buffered(): number
-}
-
 /** The relay: owns every DERP connection handed to it. */
 export declare class RelayCore {
   constructor(options?: RelayOptions | undefined | null)
@@ -66,14 +58,6 @@ export declare function boxOpen(privateKey: Uint8Array, peerPublicKey: Uint8Arra
 
 /** NaCl box of `message` from `privateKey` to `peerPublicKey`: nonce(24) ‖ tag(16) ‖ ciphertext. */
 export declare function boxSeal(privateKey: Uint8Array, peerPublicKey: Uint8Array, message: Uint8Array): Buffer
-
-export interface DecodedFrame {
-  frameType: number
-  payload: Buffer
-}
-
-/** One frame: type(1) ‖ length(4, BE) ‖ payload. */
-export declare function encodeFrame(frameType: number, payload: Uint8Array): Buffer
 
 /** A new random X25519 private key (32 bytes). */
 export declare function generatePrivateKey(): Buffer

@@ -73,4 +73,4 @@ function load(): typeof Binding {
 }
 
 export const native = load();
-export type { RelayOptions, Metric, Bridge, DecodedFrame, MeshLinkStatus } from '../native/binding.cjs';
+export type { RelayOptions, Metric, Bridge, MeshLinkStatus } from '../native/binding.cjs';

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use derpmesh_relay::frame::{self, FrameType, HEADER_LEN, MAX_FRAME_SIZE};
 use derpmesh_relay::keys::{Key, KeyPair};
 use derpmesh_relay::relay::{Relay, RelayConfig};
 use derpmesh_relay::upgrade::{Transport, Upgrade};
@@ -383,78 +382,6 @@ pub fn box_open<'env>(
     pair.open(&key_from(peer_public_key, "peerPublicKey")?, sealed)
         .map(|m| BufferSlice::copy_from(env, m))
         .transpose()
-}
-
-/// One frame: type(1) ‖ length(4, BE) ‖ payload.
-#[napi]
-pub fn encode_frame<'env>(env: &'env Env, frame_type: u8, payload: &[u8]) -> Result<BufferSlice<'env>> {
-    if payload.len() > MAX_FRAME_SIZE {
-        return Err(invalid(format!(
-            "frame payload of {} bytes exceeds {MAX_FRAME_SIZE}",
-            payload.len()
-        )));
-    }
-    let t = FrameType::from_u8(frame_type).ok_or_else(|| invalid(format!("unknown frame type {frame_type:#04x}")))?;
-    BufferSlice::copy_from(env, frame::encode(t, &[payload]))
-}
-
-#[napi(object)]
-pub struct DecodedFrame {
-    pub frame_type: u8,
-    pub payload: Buffer,
-}
-
-/// Incremental frame decoder for clients: bytes in, whole frames out. Frames over 1 MiB are fatal.
-#[napi]
-pub struct FrameParser {
-    buf: Vec<u8>,
-}
-
-#[napi]
-impl FrameParser {
-    #[napi(constructor)]
-    pub fn new() -> Self {
-        FrameParser { buf: Vec::new() }
-    }
-
-    #[napi]
-    pub fn push(&mut self, chunk: Buffer) -> Result<Vec<DecodedFrame>> {
-        self.buf.extend_from_slice(&chunk);
-        let mut frames = Vec::new();
-        let mut at = 0;
-        while let Some((t, len)) = frame::read_header(&self.buf[at..]) {
-            let len = len as usize;
-            if len > MAX_FRAME_SIZE {
-                return Err(Error::new(
-                    Status::GenericFailure,
-                    format!("frame of {len} bytes exceeds the {MAX_FRAME_SIZE}-byte limit"),
-                ));
-            }
-            if self.buf.len() - at < HEADER_LEN + len {
-                break;
-            }
-            let payload = self.buf[at + HEADER_LEN..at + HEADER_LEN + len].to_vec();
-            frames.push(DecodedFrame {
-                frame_type: t,
-                payload: payload.into(),
-            });
-            at += HEADER_LEN + len;
-        }
-        self.buf.drain(..at);
-        Ok(frames)
-    }
-
-    /// Bytes buffered toward an incomplete frame.
-    #[napi(getter)]
-    pub fn buffered(&self) -> u32 {
-        self.buf.len() as u32
-    }
-}
-
-impl Default for FrameParser {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 /// What `runLoad` runs: N sender→receiver pairs through a DERP relay.
