@@ -34,7 +34,7 @@ const PEER_PRESENT_WITH_FLAGS = PEER_PRESENT_WITH_ADDRESS + 1;
  * Decodes one server frame. Short frames, as Tailscale's client treats them (`derp_client.go`,
  * `recv`): a PeerGone or PeerPresent without its key, or a Ping, Pong or Restarting under 8 bytes,
  * is ignored and the connection goes on. Throws `DERP_ERR_PROTOCOL` only for a RecvPacket without
- * its source key (Tailscale's client drops that one too; the Rust decoder also fails on it).
+ * its source key, as the Rust decoder does; Tailscale's client drops that one like the others.
  * `test/vectors/frames.json` holds this rule for both codecs.
  */
 export function decodeServerFrame(frameType: number, payload: Buffer): ServerMessage {

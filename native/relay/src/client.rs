@@ -682,8 +682,8 @@ impl DerpConn {
 /// Short frames, as Tailscale's client treats them (`derp_client.go`, `recv`): a PeerGone or
 /// PeerPresent without its key, or a Ping, Pong or Restarting under 8 bytes, is dropped — decoded
 /// as [`ServerFrame::Other`], which readers ignore — and the connection goes on. A RecvPacket
-/// without its source key stays an error, as in the TypeScript client (Tailscale's client drops
-/// it too). `test/vectors/frames.json` holds this rule for both codecs.
+/// without its source key stays an error, as in the TypeScript client; Tailscale's client drops
+/// that one like the others. `test/vectors/frames.json` holds this rule for both codecs.
 pub fn decode_server_frame(frame_type: u8, mut f: BytesMut) -> io::Result<ServerFrame> {
     let payload = f.split_off(HEADER_LEN).freeze();
     let key = |p: &Bytes| frame::key_at(p, 0);
