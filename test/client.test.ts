@@ -2,10 +2,10 @@
 // logic against a scripted fake relay, and end to end against the real relay (and Tailscale's
 // derper when it is installed).
 import { strict as assert } from 'node:assert';
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
 import net from 'node:net';
-import { homedir, tmpdir } from 'node:os';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
@@ -26,11 +26,12 @@ import {
 import { decodeServerFrame, formatIp } from '../src/client/messages.js';
 import { FrameParser } from '../src/client/parser.js';
 import { native } from '../src/native.js';
-import { discoPacket, frame, keyPair, sleep, waitUntil, withTimeout } from './helpers/frames.js';
+import { discoPacket, frame, keyPair, waitUntil, withTimeout } from './helpers/frames.js';
 import { startHttpServer } from '../src/http/server.js';
 import { silentLogger } from '../src/log.js';
 import { Relay } from '../src/relay.js';
 import { startRelay } from './helpers/relay.js';
+import { cachedDerper, startDerper, type Derper } from './helpers/derper.js';
 
 /** The frames `chunk` completes, in order. */
 function parseFrames(parser: FrameParser, chunk: Buffer): { frameType: number; payload: Buffer }[] {
@@ -670,41 +671,19 @@ function hasOpenssl(): boolean {
   }
 }
 
-const DERPER = join(process.env.DERPMESH_CACHE ?? join(homedir(), '.cache', 'derpmesh'), 'bin', 'derper');
-
 describe(
   'client against Tailscale derper',
-  { timeout: 30_000, skip: existsSync(DERPER) ? false : `no ${DERPER} (bench/derper.sh builds it)` },
+  { timeout: 30_000, skip: existsSync(cachedDerper) ? false : `no ${cachedDerper} (bench/derper.sh builds it)` },
   () => {
-    let derper: ChildProcess;
+    let derper: Derper;
     let url: string;
     const meshKey = native.generatePrivateKey().toString('hex');
 
     before(async () => {
-      const port = await freePort();
-      const dir = mkdtempSync(join(tmpdir(), 'derpmesh-derper-'));
-      writeFileSync(join(dir, 'mesh.key'), meshKey);
-      derper = spawn(
-        DERPER,
-        [
-          '-a',
-          `127.0.0.1:${port}`,
-          '-stun=false',
-          '-http-port=-1',
-          '-c',
-          join(dir, 'derper.json'),
-          '-mesh-psk-file',
-          join(dir, 'mesh.key'),
-        ],
-        { stdio: 'ignore' },
-      );
-      derper.once('error', (err) => console.log(`derper could not be started: ${err.message}`));
-      url = `http://127.0.0.1:${port}`;
-      await waitUntilListening(port, 10_000);
+      derper = await startDerper({ meshKey });
+      url = derper.url;
     });
-    after(() => {
-      derper.kill();
-    });
+    after(() => derper.stop());
 
     test('handshake, packets (TCP, fast start, WebSocket), ping, PeerGone', async () => {
       const a = await DerpClient.connect({ url });
@@ -755,30 +734,3 @@ describe(
     });
   },
 );
-
-function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const server = net.createServer();
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
-
-async function waitUntilListening(port: number, ms: number): Promise<void> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const socket = net.connect(port, '127.0.0.1');
-      socket.once('connect', () => {
-        socket.destroy();
-        resolve(true);
-      });
-      socket.once('error', () => resolve(false));
-    });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`nothing listens on ${port} after ${ms} ms`);
-    await sleep(50);
-  }
-}

@@ -2,12 +2,10 @@
 // Tailscale's own `derper` (built from the Go module proxy by bench/derper.sh), the migration path
 // between the two: a client on each reaches a client on the other.
 import { strict as assert } from 'node:assert';
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { homedir, tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { after, before, describe, test } from 'node:test';
+import { after, describe, test } from 'node:test';
 
 import pg from 'pg';
 
@@ -16,6 +14,7 @@ import { loadConfig } from '../src/config.js';
 import { DerpmeshError } from '../src/errors.js';
 import { startNodeProcess, waitFor, type NodeProcess } from './helpers/cluster.js';
 import { freePort, startPostgres, type TestPostgres } from './helpers/postgres.js';
+import { cachedDerper, startDerper, type Derper } from './helpers/derper.js';
 import { deliver } from './helpers/traffic.js';
 
 describe('--mesh-with / DERPMESH_MESH_WITH', () => {
@@ -62,7 +61,6 @@ describe('--mesh-with / DERPMESH_MESH_WITH', () => {
 // ─── against derper ────────────────────────────────────────────────────────────
 
 const derperScript = fileURLToPath(new URL('../../bench/derper.sh', import.meta.url));
-const cachedDerper = join(process.env.DERPMESH_CACHE ?? join(homedir(), '.cache', 'derpmesh'), 'bin', 'derper');
 
 function goAvailable(): boolean {
   try {
@@ -80,20 +78,14 @@ describe('derpmesh and derper meshed both ways', { timeout: 600_000, skip: !canR
   let derperBinary = '';
   let postgres: TestPostgres | undefined;
   let node: NodeProcess | undefined;
-  let derper: ChildProcess | undefined;
-  let derperOutput = '';
-  let dir = '';
+  let derper: Derper | undefined;
   const clients: DerpClient[] = [];
 
-  before(() => {
-    dir = mkdtempSync(join(tmpdir(), 'derpmesh-mesh-with-'));
-  });
   after(async () => {
     await Promise.all(clients.map((c) => c.close().catch(() => {})));
-    derper?.kill('SIGKILL');
+    derper?.stop();
     await node?.kill9();
     await postgres?.stop();
-    rmSync(dir, { recursive: true, force: true });
   });
 
   test('builds derper', { timeout: 1_500_000 }, () => {
@@ -126,27 +118,16 @@ describe('derpmesh and derper meshed both ways', { timeout: 600_000, skip: !canR
     await db.end();
     const meshKey = rows[0]!.value;
     assert.match(meshKey, /^[0-9a-f]{64}$/);
-    writeFileSync(join(dir, 'mesh.key'), meshKey);
 
-    derper = spawn(
-      derperBinary,
-      [
-        '-a',
-        `127.0.0.1:${derperPort}`,
-        '-stun=false',
-        '-http-port=-1',
-        '-c',
-        join(dir, 'derper.json'),
-        '-mesh-psk-file',
-        join(dir, 'mesh.key'),
-        '-mesh-with',
-        `127.0.0.1:${nodePort},127.0.0.1:${derperPort}`,
-      ],
-      // derper dials its --mesh-with hosts as https://<host>/derp; this makes derphttp speak plain
-      // HTTP to the same host:port (a test without certificates).
-      { env: { ...process.env, TS_DEBUG_USE_DERP_HTTP: '1' }, stdio: ['ignore', 'pipe', 'pipe'] },
-    );
-    for (const stream of [derper.stdout!, derper.stderr!]) stream.on('data', (d: Buffer) => (derperOutput += d.toString()));
+    // derper dials its --mesh-with hosts as https://<host>/derp; TS_DEBUG_USE_DERP_HTTP makes derphttp
+    // speak plain HTTP to the same host:port (a test without certificates).
+    derper = await startDerper({
+      binary: derperBinary,
+      port: derperPort,
+      meshKey,
+      meshWith: [`127.0.0.1:${nodePort}`, `127.0.0.1:${derperPort}`],
+      env: { TS_DEBUG_USE_DERP_HTTP: '1' },
+    });
 
     // derpmesh's link to derper: the node's mesh health is OK once every link is connected (or itself).
     await waitFor('the node to be meshed with derper', 30_000, async () => {
@@ -154,7 +135,7 @@ describe('derpmesh and derper meshed both ways', { timeout: 600_000, skip: !canR
       const mesh = health.nodes[0]?.sections.mesh;
       return mesh?.code === 'MESH_OK' && mesh.message.includes('meshed with 1 peer relays') ? mesh : undefined;
     }).catch((err: Error) => {
-      throw new Error(`${err.message}\nnode:\n${node!.output()}\nderper:\n${derperOutput}`);
+      throw new Error(`${err.message}\nnode:\n${node!.output()}\nderper:\n${derper?.output()}`);
     });
 
     for (const [from, to] of [
@@ -166,10 +147,10 @@ describe('derpmesh and derper meshed both ways', { timeout: 600_000, skip: !canR
       clients.push(a, b);
       // a → b goes through a's relay's link to b's relay, b → a through the other link.
       await deliver(a, b, 15_000).catch((err: Error) => {
-        throw new Error(`${from} → ${to}: ${err.message}\nderper:\n${derperOutput}`);
+        throw new Error(`${from} → ${to}: ${err.message}\nderper:\n${derper?.output()}`);
       });
       await deliver(b, a, 15_000).catch((err: Error) => {
-        throw new Error(`${to} → ${from}: ${err.message}\nderper:\n${derperOutput}`);
+        throw new Error(`${to} → ${from}: ${err.message}\nderper:\n${derper?.output()}`);
       });
     }
   });
