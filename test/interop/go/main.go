@@ -7,7 +7,8 @@
 // Every step is bounded by -timeout and the whole run by -overall-timeout.
 //
 // With -url2 it runs the two-relay checks of twonode.go instead (one client
-// on each relay of a mesh; see there).
+// on each relay of a mesh; see there). With -stun it also (or, without -url,
+// only) checks the server's STUN port with tailscale.com/net/stun (stun.go).
 package main
 
 import (
@@ -35,7 +36,7 @@ import (
 )
 
 var (
-	flagURL       = flag.String("url", "", "DERP server URL, e.g. http://127.0.0.1:3340/derp (required)")
+	flagURL       = flag.String("url", "", "DERP server URL, e.g. http://127.0.0.1:3340/derp (required unless -stun is given)")
 	flagMeshKey   = flag.String("mesh-key", "", "server mesh key, 64 hex digits (required for the watch checks)")
 	flagWebsocket = flag.Bool("websocket", false, "connect every client over WebSocket (binary must be built with -tags ts_debug_websockets)")
 	flagTimeout   = flag.Duration("timeout", 10*time.Second, "timeout for each step")
@@ -307,8 +308,8 @@ func main() {
 	if !*flagVerbose {
 		log.SetOutput(io.Discard) // derphttp's websocket dialer uses the global logger
 	}
-	if *flagURL == "" {
-		fmt.Fprintln(os.Stderr, "derpinterop: -url is required")
+	if *flagURL == "" && *flagSTUN == "" {
+		fmt.Fprintln(os.Stderr, "derpinterop: -url (or -stun) is required")
 		flag.Usage()
 		os.Exit(2)
 	}
@@ -320,6 +321,11 @@ func main() {
 			fmt.Fprintf(os.Stderr, "derpinterop: bad -mesh-key: %v\n", err)
 			os.Exit(2)
 		}
+	}
+	if *flagURL == "" && *flagURL2 != "" {
+		fmt.Fprintln(os.Stderr, "derpinterop: -url2 needs -url")
+		flag.Usage()
+		os.Exit(2)
 	}
 	if msg := checkTwoNodeUsage(); msg != "" {
 		fmt.Fprintf(os.Stderr, "derpinterop: %s\n", msg)
@@ -347,8 +353,11 @@ func main() {
 
 	if *flagURL2 != "" {
 		runTwoNodes()
-	} else {
+	} else if *flagURL != "" {
 		run(meshKey)
+	}
+	if *flagSTUN != "" {
+		runSTUN()
 	}
 
 	if failed {
