@@ -20,7 +20,7 @@ pub struct KeyPair {
 
 impl std::fmt::Debug for KeyPair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KeyPair(nodekey:{})", hex::encode(self.public))
+        write!(f, "KeyPair({})", node_key_string(&self.public))
     }
 }
 

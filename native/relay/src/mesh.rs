@@ -9,8 +9,8 @@
 //! Each connection attempt is a *session* with its own forwarder id, outbox and writer task; when
 //! it ends, every forwarder it registered is removed (`Relay::remove_link`, which also sends
 //! PeerGone(disconnected) to local clients that were talking to keys now unreachable), and the link
-//! reconnects with exponential backoff (100 ms → 5 s, jittered). A link never re-forwards: the
-//! server side delivers ForwardPacket to local clients only.
+//! reconnects with exponential backoff (100 ms → 5 s, jittered, see [`Backoff`]). A link never
+//! re-forwards: the server side delivers ForwardPacket to local clients only.
 //!
 //! Whether the peer accepted WatchConns is learned without guessing: WatchConns is followed by a
 //! Ping in the same write. A relay that refuses WatchConns (wrong or missing mesh key) closes the
@@ -30,6 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::backoff::{random_u64, Backoff};
 use crate::client::{self, ClientError, DerpConn, DialOptions, ServerFrame, TlsOptions};
 use crate::frame::{self, KEY_LEN, MAX_FRAME_SIZE, PEER_GONE_DISCONNECTED, PING_LEN};
 use crate::handshake::ClientInfo;
@@ -537,33 +538,6 @@ enum SessionEnd {
     Permanent(String),
 }
 
-/// Exponential backoff with jitter.
-struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let base = BACKOFF_MIN
-            .saturating_mul(1u32 << self.attempt.min(16))
-            .min(BACKOFF_MAX);
-        self.attempt = self.attempt.saturating_add(1);
-        jitter(base)
-    }
-}
-
-/// A random duration in `[d/2, d]`.
-fn jitter(d: Duration) -> Duration {
-    let half = d / 2;
-    let span = (d - half).as_micros() as u64;
-    half + Duration::from_micros(if span == 0 { 0 } else { random_u64() % (span + 1) })
-}
-
-fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    getrandom::getrandom(&mut b).map(|_| u64::from_le_bytes(b)).unwrap_or(0)
-}
-
 /// Resolves once the flag is set, or once its sender is gone (which also means: stop).
 async fn signalled(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
@@ -582,7 +556,7 @@ async fn run_link(
     tls: Arc<Mutex<TlsOptions>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff { attempt: 0 };
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
         if *stop.borrow() {
             break;
@@ -623,10 +597,10 @@ async fn run_link(
             }
             SessionEnd::Failed { error, up_for } => {
                 if up_for.is_some_and(|d| d >= STABLE_SESSION) {
-                    backoff.attempt = 0;
+                    backoff.reset();
                 }
                 shared.fail(LinkState::Backoff, error);
-                let delay = backoff.next();
+                let delay = backoff.next_delay();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = signalled(&mut stop) => break,
@@ -919,18 +893,5 @@ mod tests {
             let err = normalize_url(bad).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");
         }
-    }
-
-    #[test]
-    fn backoff_grows_to_the_cap_with_jitter() {
-        let mut b = Backoff { attempt: 0 };
-        let first = b.next();
-        assert!(first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN, "{first:?}");
-        for _ in 0..20 {
-            let d = b.next();
-            assert!(d <= BACKOFF_MAX, "{d:?}");
-        }
-        let d = b.next();
-        assert!(d >= BACKOFF_MAX / 2, "{d:?}");
     }
 }

@@ -188,14 +188,7 @@ pub async fn run_writer(
 }
 
 fn jittered(config: &WriterConfig) -> Duration {
-    let jitter_ms = config.keepalive_jitter.as_millis() as u64;
-    let extra = if jitter_ms == 0 { 0 } else { random_u64() % jitter_ms };
-    config.keepalive + Duration::from_millis(extra)
-}
-
-fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    getrandom::getrandom(&mut b).map(|_| u64::from_le_bytes(b)).unwrap_or(0)
+    config.keepalive + crate::backoff::random_up_to(config.keepalive_jitter)
 }
 
 #[cfg(test)]
