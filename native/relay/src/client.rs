@@ -637,14 +637,6 @@ impl DerpConn {
         self.send_frame(&frame::send_packet(dst, packet)).await
     }
 
-    pub async fn send_ping(&mut self, data: &[u8; PING_LEN]) -> io::Result<()> {
-        self.send_frame(&frame::ping(data)).await
-    }
-
-    pub async fn send_pong(&mut self, data: &[u8; PING_LEN]) -> io::Result<()> {
-        self.send_frame(&frame::pong(data)).await
-    }
-
     pub async fn note_preferred(&mut self, preferred: bool) -> io::Result<()> {
         self.send_frame(&frame::note_preferred(preferred)).await
     }

@@ -360,10 +360,6 @@ impl Relay {
         }
     }
 
-    pub fn client_count(&self) -> usize {
-        self.registry().clients.len()
-    }
-
     /// Graceful shutdown: no new connections; every client gets Restarting and is closed once its
     /// queue is flushed. Resolves when all connections are gone or `grace` has passed.
     pub async fn shutdown(&self, reconnect_in: Duration, try_for: Duration, grace: Duration) {
