@@ -68,19 +68,22 @@ export declare function generatePrivateKey(): Buffer
  */
 export declare function holdClients(url: string, count: number, holdMs: number): Promise<number>
 
-/** What `runLoad` runs: N sender→receiver pairs through a DERP relay. */
+/**
+ * What `runLoad` runs: N sender→receiver pairs through a DERP relay. The TypeScript side fills in
+ * every default (`src/bench.ts`).
+ */
 export interface LoadOptions {
   /** Relay the senders dial, `http://host:port`. */
   url: string
-  /** Relay the receivers dial (default: `url`); another node measures the mesh path. */
+  /** Relay the receivers dial (absent: `url`); another node measures the mesh path. */
   receiverUrl?: string
-  pairs?: number
-  packetSize?: number
-  durationMs?: number
-  warmupMs?: number
-  /** Packets per second per sender; unset = as fast as the relay takes them. */
+  pairs: number
+  packetSize: number
+  durationMs: number
+  warmupMs: number
+  /** Packets per second per sender; absent = as fast as the relay takes them. */
   ratePerPair?: number
-  /** Packets in flight per pair (sent, not yet received); unset = no cap. */
+  /** Packets in flight per pair (sent, not yet received); absent = no cap. */
   window?: number
 }
 

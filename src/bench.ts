@@ -2,7 +2,7 @@
 import { parseArgs } from 'node:util';
 
 import { parseDuration } from './config.js';
-import { configError } from './errors.js';
+import { configError, fromNative } from './errors.js';
 import { native } from './native.js';
 
 export type LoadReport = Awaited<ReturnType<typeof native.runLoad>>;
@@ -19,9 +19,19 @@ export interface LoadOptions {
   window?: number;
 }
 
-/** Runs N sender→receiver pairs through a relay and reports throughput and round-trip latency. */
+/** The defaults of `LoadOptions`, chosen here once: the native binding is given every value. */
+export const loadDefaults = { pairs: 10, packetSize: 1400, durationMs: 5_000, warmupMs: 1_000 } as const;
+
+/**
+ * Runs N sender→receiver pairs through a relay and reports throughput and round-trip latency.
+ * Rejects with a `DerpmeshError`: `DERPMESH_ERR_LOAD_OPTIONS`, `DERPMESH_ERR_LOAD_DIAL` or
+ * `DERPMESH_ERR_LOAD_RUN`.
+ */
 export function runLoad(options: LoadOptions): Promise<LoadReport> {
-  return native.runLoad(options);
+  const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as LoadOptions;
+  return native.runLoad({ ...loadDefaults, ...given }).catch((err: unknown) => {
+    throw fromNative(err);
+  });
 }
 
 export function formatReport(label: string, r: LoadReport): string {

@@ -51,7 +51,9 @@ async function server(argv: string[]): Promise<void> {
     if (node) beginStop(node);
     else logger.info('the node is still starting: it stops once started');
   };
-  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(signal, () => stop(signal));
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) process.on(signal, () => stop(signal));
+  // SIGHUP re-reads the TLS certificate (the files are also watched).
+  process.on('SIGHUP', () => node?.reloadCertificates('SIGHUP'));
   onParentGone(() => stop('the parent process is gone'));
   node = await startNode(config, logger);
   if (stopReason !== undefined) beginStop(node);

@@ -83,7 +83,7 @@ export const options = {
     flag: '--tls-cert-file',
     env: ['CODER_TLS_CERT_FILE'],
     kind: 'string',
-    description: 'PEM certificate: serve HTTPS (TLS is terminated in Node).',
+    description: 'PEM certificate (chain): serve HTTPS. Reloaded when the file changes or on SIGHUP, for new connections only.',
   },
   tlsKeyFile: {
     flag: '--tls-key-file',

@@ -5,7 +5,21 @@ export type DerpmeshErrorCode =
   | 'DERPMESH_ERR_RELAY_URL_IS_ACCESS_URL'
   | 'DERPMESH_ERR_LISTEN'
   | 'DERPMESH_ERR_UPGRADE'
-  | 'DERPMESH_ERR_NATIVE_BINDING';
+  | 'DERPMESH_ERR_NATIVE_BINDING'
+  // Thrown by the native relay (native/node/src/lib.rs `Code`), converted by `fromNative`:
+  | 'DERPMESH_ERR_LOAD_OPTIONS'
+  | 'DERPMESH_ERR_LOAD_DIAL'
+  | 'DERPMESH_ERR_LOAD_RUN';
+
+/** The codes the native relay sets on the errors it throws (`err.code`). */
+const nativeCodes: ReadonlySet<string> = new Set<DerpmeshErrorCode>([
+  'DERPMESH_ERR_LOAD_OPTIONS',
+  'DERPMESH_ERR_LOAD_DIAL',
+  'DERPMESH_ERR_LOAD_RUN',
+]);
+
+/** What an operator does about a native error: the settings are named here, never in Rust. */
+const nativeHints: Partial<Record<DerpmeshErrorCode, string>> = {};
 
 export class DerpmeshError extends Error {
   override readonly name = 'DerpmeshError';
@@ -21,4 +35,15 @@ export class DerpmeshError extends Error {
 
 export function configError(message: string, value?: unknown): DerpmeshError {
   return new DerpmeshError('DERPMESH_ERR_CONFIG', message, value);
+}
+
+/**
+ * An error thrown by the native relay as a `DerpmeshError` with the same code and, when there is
+ * one, the operator's hint; any other error is returned as is.
+ */
+export function fromNative(err: unknown): unknown {
+  const code = (err as { code?: unknown } | undefined)?.code;
+  if (!(err instanceof Error) || typeof code !== 'string' || !nativeCodes.has(code)) return err;
+  const hint = nativeHints[code as DerpmeshErrorCode];
+  return new DerpmeshError(code as DerpmeshErrorCode, hint ? `${err.message} — ${hint}` : err.message);
 }

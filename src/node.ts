@@ -1,7 +1,6 @@
 // One derpmesh node: Postgres (configured or embedded) → migrations and mesh key → relay → replica
 // registry → mesh peers; the HTTP server with the relay, API, health and metrics; graceful stop.
 import { randomUUID } from 'node:crypto';
-import { readFileSync } from 'node:fs';
 import { hostname as osHostname } from 'node:os';
 
 import type pg from 'pg';
@@ -28,6 +27,7 @@ import { createPool } from './postgres/pool.js';
 import { Pubsub } from './postgres/pubsub.js';
 import { ReplicaRegistry } from './replicas/registry.js';
 import { MeshTrust } from './mesh-trust.js';
+import { CertificateFiles } from './tls-certs.js';
 import { relayBase } from './relay-url.js';
 import { Relay } from './relay.js';
 import { version } from './version.js';
@@ -45,6 +45,8 @@ export interface DerpmeshNode {
   close(): Promise<void>;
   /** For a stop that did not finish in time: release what outlives this process (the embedded Postgres). */
   abandon(): Promise<void>;
+  /** Re-reads the TLS certificate files (SIGHUP); without TLS, nothing to do. */
+  reloadCertificates(reason: string): void;
 }
 
 export async function startNode(config: ServerConfig, logger: Logger): Promise<DerpmeshNode> {
@@ -203,8 +205,14 @@ async function start(
     return samples;
   };
 
-  const tls =
-    config.tlsCertFile && config.tlsKeyFile ? { cert: readFileSync(config.tlsCertFile), key: readFileSync(config.tlsKeyFile) } : undefined;
+  // The certificate is read and checked now (a bad pair stops the start), then watched; SIGHUP
+  // re-reads it too. A new pair serves new handshakes only.
+  const certificates =
+    config.tlsCertFile && config.tlsKeyFile
+      ? new CertificateFiles(config.tlsCertFile, config.tlsKeyFile, log, (pair) => http.setCertificate(pair))
+      : undefined;
+  if (certificates) cleanups.push(async () => certificates.close());
+  const tls = certificates && { cert: certificates.current.cert, key: certificates.current.key };
   const http = await startHttpServer({
     relay,
     host: config.listenHost,
@@ -278,6 +286,10 @@ async function start(
       })()),
     abandon: async () => {
       await embedded?.release();
+    },
+    reloadCertificates: (reason) => {
+      if (certificates) certificates.reload(reason);
+      else log.info('no TLS certificate to reload', { reason });
     },
   };
 }

@@ -41,6 +41,8 @@ export interface HttpServer {
   url: string;
   port: number;
   counters: ReturnType<typeof httpCounters>;
+  /** A new certificate and key (PEM) for new TLS handshakes; live connections keep theirs. */
+  setCertificate(pair: { cert: Buffer; key: Buffer }): void;
   /** Stops accepting connections; open ones (and upgraded ones bridged through Node) go on. */
   stopAccepting(): void;
   /** Stops accepting and closes every connection still open, upgraded or not. */
@@ -152,6 +154,10 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     url: `${options.tls ? 'https' : 'http'}://${hostForUrl}:${port}`,
     counters,
     stopAccepting,
+    setCertificate: (pair) => {
+      if (!options.tls) throw new DerpmeshError('DERPMESH_ERR_CONFIG', 'this server does not serve TLS: there is no certificate to replace');
+      (server as unknown as import('node:tls').Server).setSecureContext({ ...options.tls, cert: pair.cert, key: pair.key });
+    },
     close: () => {
       stopAccepting();
       server.closeAllConnections();

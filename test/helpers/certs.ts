@@ -28,20 +28,28 @@ const openssl = (args: string[]) => execFileSync('openssl', args, { stdio: ['ign
 export function makePrivateCa(): PrivateCa {
   const dir = mkdtempSync(join(tmpdir(), 'derpmesh-ca-'));
   chmodSync(dir, 0o755);
-  const f = (name: string) => join(dir, name);
-  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
-  openssl(['req', '-x509', ...ec, '-days', '2', '-subj', '/CN=derpmesh test CA', '-keyout', f('ca.key'), '-out', f('ca.pem')]);
-  openssl(['req', ...ec, '-subj', '/CN=127.0.0.1', '-keyout', f('node.key'), '-out', f('node.csr')]);
+  const caFile = join(dir, 'ca.pem');
+  openssl(['req', '-x509', ...EC, '-days', '2', '-subj', '/CN=derpmesh test CA', '-keyout', join(dir, 'ca.key'), '-out', caFile]);
+  chmodSync(caFile, 0o644);
+  return { dir, caFile, ...issueLeaf({ dir, caFile }, 'node') };
+}
+
+const EC = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
+
+/** Another leaf for 127.0.0.1 and localhost, signed by the CA, as `<name>.pem` and `<name>.key` in its directory. */
+export function issueLeaf(ca: { dir: string; caFile: string }, name: string): { certFile: string; keyFile: string } {
+  const f = (file: string) => join(ca.dir, file);
+  openssl(['req', ...EC, '-subj', '/CN=127.0.0.1', '-keyout', f(`${name}.key`), '-out', f(`${name}.csr`)]);
   const ext = ['subjectAltName=IP:127.0.0.1,DNS:localhost', 'extendedKeyUsage=serverAuth'].join('\n');
-  execFileSync('sh', ['-c', `printf '%s\\n' "$1" > "$2"`, 'sh', ext, f('node.ext')]);
+  execFileSync('sh', ['-c', `printf '%s\\n' "$1" > "$2"`, 'sh', ext, f(`${name}.ext`)]);
   openssl(
-    ['x509', '-req', '-in', f('node.csr'), '-CA', f('ca.pem'), '-CAkey', f('ca.key'), '-CAcreateserial', '-days', '2'].concat([
+    ['x509', '-req', '-in', f(`${name}.csr`), '-CA', ca.caFile, '-CAkey', f('ca.key'), '-CAcreateserial', '-days', '2'].concat([
       '-extfile',
-      f('node.ext'),
+      f(`${name}.ext`),
       '-out',
-      f('node.pem'),
+      f(`${name}.pem`),
     ]),
   );
-  for (const name of ['ca.pem', 'node.pem', 'node.key']) chmodSync(f(name), 0o644);
-  return { dir, caFile: f('ca.pem'), certFile: f('node.pem'), keyFile: f('node.key') };
+  for (const file of [`${name}.pem`, `${name}.key`]) chmodSync(f(file), 0o644);
+  return { certFile: f(`${name}.pem`), keyFile: f(`${name}.key`) };
 }

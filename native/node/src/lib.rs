@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use derpmesh_relay::client::ClientError;
 use derpmesh_relay::keys::{Key, KeyPair};
+use derpmesh_relay::loadgen;
 use derpmesh_relay::relay::{Relay, RelayConfig};
 use derpmesh_relay::upgrade::{Transport, Upgrade};
 use napi::bindgen_prelude::*;
@@ -20,6 +22,53 @@ fn invalid(msg: impl Into<String>) -> Error {
 fn key_from(buf: &[u8], what: &str) -> Result<Key> {
     buf.try_into()
         .map_err(|_| invalid(format!("{what} must be 32 bytes, got {}", buf.len())))
+}
+
+/// The `code` of the errors the load generator rejects with. napi-rs creates every error it
+/// throws with `napi_create_error(code, message)`, the code being the error's status, and a status
+/// may be any `AsRef<str>` type, so an `Error<Code>` carries ours; promises are rejected with the
+/// same kind of error ([`rejection`]). `src/errors.ts` turns these codes into `DerpmeshError`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    /// The load generator's options are unusable ([`loadgen::OptionsError`]).
+    LoadOptions,
+    /// A load generator client could not connect.
+    LoadDial,
+    /// A load generator client failed during the run.
+    LoadRun,
+}
+
+impl AsRef<str> for Code {
+    fn as_ref(&self) -> &str {
+        match self {
+            Code::LoadOptions => "DERPMESH_ERR_LOAD_OPTIONS",
+            Code::LoadDial => "DERPMESH_ERR_LOAD_DIAL",
+            Code::LoadRun => "DERPMESH_ERR_LOAD_RUN",
+        }
+    }
+}
+
+fn coded(code: Code, error: impl std::fmt::Display) -> Error<Code> {
+    Error::new(code, error.to_string())
+}
+
+fn load_error(e: loadgen::LoadError) -> Error<Code> {
+    let code = match e {
+        loadgen::LoadError::Options(_) => Code::LoadOptions,
+        loadgen::LoadError::Dial { .. } => Code::LoadDial,
+        loadgen::LoadError::Pair { .. } => Code::LoadRun,
+    };
+    coded(code, e)
+}
+
+/// A promise rejection carrying `error`'s code: the JS error object is made here, on the JS
+/// thread, and the rejection reuses it.
+fn rejection(env: &Env, error: Error<Code>) -> Error {
+    Error::from(JsError::from(error).into_unknown(*env))
+}
+
+fn ms(v: u32) -> Duration {
+    Duration::from_millis(v.into())
 }
 
 /// Options of a relay; every field is optional.
@@ -384,21 +433,39 @@ pub fn box_open<'env>(
         .transpose()
 }
 
-/// What `runLoad` runs: N sender→receiver pairs through a DERP relay.
+/// What `runLoad` runs: N sender→receiver pairs through a DERP relay. The TypeScript side fills in
+/// every default (`src/bench.ts`).
 #[napi(object)]
 pub struct LoadOptions {
     /// Relay the senders dial, `http://host:port`.
     pub url: String,
-    /// Relay the receivers dial (default: `url`); another node measures the mesh path.
+    /// Relay the receivers dial (absent: `url`); another node measures the mesh path.
     pub receiver_url: Option<String>,
-    pub pairs: Option<u32>,
-    pub packet_size: Option<u32>,
-    pub duration_ms: Option<u32>,
-    pub warmup_ms: Option<u32>,
-    /// Packets per second per sender; unset = as fast as the relay takes them.
+    pub pairs: u32,
+    pub packet_size: u32,
+    pub duration_ms: u32,
+    pub warmup_ms: u32,
+    /// Packets per second per sender; absent = as fast as the relay takes them.
     pub rate_per_pair: Option<f64>,
-    /// Packets in flight per pair (sent, not yet received); unset = no cap.
+    /// Packets in flight per pair (sent, not yet received); absent = no cap.
     pub window: Option<u32>,
+}
+
+impl From<LoadOptions> for loadgen::LoadOptions {
+    fn from(o: LoadOptions) -> loadgen::LoadOptions {
+        loadgen::LoadOptions {
+            url: o.url,
+            receiver_url: o.receiver_url,
+            pairs: o.pairs as usize,
+            packet_size: o.packet_size as usize,
+            duration: ms(o.duration_ms),
+            warmup: ms(o.warmup_ms),
+            rate_per_pair: o.rate_per_pair,
+            window: o.window.map(|w| w as usize),
+            // Not exposed: the probe interval and fast start are the core's.
+            ..loadgen::LoadOptions::default()
+        }
+    }
 }
 
 #[napi(object)]
@@ -417,69 +484,42 @@ pub struct LoadReport {
     pub rtt_samples: u32,
 }
 
+impl From<loadgen::LoadReport> for LoadReport {
+    fn from(r: loadgen::LoadReport) -> LoadReport {
+        let us = |v: Option<u64>| v.map(|v| v as f64);
+        LoadReport {
+            pairs: r.pairs as u32,
+            packet_size: r.packet_size as u32,
+            duration_secs: r.duration_secs,
+            packets_sent: r.packets_sent as f64,
+            packets_received: r.packets_received as f64,
+            packets_per_sec: r.packets_per_sec,
+            gbit_per_sec: r.gbit_per_sec,
+            loss_ratio: r.loss_ratio,
+            rtt_p50_us: us(r.rtt_p50_us),
+            rtt_p90_us: us(r.rtt_p90_us),
+            rtt_p99_us: us(r.rtt_p99_us),
+            rtt_samples: r.rtt_samples as u32,
+        }
+    }
+}
+
 /// Runs the load generator (in Rust, off the JS thread) and reports.
-#[napi]
-pub async fn run_load(options: LoadOptions) -> Result<LoadReport> {
-    use derpmesh_relay::loadgen;
-    let d = loadgen::LoadOptions::default();
-    let opts = loadgen::LoadOptions {
-        url: options.url,
-        receiver_url: options.receiver_url,
-        pairs: options.pairs.map_or(d.pairs, |v| v as usize),
-        packet_size: options.packet_size.map_or(d.packet_size, |v| v as usize),
-        duration: options
-            .duration_ms
-            .map_or(d.duration, |v| Duration::from_millis(v as u64)),
-        warmup: options.warmup_ms.map_or(d.warmup, |v| Duration::from_millis(v as u64)),
-        rate_per_pair: options.rate_per_pair,
-        window: options.window.map(|w| w as usize),
-        ..d
-    };
-    let r = loadgen::run(opts)
-        .await
-        .map_err(|e| Error::new(Status::GenericFailure, e))?;
-    let us = |v: Option<u64>| v.map(|v| v as f64);
-    Ok(LoadReport {
-        pairs: r.pairs as u32,
-        packet_size: r.packet_size as u32,
-        duration_secs: r.duration_secs,
-        packets_sent: r.packets_sent as f64,
-        packets_received: r.packets_received as f64,
-        packets_per_sec: r.packets_per_sec,
-        gbit_per_sec: r.gbit_per_sec,
-        loss_ratio: r.loss_ratio,
-        rtt_p50_us: us(r.rtt_p50_us),
-        rtt_p90_us: us(r.rtt_p90_us),
-        rtt_p99_us: us(r.rtt_p99_us),
-        rtt_samples: r.rtt_samples as u32,
+#[napi(ts_return_type = "Promise<LoadReport>")]
+pub fn run_load(env: &Env, options: LoadOptions) -> Result<PromiseRaw<'_, LoadReport>> {
+    let options = loadgen::LoadOptions::from(options);
+    env.spawn_future_with_callback(async move { Ok(loadgen::run(options).await) }, |env, r| {
+        r.map(LoadReport::from).map_err(|e| rejection(env, load_error(e)))
     })
 }
 
 /// Connects `count` idle clients to `url` and keeps them connected for `holdMs` (memory benchmark).
 /// Resolves with how many connected.
-#[napi]
-pub async fn hold_clients(url: String, count: u32, hold_ms: u32) -> Result<u32> {
-    use derpmesh_relay::client;
-    use derpmesh_relay::handshake::ClientInfo;
-    let info = ClientInfo {
-        version: 2,
-        mesh_key: None,
-        can_ack_pings: true,
-        is_prober: false,
-    };
-    let mut conns = Vec::with_capacity(count as usize);
-    for chunk in 0..count.div_ceil(64) {
-        let n = 64.min(count - chunk * 64);
-        let dials = (0..n).map(|_| {
-            let (url, info) = (url.clone(), info.clone());
-            async move { client::dial(&url, &KeyPair::generate(), &info).await }
-        });
-        for d in futures::future::join_all(dials).await {
-            conns.push(d.map_err(|e| Error::new(Status::GenericFailure, e.to_string()))?);
-        }
-    }
-    let connected = conns.len() as u32;
-    tokio::time::sleep(Duration::from_millis(hold_ms as u64)).await;
-    drop(conns);
-    Ok(connected)
+#[napi(ts_return_type = "Promise<number>")]
+pub fn hold_clients(env: &Env, url: String, count: u32, hold_ms: u32) -> Result<PromiseRaw<'_, u32>> {
+    let hold = async move { Ok(loadgen::hold_clients(&url, count as usize, ms(hold_ms)).await) };
+    env.spawn_future_with_callback(hold, |env, r: std::result::Result<usize, ClientError>| {
+        r.map(|n| n as u32)
+            .map_err(|e| rejection(env, coded(Code::LoadDial, e)))
+    })
 }

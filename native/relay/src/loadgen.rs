@@ -22,7 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
-use crate::client::{dial_with, DerpConn, DialOptions};
+use crate::client::{dial, dial_with, ClientError, DerpConn, DialOptions};
 use crate::frame::{self, FrameType, HEADER_LEN, KEY_LEN, MAX_FRAME_SIZE, MAX_PACKET_SIZE, PING_LEN};
 use crate::handshake::ClientInfo;
 use crate::io::{FrameReader, Writer};
@@ -98,6 +98,62 @@ impl Default for LoadOptions {
             fast_start: false,
         }
     }
+}
+
+/// Why a run failed. `Display` says what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The options are unusable (nothing was dialed).
+    #[error("{0}")]
+    Options(#[from] OptionsError),
+    /// A client could not connect: `role` is "sender" or "receiver", `pair` its pair.
+    #[error("dial {role} {pair}: {error}")]
+    Dial {
+        role: &'static str,
+        pair: usize,
+        #[source]
+        error: ClientError,
+    },
+    /// A client failed during the run (the relay died, stalled or misbehaved).
+    #[error("pair {pair} {role}: {error}")]
+    Pair {
+        pair: usize,
+        role: &'static str,
+        #[source]
+        error: PairError,
+    },
+}
+
+/// Which option is unusable.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OptionsError {
+    #[error("pairs must be at least 1")]
+    NoPairs,
+    #[error("packet size {0} is out of range {MIN_PACKET_SIZE}..={MAX_PACKET_SIZE}")]
+    PacketSize(usize),
+    #[error("duration must be more than 0")]
+    NoDuration,
+    #[error("rate {0} must be a positive number of packets per second")]
+    Rate(f64),
+    #[error("window must be at least 1 packet")]
+    NoWindow,
+    #[error("probe interval must be more than 0")]
+    NoProbeInterval,
+}
+
+/// What went wrong on one client's connection during a run.
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    #[error("write to relay failed: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("relay accepted no data for {} s", WRITE_TIMEOUT.as_secs())]
+    WriteStalled,
+    #[error("relay closed the connection")]
+    Closed,
+    #[error("read from relay failed: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("relay sent a frame of type {frame_type:#04x} with {len} bytes (limit {MAX_FRAME_SIZE})")]
+    FrameTooLarge { frame_type: u8, len: usize },
 }
 
 /// Result of a run. Rates count what receivers got during the window; loss compares the packets
@@ -176,7 +232,7 @@ impl Default for PairStats {
 
 /// Runs the load and reports. Runs on the caller's tokio runtime (use a multi-thread one).
 /// Every step is bounded: a relay that dies or stalls makes this fail with a message, not hang.
-pub async fn run(opts: LoadOptions) -> Result<LoadReport, String> {
+pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
     validate(&opts)?;
     let receiver_url = opts.receiver_url.clone().unwrap_or_else(|| opts.url.clone());
     let (senders, receivers) = dial_pairs(&opts, &receiver_url).await?;
@@ -186,7 +242,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, String> {
         phase: AtomicU8::new(PHASE_WARMUP),
     });
     let stats: Vec<Arc<PairStats>> = (0..opts.pairs).map(|_| Arc::default()).collect();
-    let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
+    let (err_tx, mut err_rx) = mpsc::unbounded_channel::<LoadError>();
     // Dropping a JoinSet aborts its tasks, so an early return (or a dropped `run`) closes everything.
     let mut readers = JoinSet::new();
     let mut blasters = JoinSet::new();
@@ -197,7 +253,11 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, String> {
         readers.spawn(async move {
             if let Err(e) = receive(receiver, sender_key, &st, &s).await {
                 if st.phase() < PHASE_DRAIN {
-                    let _ = tx.send(format!("pair {i} receiver: {e}"));
+                    let _ = tx.send(LoadError::Pair {
+                        pair: i,
+                        role: "receiver",
+                        error: e,
+                    });
                 }
             }
         });
@@ -208,7 +268,11 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, String> {
         readers.spawn(async move {
             if let Err(e) = read_echoes(reader, pong_tx, &st, &s).await {
                 if st.phase() < PHASE_DRAIN {
-                    let _ = tx.send(format!("pair {i} sender: {e}"));
+                    let _ = tx.send(LoadError::Pair {
+                        pair: i,
+                        role: "sender",
+                        error: e,
+                    });
                 }
             }
         });
@@ -223,7 +287,11 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, String> {
             match blast(writer, receiver_key, plan, pong_rx, &st, &s).await {
                 Ok(writer) => Some(writer),
                 Err(e) => {
-                    let _ = tx.send(format!("pair {i} sender: {e}"));
+                    let _ = tx.send(LoadError::Pair {
+                        pair: i,
+                        role: "sender",
+                        error: e,
+                    });
                     None
                 }
             }
@@ -275,36 +343,33 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, String> {
 }
 
 /// Sleeps for `d` unless a task reports an error first.
-async fn wait(d: Duration, errors: &mut mpsc::UnboundedReceiver<String>) -> Result<(), String> {
+async fn wait(d: Duration, errors: &mut mpsc::UnboundedReceiver<LoadError>) -> Result<(), LoadError> {
     tokio::select! {
         _ = tokio::time::sleep(d) => Ok(()),
         Some(e) = errors.recv() => Err(e),
     }
 }
 
-fn validate(opts: &LoadOptions) -> Result<(), String> {
+fn validate(opts: &LoadOptions) -> Result<(), OptionsError> {
     if opts.pairs == 0 {
-        return Err("pairs must be at least 1".into());
+        return Err(OptionsError::NoPairs);
     }
     if !(MIN_PACKET_SIZE..=MAX_PACKET_SIZE).contains(&opts.packet_size) {
-        return Err(format!(
-            "packet size {} is out of range {MIN_PACKET_SIZE}..={MAX_PACKET_SIZE}",
-            opts.packet_size
-        ));
+        return Err(OptionsError::PacketSize(opts.packet_size));
     }
     if opts.duration.is_zero() {
-        return Err("duration must be more than 0".into());
+        return Err(OptionsError::NoDuration);
     }
     if let Some(rate) = opts.rate_per_pair {
         if !(rate.is_finite() && rate > 0.0) {
-            return Err(format!("rate {rate} must be a positive number of packets per second"));
+            return Err(OptionsError::Rate(rate));
         }
     }
     if opts.window == Some(0) {
-        return Err("window must be at least 1 packet".into());
+        return Err(OptionsError::NoWindow);
     }
     if opts.probe_interval.is_zero() {
-        return Err("probe interval must be more than 0".into());
+        return Err(OptionsError::NoProbeInterval);
     }
     Ok(())
 }
@@ -312,7 +377,7 @@ fn validate(opts: &LoadOptions) -> Result<(), String> {
 type Dialed = Vec<(Key, DerpConn)>;
 
 /// Dials every receiver and sender (receivers on `receiver_url`), a bounded number at a time.
-async fn dial_pairs(opts: &LoadOptions, receiver_url: &str) -> Result<(Dialed, Dialed), String> {
+async fn dial_pairs(opts: &LoadOptions, receiver_url: &str) -> Result<(Dialed, Dialed), LoadError> {
     let info = ClientInfo {
         version: frame::PROTOCOL_VERSION,
         can_ack_pings: true,
@@ -332,8 +397,12 @@ async fn dial_pairs(opts: &LoadOptions, receiver_url: &str) -> Result<(Dialed, D
             let key = KeyPair::generate();
             let conn = dial_with(url, &key, info, dial_options)
                 .await
-                .map_err(|e| format!("dial {role} {}: {e}", n % opts.pairs))?;
-            Ok::<_, String>((n, *key.public(), conn))
+                .map_err(|error| LoadError::Dial {
+                    role,
+                    pair: n % opts.pairs,
+                    error,
+                })?;
+            Ok::<_, LoadError>((n, *key.public(), conn))
         }
     });
     let mut conns: Vec<_> = stream::iter(jobs)
@@ -364,7 +433,7 @@ async fn blast(
     mut pongs: mpsc::Receiver<[u8; PING_LEN]>,
     state: &RunState,
     stats: &PairStats,
-) -> Result<Writer, String> {
+) -> Result<Writer, PairError> {
     let frame_len = HEADER_LEN + KEY_LEN + plan.packet_size;
     let frames = (BATCH_BYTES / frame_len).max(1);
     let mut batch = Vec::with_capacity(frames * frame_len);
@@ -448,11 +517,11 @@ async fn blast(
     }
 }
 
-async fn write(writer: &mut Writer, data: &[u8]) -> Result<(), String> {
+async fn write(writer: &mut Writer, data: &[u8]) -> Result<(), PairError> {
     match tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(data)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("write to relay failed: {e}")),
-        Err(_) => Err(format!("relay accepted no data for {} s", WRITE_TIMEOUT.as_secs())),
+        Ok(Err(e)) => Err(PairError::Write(e)),
+        Err(_) => Err(PairError::WriteStalled),
     }
 }
 
@@ -462,7 +531,7 @@ async fn read_echoes(
     pongs: mpsc::Sender<[u8; PING_LEN]>,
     state: &RunState,
     stats: &PairStats,
-) -> Result<(), String> {
+) -> Result<(), PairError> {
     loop {
         let (t, len) = next_frame(&mut reader).await?;
         if t == FrameType::RecvPacket as u8 && len >= KEY_LEN + MIN_PACKET_SIZE {
@@ -486,7 +555,7 @@ async fn read_echoes(
 }
 
 /// A receiver: counts packets, echoes probes to `sender`, answers Pings, ignores everything else.
-async fn receive(conn: DerpConn, sender: Key, state: &RunState, stats: &PairStats) -> Result<(), String> {
+async fn receive(conn: DerpConn, sender: Key, state: &RunState, stats: &PairStats) -> Result<(), PairError> {
     let DerpConn {
         mut reader, mut writer, ..
     } = conn;
@@ -526,22 +595,42 @@ async fn receive(conn: DerpConn, sender: Key, state: &RunState, stats: &PairStat
     }
 }
 
-async fn next_frame(reader: &mut FrameReader) -> Result<(u8, usize), String> {
+async fn next_frame(reader: &mut FrameReader) -> Result<(u8, usize), PairError> {
     let (t, len) = reader.next_header().await.map_err(read_error)?;
     if len > MAX_FRAME_SIZE {
-        return Err(format!(
-            "relay sent a frame of type {t:#04x} with {len} bytes (limit {MAX_FRAME_SIZE})"
-        ));
+        return Err(PairError::FrameTooLarge { frame_type: t, len });
     }
     Ok((t, len))
 }
 
-fn read_error(e: std::io::Error) -> String {
+fn read_error(e: std::io::Error) -> PairError {
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        "relay closed the connection".into()
+        PairError::Closed
     } else {
-        format!("read from relay failed: {e}")
+        PairError::Read(e)
     }
+}
+
+/// Connects `count` idle clients to `url` (64 dials at a time) and keeps them connected for
+/// `hold` (the memory benchmark). Returns how many connected; fails with the first failed dial.
+pub async fn hold_clients(url: &str, count: usize, hold: Duration) -> Result<usize, ClientError> {
+    let info = ClientInfo {
+        version: frame::PROTOCOL_VERSION,
+        can_ack_pings: true,
+        ..Default::default()
+    };
+    let mut conns = Vec::with_capacity(count);
+    while conns.len() < count {
+        let dials = (conns.len()..count.min(conns.len() + DIAL_CONCURRENCY)).map(|_| {
+            let info = &info;
+            async move { dial(url, &KeyPair::generate(), info).await }
+        });
+        for conn in futures_util::future::join_all(dials).await {
+            conns.push(conn?);
+        }
+    }
+    tokio::time::sleep(hold).await;
+    Ok(conns.len())
 }
 
 fn report(opts: &LoadOptions, window: Duration, stats: &[Arc<PairStats>]) -> LoadReport {
@@ -629,12 +718,14 @@ mod tests {
         assert!(validate(&ok).is_ok());
         assert!(validate(&LoadOptions { pairs: 0, ..ok.clone() })
             .unwrap_err()
+            .to_string()
             .contains("pairs"));
         assert!(validate(&LoadOptions {
             packet_size: 8,
             ..ok.clone()
         })
         .unwrap_err()
+        .to_string()
         .contains("packet size 8"));
         assert!(validate(&LoadOptions {
             packet_size: 65537,
@@ -828,7 +919,8 @@ mod tests {
             ..Default::default()
         })
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("dial receiver 0") && err.contains("connect to"), "{err}");
     }
 
@@ -851,7 +943,8 @@ mod tests {
             .await
             .unwrap()
             .unwrap()
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("pair 0"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(7));
     }
