@@ -9,7 +9,7 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
-/** The caller's end of a bridged connection. */
+/** The caller's end of a bridged connection ([`upgrade::Bridge`]). */
 export declare class Bridge {
   /** Bytes the client sent. */
   push(data: Buffer): void
@@ -19,21 +19,21 @@ export declare class Bridge {
   read(): Promise<Buffer | null>
 }
 
-/** The relay: owns every DERP connection handed to it. */
+/** The relay and its mesh links: owns every DERP connection handed to it. */
 export declare class RelayCore {
-  constructor(options?: RelayOptions | undefined | null)
+  constructor(options: RelayOptions)
   /** The relay's public key, 64 lower-case hex characters. */
   get publicKey(): string
   /**
    * Takes over a connected TCP socket by descriptor. The descriptor is duplicated, so the caller
    * destroys its own handle afterwards. `head` holds the bytes read past the request head.
    */
-  acceptFd(fd: number, head: Buffer, upgrade: string, wsAccept: string | undefined | null, remoteAddress: string, remotePort: number): void
+  acceptFd(fd: number, head: Buffer, upgrade: UpgradeKind, wsAccept: string | undefined | null, remoteAddress: string, remotePort: number): void
   /**
    * Serves a connection whose bytes the caller carries (TLS terminated in Node, Windows): push
    * what the socket reads into the bridge, write what `read()` yields to the socket.
    */
-  openBridge(head: Buffer, upgrade: string, wsAccept: string | undefined | null, remoteAddress: string, remotePort: number): Bridge
+  openBridge(head: Buffer, upgrade: UpgradeKind, wsAccept: string | undefined | null, remoteAddress: string, remotePort: number): Bridge
   setMeshKey(meshKey?: string | undefined | null): void
   /** Sets the problem text sent to clients in a Health frame; "" means healthy. */
   setHealth(problem: string): void
@@ -47,8 +47,8 @@ export declare class RelayCore {
   meshLinks(): Array<MeshLinkStatus>
   metrics(): Array<Metric>
   /**
-   * Graceful shutdown: Restarting to every client, flush, close; resolves when all connections
-   * are gone or after `graceMs`.
+   * Graceful shutdown: mesh links stop, Restarting to every client, flush, close; resolves when
+   * all connections are gone or after `graceMs`.
    */
   shutdown(reconnectInMs: number, tryForMs: number, graceMs: number): Promise<void>
 }
@@ -67,6 +67,12 @@ export declare function generatePrivateKey(): Buffer
  * Resolves with how many connected.
  */
 export declare function holdClients(url: string, count: number, holdMs: number): Promise<number>
+
+/** What a mesh link's `lastError` is ([`LinkError`]). */
+export type LinkErrorCode = 'invalid-url' | 'shutting-down' | 'no-mesh-key' | 'untrusted-certificate' | 'dial' | 'dial-timeout' | 'write-stalled' | 'write-failed' | 'control-overflow' | 'writer-stopped' | 'connection-lost' | 'watch-conns-refused' | 'silent'
+
+/** Where a mesh link is ([`mesh::LinkState`]). */
+export type LinkState = 'connecting' | 'connected' | 'backoff' | 'self' | 'stopped'
 
 /**
  * What `runLoad` runs: N sender→receiver pairs through a DERP relay. The TypeScript side fills in
@@ -106,12 +112,13 @@ export interface LoadReport {
 export interface MeshLinkStatus {
   /** The peer URL, normalized. */
   url: string
-  /** "connecting" | "connected" | "backoff" | "self" | "stopped". */
-  state: string
+  state: LinkState
   /** The peer relay's public key (64 hex), once a handshake succeeded. */
   peerKey?: string
   /** Why the last attempt failed; cleared when connected again. */
   lastError?: string
+  /** What `lastError` is, for the control plane's hint. */
+  lastErrorCode?: LinkErrorCode
   /** Client keys currently reachable through this link. */
   forwarders: number
   /** When the current connection was established, ms since the Unix epoch. */
@@ -120,29 +127,31 @@ export interface MeshLinkStatus {
 
 export interface Metric {
   name: string
-  kind: string
+  kind: MetricKind
   help: string
   value: number
 }
 
+export type MetricKind = 'counter' | 'gauge'
+
 /** The public key of a private key. */
 export declare function publicKeyOf(privateKey: Uint8Array): Buffer
 
-/** Options of a relay; every field is optional. */
+/** Options of a relay. The TypeScript side fills in every default (`src/relay.ts`). */
 export interface RelayOptions {
   /** 32-byte private key; a new one is generated when absent. */
   privateKey?: Buffer
   /** Shared secret that grants mesh privileges (WatchConns, ClosePeer, ForwardPacket). */
   meshKey?: string
-  /** Packets queued per connection before the oldest is dropped (default 512). */
-  queueDepth?: number
-  /** Disco packets queued per connection (default 32). */
-  discoQueueDepth?: number
-  /** A write stalled longer than this closes the connection (default 2000 ms). */
-  writeTimeoutMs?: number
-  /** KeepAlive period (default 60000 ms) and its random extra (default 5000 ms). */
-  keepaliveMs?: number
-  keepaliveJitterMs?: number
+  /** Packets queued per connection before the oldest is dropped. */
+  queueDepth: number
+  /** Disco packets queued per connection. */
+  discoQueueDepth: number
+  /** A write stalled longer than this closes the connection. */
+  writeTimeoutMs: number
+  /** KeepAlive period and its random extra. */
+  keepaliveMs: number
+  keepaliveJitterMs: number
   /**
    * PEM of the private CA(s) that signed the peers' certificates, for `https://` mesh peers;
    * trusted in addition to the public web PKI roots. Throws if it holds no usable certificate.
@@ -150,10 +159,13 @@ export interface RelayOptions {
   meshCaPem?: Buffer
   /**
    * INSECURE: do not verify `https://` mesh peers' certificates at all (the links stay
-   * encrypted, but anyone on the path can pose as a peer). Default false; prefer `meshCaPem`.
+   * encrypted, but anyone on the path can pose as a peer). Prefer `meshCaPem`.
    */
-  meshTlsInsecure?: boolean
+  meshTlsInsecure: boolean
 }
 
 /** Runs the load generator (in Rust, off the JS thread) and reports. */
 export declare function runLoad(options: LoadOptions): Promise<LoadReport>
+
+/** How a client asked to upgrade. */
+export type UpgradeKind = 'derp' | 'derp-fast-start' | 'websocket'

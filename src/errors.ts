@@ -7,19 +7,30 @@ export type DerpmeshErrorCode =
   | 'DERPMESH_ERR_UPGRADE'
   | 'DERPMESH_ERR_NATIVE_BINDING'
   // Thrown by the native relay (native/node/src/lib.rs `Code`), converted by `fromNative`:
+  | 'DERPMESH_ERR_INVALID_ARGUMENT'
+  | 'DERPMESH_ERR_MESH_TLS'
+  | 'DERPMESH_ERR_NO_RUNTIME'
+  | 'DERPMESH_ERR_DESCRIPTOR'
   | 'DERPMESH_ERR_LOAD_OPTIONS'
   | 'DERPMESH_ERR_LOAD_DIAL'
   | 'DERPMESH_ERR_LOAD_RUN';
 
 /** The codes the native relay sets on the errors it throws (`err.code`). */
 const nativeCodes: ReadonlySet<string> = new Set<DerpmeshErrorCode>([
+  'DERPMESH_ERR_INVALID_ARGUMENT',
+  'DERPMESH_ERR_MESH_TLS',
+  'DERPMESH_ERR_NO_RUNTIME',
+  'DERPMESH_ERR_DESCRIPTOR',
   'DERPMESH_ERR_LOAD_OPTIONS',
   'DERPMESH_ERR_LOAD_DIAL',
   'DERPMESH_ERR_LOAD_RUN',
 ]);
 
 /** What an operator does about a native error: the settings are named here, never in Rust. */
-const nativeHints: Partial<Record<DerpmeshErrorCode, string>> = {};
+const nativeHints: Partial<Record<DerpmeshErrorCode, string>> = {
+  DERPMESH_ERR_MESH_TLS:
+    'the mesh CA (DERPMESH_MESH_CA_FILE, --mesh-ca-file; relay option meshCaPem) must hold one or more PEM CA certificates',
+};
 
 export class DerpmeshError extends Error {
   override readonly name = 'DerpmeshError';

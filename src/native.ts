@@ -73,4 +73,13 @@ function load(): typeof Binding {
 }
 
 export const native = load();
-export type { RelayOptions, Metric, Bridge, MeshLinkStatus } from '../native/binding.cjs';
+export type {
+  RelayOptions,
+  Metric,
+  Bridge,
+  MeshLinkStatus,
+  LinkState,
+  LinkErrorCode,
+  UpgradeKind,
+  MetricKind,
+} from '../native/binding.cjs';

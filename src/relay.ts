@@ -7,8 +7,8 @@ import type { Duplex } from 'node:stream';
 import { TLSSocket } from 'node:tls';
 
 import { formatPublicKey } from './client/keys.js';
-import { DerpmeshError } from './errors.js';
-import { native, type MeshLinkStatus, type Metric } from './native.js';
+import { DerpmeshError, fromNative } from './errors.js';
+import { native, type LinkErrorCode, type MeshLinkStatus, type Metric, type UpgradeKind } from './native.js';
 
 /** The WebSocket GUID of RFC 6455, used to compute Sec-WebSocket-Accept. */
 const WEBSOCKET_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
@@ -33,6 +33,28 @@ export interface RelayOptions {
   meshTlsInsecure?: boolean;
 }
 
+/** The defaults of `RelayOptions`, chosen here once: the native binding is given every value. */
+export const relayDefaults = {
+  queueDepth: 512,
+  discoQueueDepth: 32,
+  writeTimeoutMs: 2_000,
+  keepaliveMs: 60_000,
+  keepaliveJitterMs: 5_000,
+  meshTlsInsecure: false,
+} as const;
+
+/** What an operator does about a mesh link's last error, by its code (the core names no setting). */
+const linkHints: Partial<Record<LinkErrorCode, string>> = {
+  'untrusted-certificate':
+    "set DERPMESH_MESH_CA_FILE (--mesh-ca-file; relay option meshCaPem) to the CA that signed the peer's certificate",
+};
+
+/** A mesh link's status with the operator's hint, if its last error has one, appended to that error. */
+export function withLinkHint(link: MeshLinkStatus): MeshLinkStatus {
+  const hint = link.lastErrorCode ? linkHints[link.lastErrorCode] : undefined;
+  return hint && link.lastError ? { ...link, lastError: `${link.lastError} — ${hint}` } : link;
+}
+
 export interface ShutdownOptions {
   /** Sent in the Restarting frame: when clients should reconnect (default 0 ms: at once, elsewhere). */
   reconnectInMs?: number;
@@ -42,8 +64,6 @@ export interface ShutdownOptions {
   graceMs?: number;
 }
 
-type UpgradeKind = 'derp' | 'derp-fast-start' | 'websocket';
-
 export class Relay {
   readonly #core: InstanceType<typeof native.RelayCore>;
   /** What Node decided before the relay core saw a connection. */
@@ -51,8 +71,14 @@ export class Relay {
   #closed = false;
   #closing: Promise<void> | undefined;
 
+  /** Throws a `DerpmeshError` (`DERPMESH_ERR_MESH_TLS`, `DERPMESH_ERR_INVALID_ARGUMENT`) for unusable options. */
   constructor(options: RelayOptions = {}) {
-    this.#core = new native.RelayCore(options);
+    const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as RelayOptions;
+    try {
+      this.#core = new native.RelayCore({ ...relayDefaults, ...given });
+    } catch (err) {
+      throw fromNative(err);
+    }
   }
 
   /** The relay's public key as `nodekey:<64 hex>`. */
@@ -133,12 +159,16 @@ export class Relay {
    * each link dials `<url>/derp` with the mesh key, sends WatchConns and reconnects with backoff.
    */
   setMeshPeers(urls: string[]): void {
-    this.#core.setMeshPeers(urls);
+    try {
+      this.#core.setMeshPeers(urls);
+    } catch (err) {
+      throw fromNative(err);
+    }
   }
 
-  /** State of every mesh link. */
+  /** State of every mesh link; a last error the operator can fix says how. */
   meshLinks(): MeshLinkStatus[] {
-    return this.#core.meshLinks();
+    return this.#core.meshLinks().map(withLinkHint);
   }
 
   setMeshKey(meshKey: string | undefined): void {

@@ -1,19 +1,26 @@
 //! napi-rs binding of the relay core: type conversion and lifetimes only.
+//!
+//! No policy lives here: options are converted with `TryFrom` into the core's config types (their
+//! defaults are chosen by the TypeScript side, `src/relay.ts`), and core errors are converted into
+//! JavaScript errors whose `code` property names what failed ([`Code`]): napi-rs creates every
+//! error it throws with `napi_create_error(code, message)`, the code being the error's status,
+//! and a status may be any `AsRef<str>` type, so an `Error<Code>` carries ours. Promises are
+//! rejected with the same kind of error ([`rejection`]). `src/relay.ts` turns these codes into
+//! `DerpmeshError`s with an operator's hint.
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use derpmesh_relay::client::ClientError;
+use derpmesh_relay::client::{ClientError, TlsOptions};
 use derpmesh_relay::keys::{Key, KeyPair};
 use derpmesh_relay::loadgen;
-use derpmesh_relay::relay::{Relay, RelayConfig};
-use derpmesh_relay::upgrade::{Transport, Upgrade};
+use derpmesh_relay::mesh::{self, LinkError, MeshError};
+use derpmesh_relay::metrics;
+use derpmesh_relay::relay::RelayConfig;
+use derpmesh_relay::server::{Server, ServerConfig};
+use derpmesh_relay::upgrade::{self, Upgrade, UpgradeError};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, Mutex};
 
 fn invalid(msg: impl Into<String>) -> Error {
     Error::new(Status::InvalidArg, msg.into())
@@ -24,12 +31,17 @@ fn key_from(buf: &[u8], what: &str) -> Result<Key> {
         .map_err(|_| invalid(format!("{what} must be 32 bytes, got {}", buf.len())))
 }
 
-/// The `code` of the errors the load generator rejects with. napi-rs creates every error it
-/// throws with `napi_create_error(code, message)`, the code being the error's status, and a status
-/// may be any `AsRef<str>` type, so an `Error<Code>` carries ours; promises are rejected with the
-/// same kind of error ([`rejection`]). `src/errors.ts` turns these codes into `DerpmeshError`s.
+/// The `code` of every error the relay binding throws or rejects with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
+    /// An argument has the wrong shape (e.g. a key that is not 32 bytes).
+    InvalidArgument,
+    /// The mesh TLS settings are unusable ([`MeshError::Tls`]), e.g. a CA PEM without a certificate.
+    MeshTls,
+    /// Called outside the runtime that runs the relay's tasks (a bug of the binding).
+    NoRuntime,
+    /// A socket descriptor could not be taken over ([`UpgradeError`]): the caller bridges instead.
+    Descriptor,
     /// The load generator's options are unusable ([`loadgen::OptionsError`]).
     LoadOptions,
     /// A load generator client could not connect.
@@ -41,6 +53,10 @@ pub enum Code {
 impl AsRef<str> for Code {
     fn as_ref(&self) -> &str {
         match self {
+            Code::InvalidArgument => "DERPMESH_ERR_INVALID_ARGUMENT",
+            Code::MeshTls => "DERPMESH_ERR_MESH_TLS",
+            Code::NoRuntime => "DERPMESH_ERR_NO_RUNTIME",
+            Code::Descriptor => "DERPMESH_ERR_DESCRIPTOR",
             Code::LoadOptions => "DERPMESH_ERR_LOAD_OPTIONS",
             Code::LoadDial => "DERPMESH_ERR_LOAD_DIAL",
             Code::LoadRun => "DERPMESH_ERR_LOAD_RUN",
@@ -48,8 +64,26 @@ impl AsRef<str> for Code {
     }
 }
 
+type Coded<T> = std::result::Result<T, Error<Code>>;
+
 fn coded(code: Code, error: impl std::fmt::Display) -> Error<Code> {
     Error::new(code, error.to_string())
+}
+
+fn mesh_error(e: MeshError) -> Error<Code> {
+    let code = match e {
+        MeshError::NoRuntime => Code::NoRuntime,
+        MeshError::Tls(_) => Code::MeshTls,
+    };
+    coded(code, e)
+}
+
+fn upgrade_error(e: UpgradeError) -> Error<Code> {
+    let code = match e {
+        UpgradeError::NoRuntime => Code::NoRuntime,
+        UpgradeError::Duplicate { .. } | UpgradeError::NonBlocking(_) | UpgradeError::Unsupported => Code::Descriptor,
+    };
+    coded(code, e)
 }
 
 fn load_error(e: loadgen::LoadError) -> Error<Code> {
@@ -67,40 +101,140 @@ fn rejection(env: &Env, error: Error<Code>) -> Error {
     Error::from(JsError::from(error).into_unknown(*env))
 }
 
-fn ms(v: u32) -> Duration {
-    Duration::from_millis(v.into())
-}
-
-/// Options of a relay; every field is optional.
+/// Options of a relay. The TypeScript side fills in every default (`src/relay.ts`).
 #[napi(object)]
 pub struct RelayOptions {
     /// 32-byte private key; a new one is generated when absent.
     pub private_key: Option<Buffer>,
     /// Shared secret that grants mesh privileges (WatchConns, ClosePeer, ForwardPacket).
     pub mesh_key: Option<String>,
-    /// Packets queued per connection before the oldest is dropped (default 512).
-    pub queue_depth: Option<u32>,
-    /// Disco packets queued per connection (default 32).
-    pub disco_queue_depth: Option<u32>,
-    /// A write stalled longer than this closes the connection (default 2000 ms).
-    pub write_timeout_ms: Option<u32>,
-    /// KeepAlive period (default 60000 ms) and its random extra (default 5000 ms).
-    pub keepalive_ms: Option<u32>,
-    pub keepalive_jitter_ms: Option<u32>,
+    /// Packets queued per connection before the oldest is dropped.
+    pub queue_depth: u32,
+    /// Disco packets queued per connection.
+    pub disco_queue_depth: u32,
+    /// A write stalled longer than this closes the connection.
+    pub write_timeout_ms: u32,
+    /// KeepAlive period and its random extra.
+    pub keepalive_ms: u32,
+    pub keepalive_jitter_ms: u32,
     /// PEM of the private CA(s) that signed the peers' certificates, for `https://` mesh peers;
     /// trusted in addition to the public web PKI roots. Throws if it holds no usable certificate.
     pub mesh_ca_pem: Option<Buffer>,
     /// INSECURE: do not verify `https://` mesh peers' certificates at all (the links stay
-    /// encrypted, but anyone on the path can pose as a peer). Default false; prefer `meshCaPem`.
-    pub mesh_tls_insecure: Option<bool>,
+    /// encrypted, but anyone on the path can pose as a peer). Prefer `meshCaPem`.
+    pub mesh_tls_insecure: bool,
+}
+
+fn ms(v: u32) -> Duration {
+    Duration::from_millis(v.into())
+}
+
+impl TryFrom<RelayOptions> for ServerConfig {
+    type Error = Error<Code>;
+
+    fn try_from(o: RelayOptions) -> Coded<ServerConfig> {
+        let private_key = match &o.private_key {
+            Some(k) => Some(Key::try_from(&k[..]).map_err(|_| {
+                coded(
+                    Code::InvalidArgument,
+                    format!("privateKey must be 32 bytes, got {}", k.len()),
+                )
+            })?),
+            None => None,
+        };
+        Ok(ServerConfig {
+            private_key,
+            mesh_key: o.mesh_key,
+            relay: RelayConfig {
+                queue_depth: o.queue_depth as usize,
+                disco_queue_depth: o.disco_queue_depth as usize,
+                write_timeout: ms(o.write_timeout_ms),
+                keepalive: ms(o.keepalive_ms),
+                keepalive_jitter: ms(o.keepalive_jitter_ms),
+            },
+            mesh_tls: TlsOptions {
+                ca_pem: o.mesh_ca_pem.map(|b| b.to_vec()),
+                insecure_skip_verify: o.mesh_tls_insecure,
+            },
+        })
+    }
 }
 
 #[napi(object)]
 pub struct Metric {
     pub name: String,
-    pub kind: String,
+    pub kind: MetricKind,
     pub help: String,
     pub value: f64,
+}
+
+#[napi(string_enum = "lowercase")]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+}
+
+/// Where a mesh link is ([`mesh::LinkState`]).
+#[napi(string_enum = "lowercase")]
+pub enum LinkState {
+    Connecting,
+    Connected,
+    Backoff,
+    /// The URL points at this relay; not retried.
+    #[napi(value = "self")]
+    SelfLink,
+    Stopped,
+}
+
+impl From<mesh::LinkState> for LinkState {
+    fn from(s: mesh::LinkState) -> LinkState {
+        match s {
+            mesh::LinkState::Connecting => LinkState::Connecting,
+            mesh::LinkState::Connected => LinkState::Connected,
+            mesh::LinkState::Backoff => LinkState::Backoff,
+            mesh::LinkState::SelfLink => LinkState::SelfLink,
+            mesh::LinkState::Stopped => LinkState::Stopped,
+        }
+    }
+}
+
+/// What a mesh link's `lastError` is ([`LinkError`]).
+#[napi(string_enum = "kebab-case")]
+pub enum LinkErrorCode {
+    InvalidUrl,
+    ShuttingDown,
+    NoMeshKey,
+    /// No trusted CA signed the peer's certificate: trust the CA that did (`meshCaPem`).
+    UntrustedCertificate,
+    Dial,
+    DialTimeout,
+    WriteStalled,
+    WriteFailed,
+    ControlOverflow,
+    WriterStopped,
+    ConnectionLost,
+    WatchConnsRefused,
+    Silent,
+}
+
+impl From<&LinkError> for LinkErrorCode {
+    fn from(e: &LinkError) -> LinkErrorCode {
+        match e {
+            LinkError::InvalidUrl(_) => LinkErrorCode::InvalidUrl,
+            LinkError::ShuttingDown => LinkErrorCode::ShuttingDown,
+            LinkError::NoMeshKey => LinkErrorCode::NoMeshKey,
+            LinkError::Dial { .. } if e.is_untrusted_certificate() => LinkErrorCode::UntrustedCertificate,
+            LinkError::Dial { .. } => LinkErrorCode::Dial,
+            LinkError::DialTimeout { .. } => LinkErrorCode::DialTimeout,
+            LinkError::WriteStalled(_) => LinkErrorCode::WriteStalled,
+            LinkError::WriteFailed => LinkErrorCode::WriteFailed,
+            LinkError::ControlOverflow => LinkErrorCode::ControlOverflow,
+            LinkError::WriterStopped => LinkErrorCode::WriterStopped,
+            LinkError::ConnectionLost(_) => LinkErrorCode::ConnectionLost,
+            LinkError::WatchConnsRefused(_) => LinkErrorCode::WatchConnsRefused,
+            LinkError::Silent(_) => LinkErrorCode::Silent,
+        }
+    }
 }
 
 /// One outgoing mesh link to a peer relay.
@@ -108,86 +242,80 @@ pub struct Metric {
 pub struct MeshLinkStatus {
     /// The peer URL, normalized.
     pub url: String,
-    /// "connecting" | "connected" | "backoff" | "self" | "stopped".
-    pub state: String,
+    pub state: LinkState,
     /// The peer relay's public key (64 hex), once a handshake succeeded.
     pub peer_key: Option<String>,
     /// Why the last attempt failed; cleared when connected again.
     pub last_error: Option<String>,
+    /// What `lastError` is, for the control plane's hint.
+    pub last_error_code: Option<LinkErrorCode>,
     /// Client keys currently reachable through this link.
     pub forwarders: u32,
     /// When the current connection was established, ms since the Unix epoch.
     pub connected_since_ms: Option<f64>,
 }
 
-fn parse_upgrade(upgrade: &str, ws_accept: Option<String>) -> Result<Upgrade> {
-    match (upgrade, ws_accept) {
-        ("derp", _) => Ok(Upgrade::Derp { fast_start: false }),
-        ("derp-fast-start", _) => Ok(Upgrade::Derp { fast_start: true }),
-        ("websocket", Some(accept)) => Ok(Upgrade::WebSocket { accept }),
-        ("websocket", None) => Err(invalid("websocket upgrade needs the Sec-WebSocket-Accept value")),
-        (other, _) => Err(invalid(format!(
-            "unknown upgrade kind {other:?}: expected derp, derp-fast-start or websocket"
-        ))),
+impl From<mesh::LinkStatus> for MeshLinkStatus {
+    fn from(l: mesh::LinkStatus) -> MeshLinkStatus {
+        MeshLinkStatus {
+            url: l.url,
+            state: l.state.into(),
+            peer_key: l.peer_key.map(hex::encode),
+            last_error_code: l.last_error.as_ref().map(LinkErrorCode::from),
+            last_error: l.last_error.map(|e| e.to_string()),
+            forwarders: l.forwarders as u32,
+            connected_since_ms: l.connected_since_ms.map(|ms| ms as f64),
+        }
     }
 }
 
-fn socket_addr(address: &str, port: u32) -> SocketAddr {
-    let ip = address
-        .trim_start_matches("::ffff:")
-        .parse::<IpAddr>()
-        .unwrap_or(IpAddr::from([0u8; 4]));
-    SocketAddr::new(ip, port as u16)
+/// How a client asked to upgrade.
+#[napi(string_enum = "kebab-case")]
+pub enum UpgradeKind {
+    /// `Upgrade: DERP`.
+    Derp,
+    /// `Upgrade: DERP` with `Derp-Fast-Start: 1`: no HTTP response at all.
+    DerpFastStart,
+    /// `Upgrade: websocket` with the `derp` subprotocol.
+    Websocket,
 }
 
-/// The relay: owns every DERP connection handed to it.
+/// The core's [`Upgrade`] from the kind and, for WebSocket, the Sec-WebSocket-Accept value.
+fn upgrade_of(kind: UpgradeKind, ws_accept: Option<String>) -> Coded<Upgrade> {
+    match (kind, ws_accept) {
+        (UpgradeKind::Derp, _) => Ok(Upgrade::Derp { fast_start: false }),
+        (UpgradeKind::DerpFastStart, _) => Ok(Upgrade::Derp { fast_start: true }),
+        (UpgradeKind::Websocket, Some(accept)) => Ok(Upgrade::WebSocket { accept }),
+        (UpgradeKind::Websocket, None) => Err(coded(
+            Code::InvalidArgument,
+            "websocket upgrade needs the Sec-WebSocket-Accept value",
+        )),
+    }
+}
+
+fn port(remote_port: u32) -> Coded<u16> {
+    u16::try_from(remote_port)
+        .map_err(|_| coded(Code::InvalidArgument, format!("port {remote_port} is not a TCP port")))
+}
+
+/// The relay and its mesh links: owns every DERP connection handed to it.
 #[napi]
 pub struct RelayCore {
-    relay: Arc<Relay>,
+    server: Server,
 }
 
 #[napi]
 impl RelayCore {
     #[napi(constructor)]
-    pub fn new(options: Option<RelayOptions>) -> Result<Self> {
-        let o = options.unwrap_or(RelayOptions {
-            private_key: None,
-            mesh_key: None,
-            queue_depth: None,
-            disco_queue_depth: None,
-            write_timeout_ms: None,
-            keepalive_ms: None,
-            keepalive_jitter_ms: None,
-            mesh_ca_pem: None,
-            mesh_tls_insecure: None,
-        });
-        let key = match &o.private_key {
-            Some(k) => KeyPair::from_private(key_from(k, "privateKey")?),
-            None => KeyPair::generate(),
-        };
-        let d = RelayConfig::default();
-        let ms = |v: Option<u32>, default: Duration| v.map_or(default, |v| Duration::from_millis(v as u64));
-        let config = RelayConfig {
-            queue_depth: o.queue_depth.map_or(d.queue_depth, |v| v.max(1) as usize),
-            disco_queue_depth: o.disco_queue_depth.map_or(d.disco_queue_depth, |v| v.max(1) as usize),
-            write_timeout: ms(o.write_timeout_ms, d.write_timeout),
-            keepalive: ms(o.keepalive_ms, d.keepalive),
-            keepalive_jitter: ms(o.keepalive_jitter_ms, d.keepalive_jitter),
-        };
-        let relay = Relay::new(key, config);
-        relay.set_mesh_key(o.mesh_key);
-        let mesh_tls = derpmesh_relay::mesh::MeshTls {
-            ca_pem: o.mesh_ca_pem.map(|b| b.to_vec()),
-            insecure: o.mesh_tls_insecure.unwrap_or(false),
-        };
-        derpmesh_relay::mesh::set_mesh_tls(&relay, mesh_tls).map_err(|e| invalid(e.to_string()))?;
-        Ok(RelayCore { relay })
+    pub fn new(options: RelayOptions) -> Result<Self, Code> {
+        let server = Server::new(options.try_into()?).map_err(mesh_error)?;
+        Ok(RelayCore { server })
     }
 
     /// The relay's public key, 64 lower-case hex characters.
     #[napi(getter)]
     pub fn public_key(&self) -> String {
-        hex::encode(self.relay.public_key())
+        hex::encode(self.server.public_key())
     }
 
     /// Takes over a connected TCP socket by descriptor. The descriptor is duplicated, so the caller
@@ -197,23 +325,15 @@ impl RelayCore {
         &self,
         fd: i32,
         head: Buffer,
-        upgrade: String,
+        upgrade: UpgradeKind,
         ws_accept: Option<String>,
         remote_address: String,
         remote_port: u32,
-    ) -> Result<()> {
-        let upgrade = parse_upgrade(&upgrade, ws_accept)?;
-        let stream = dup_tcp_stream(fd)?;
-        let relay = self.relay.clone();
+    ) -> Result<(), Code> {
+        let upgrade = upgrade_of(upgrade, ws_accept)?;
+        let remote = upgrade::remote_addr(&remote_address, port(remote_port)?);
         let head = Bytes::copy_from_slice(&head);
-        let remote = socket_addr(&remote_address, remote_port);
-        napi::bindgen_prelude::spawn(async move {
-            match tokio::net::TcpStream::from_std(stream) {
-                Ok(s) => derpmesh_relay::conn::serve(relay, Transport::Tcp(s), head, upgrade, remote).await,
-                Err(_) => derpmesh_relay::metrics::Metrics::inc(&relay.metrics.handshake_failure_io),
-            }
-        });
-        Ok(())
+        within_runtime_if_available(|| self.server.accept_fd(fd, head, upgrade, remote)).map_err(upgrade_error)
     }
 
     /// Serves a connection whose bytes the caller carries (TLS terminated in Node, Windows): push
@@ -222,170 +342,94 @@ impl RelayCore {
     pub fn open_bridge(
         &self,
         head: Buffer,
-        upgrade: String,
+        upgrade: UpgradeKind,
         ws_accept: Option<String>,
         remote_address: String,
         remote_port: u32,
-    ) -> Result<Bridge> {
-        let upgrade = parse_upgrade(&upgrade, ws_accept)?;
-        let (relay_side, caller_side) = tokio::io::duplex(256 << 10);
-        let (mut from_relay, mut to_relay) = tokio::io::split(caller_side);
-        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
-        napi::bindgen_prelude::spawn(async move {
-            while let Some(chunk) = rx.recv().await {
-                if to_relay.write_all(&chunk).await.is_err() {
-                    return;
-                }
-            }
-            let _ = to_relay.shutdown().await;
-        });
-        let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
-        napi::bindgen_prelude::spawn(async move {
-            let mut buf = vec![0u8; 64 << 10];
-            while let Ok(n) = from_relay.read(&mut buf).await {
-                if n == 0 || out_tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let relay = self.relay.clone();
+    ) -> Result<Bridge, Code> {
+        let upgrade = upgrade_of(upgrade, ws_accept)?;
+        let remote = upgrade::remote_addr(&remote_address, port(remote_port)?);
         let head = Bytes::copy_from_slice(&head);
-        let remote = socket_addr(&remote_address, remote_port);
-        napi::bindgen_prelude::spawn(derpmesh_relay::conn::serve(
-            relay,
-            Transport::Other(Box::new(relay_side)),
-            head,
-            upgrade,
-            remote,
-        ));
-        Ok(Bridge {
-            input: std::sync::Mutex::new(Some(tx)),
-            output: Mutex::new(out_rx),
-        })
+        within_runtime_if_available(|| self.server.open_bridge(head, upgrade, remote))
+            .map(Bridge)
+            .map_err(upgrade_error)
     }
 
     #[napi]
     pub fn set_mesh_key(&self, mesh_key: Option<String>) {
-        self.relay.set_mesh_key(mesh_key);
+        self.server.set_mesh_key(mesh_key);
     }
 
     /// Sets the problem text sent to clients in a Health frame; "" means healthy.
     #[napi]
     pub fn set_health(&self, problem: String) {
-        self.relay.set_health(&problem);
+        self.server.set_health(&problem);
     }
 
     /// Sets the peer relay URLs this relay meshes with; links are added and removed by difference.
     /// URLs are normalized (trailing slash and `/derp` optional); a URL that turns out to be this
     /// relay is marked `self` and not retried.
     #[napi]
-    pub fn set_mesh_peers(&self, urls: Vec<String>) -> Result<()> {
-        napi::bindgen_prelude::within_runtime_if_available(|| derpmesh_relay::mesh::set_mesh_peers(&self.relay, urls))
-            .map_err(|e| Error::new(Status::GenericFailure, e.to_string()))
+    pub fn set_mesh_peers(&self, urls: Vec<String>) -> Result<(), Code> {
+        within_runtime_if_available(|| self.server.set_mesh_peers(urls)).map_err(mesh_error)
     }
 
     /// The status of every mesh link, ordered by URL.
     #[napi]
     pub fn mesh_links(&self) -> Vec<MeshLinkStatus> {
-        derpmesh_relay::mesh::mesh_links(&self.relay)
-            .into_iter()
-            .map(|l| MeshLinkStatus {
-                url: l.url,
-                state: l.state.as_str().to_string(),
-                peer_key: l.peer_key.map(hex::encode),
-                last_error: l.last_error,
-                forwarders: l.forwarders as u32,
-                connected_since_ms: l.connected_since_ms.map(|ms| ms as f64),
-            })
-            .collect()
+        self.server.mesh_links().into_iter().map(MeshLinkStatus::from).collect()
     }
 
     #[napi]
     pub fn metrics(&self) -> Vec<Metric> {
-        self.relay
-            .metrics
+        self.server
+            .metrics()
             .snapshot()
             .into_iter()
             .map(|m| Metric {
                 name: m.name.to_string(),
-                kind: m.kind.to_string(),
+                kind: match m.kind {
+                    metrics::MetricKind::Counter => MetricKind::Counter,
+                    metrics::MetricKind::Gauge => MetricKind::Gauge,
+                },
                 help: m.help.to_string(),
                 value: m.value as f64,
             })
             .collect()
     }
 
-    /// Graceful shutdown: Restarting to every client, flush, close; resolves when all connections
-    /// are gone or after `graceMs`.
+    /// Graceful shutdown: mesh links stop, Restarting to every client, flush, close; resolves when
+    /// all connections are gone or after `graceMs`.
     #[napi]
-    pub async fn shutdown(&self, reconnect_in_ms: u32, try_for_ms: u32, grace_ms: u32) -> Result<()> {
-        let relay = self.relay.clone();
-        derpmesh_relay::mesh::links_of(&relay).stop_all();
-        relay
-            .shutdown(
-                Duration::from_millis(reconnect_in_ms as u64),
-                Duration::from_millis(try_for_ms as u64),
-                Duration::from_millis(grace_ms as u64),
-            )
+    pub async fn shutdown(&self, reconnect_in_ms: u32, try_for_ms: u32, grace_ms: u32) {
+        self.server
+            .shutdown(ms(reconnect_in_ms), ms(try_for_ms), ms(grace_ms))
             .await;
-        Ok(())
     }
 }
 
-#[cfg(unix)]
-fn dup_tcp_stream(fd: i32) -> Result<std::net::TcpStream> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: fcntl only duplicates the descriptor; the copy is owned by the TcpStream below.
-    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if copy < 0 {
-        return Err(invalid(format!(
-            "cannot duplicate socket descriptor {fd}: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: `copy` is a fresh descriptor we own.
-    let stream = unsafe { std::net::TcpStream::from_raw_fd(copy) };
-    stream
-        .set_nonblocking(true)
-        .map_err(|e| invalid(format!("cannot set descriptor non-blocking: {e}")))?;
-    Ok(stream)
-}
-
-#[cfg(not(unix))]
-fn dup_tcp_stream(_fd: i32) -> Result<std::net::TcpStream> {
-    Err(Error::new(
-        Status::GenericFailure,
-        "descriptor hand-over is not available on this platform; use openBridge",
-    ))
-}
-
-/// The caller's end of a bridged connection.
+/// The caller's end of a bridged connection ([`upgrade::Bridge`]).
 #[napi]
-pub struct Bridge {
-    input: std::sync::Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
-    output: Mutex<mpsc::Receiver<Bytes>>,
-}
+pub struct Bridge(upgrade::Bridge);
 
 #[napi]
 impl Bridge {
     /// Bytes the client sent.
     #[napi]
     pub fn push(&self, data: Buffer) {
-        if let Some(tx) = &*self.input.lock().unwrap_or_else(|p| p.into_inner()) {
-            let _ = tx.send(Bytes::copy_from_slice(&data));
-        }
+        self.0.push(Bytes::copy_from_slice(&data));
     }
 
     /// The client closed its side.
     #[napi]
     pub fn end(&self) {
-        self.input.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.0.end();
     }
 
     /// Next bytes to send to the client; `null` once the relay closed the connection.
     #[napi]
     pub async fn read(&self) -> Option<Buffer> {
-        self.output.lock().await.recv().await.map(|b| b.to_vec().into())
+        self.0.read().await.map(|b| b.to_vec().into())
     }
 }
 

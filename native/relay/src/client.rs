@@ -243,6 +243,29 @@ impl RelayUrl {
         })
     }
 
+    /// Parses the URL of a relay as a whole rather than of its upgrade endpoint (a mesh peer, a
+    /// `--mesh-with` entry): surrounding whitespace, trailing slashes and a trailing `/derp` are
+    /// optional, and the upgrade path is always `<prefix>/derp`. So `http://h:1`, `http://h:1/` and
+    /// `http://h:1/derp` are one relay, whose [`RelayUrl::base`] is `http://h:1`.
+    pub fn parse_relay(url: &str) -> Result<RelayUrl, ClientError> {
+        let mut parsed = RelayUrl::parse(url.trim())?;
+        parsed.path = format!("{}{DERP_PATH}", parsed.prefix());
+        Ok(parsed)
+    }
+
+    /// The path before the upgrade endpoint: without query, trailing slashes and trailing `/derp`.
+    fn prefix(&self) -> &str {
+        let path = self.path.split('?').next().unwrap_or("").trim_end_matches('/');
+        path.strip_suffix(DERP_PATH).unwrap_or(path).trim_end_matches('/')
+    }
+
+    /// The relay's identity: `scheme://authority[/prefix]`, scheme and authority lower-cased, the
+    /// port as written, without the upgrade endpoint (see [`RelayUrl::parse_relay`]).
+    pub fn base(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.authority.to_ascii_lowercase(), self.prefix())
+    }
+
     /// `host:port` for messages and for connecting (IPv6 in brackets).
     pub fn addr(&self) -> String {
         if self.host.contains(':') {
@@ -457,7 +480,17 @@ pub async fn dial_tls(
     options: &DialOptions,
     tls: &TlsOptions,
 ) -> Result<DerpConn, ClientError> {
-    let url = RelayUrl::parse(url)?;
+    dial_url(&RelayUrl::parse(url)?, key, info, options, tls).await
+}
+
+/// [`dial_tls`] with an already parsed URL.
+pub async fn dial_url(
+    url: &RelayUrl,
+    key: &KeyPair,
+    info: &ClientInfo,
+    options: &DialOptions,
+    tls: &TlsOptions,
+) -> Result<DerpConn, ClientError> {
     let addr = url.addr();
     // Settings and name first: a bad CA file or host fails without touching the network.
     let tls = match url.tls {
@@ -784,6 +817,41 @@ mod tests {
             (443, "relay.example", "/derp")
         );
         assert_eq!(RelayUrl::parse("https://h:8443/derp").unwrap().port, 8443);
+    }
+
+    #[test]
+    fn relay_urls_have_one_identity() {
+        for u in [
+            "http://H:1",
+            " http://h:1/ ",
+            "HTTP://h:1/derp",
+            "http://h:1/derp/",
+            "http://h:1//",
+        ] {
+            let p = RelayUrl::parse_relay(u).unwrap();
+            assert_eq!(p.base(), "http://h:1", "{u}");
+            assert_eq!(p.path, "/derp", "{u}");
+            assert!(!p.tls);
+        }
+        let p = RelayUrl::parse_relay("http://h:1/prefix/derp").unwrap();
+        assert_eq!(
+            (p.base().as_str(), p.path.as_str()),
+            ("http://h:1/prefix", "/prefix/derp")
+        );
+        assert_eq!(
+            RelayUrl::parse_relay("http://[::1]:80/").unwrap().base(),
+            "http://[::1]:80"
+        );
+        assert!(RelayUrl::parse_relay("https://relay.example").unwrap().tls);
+        for (bad, why) in [
+            ("relay:80", "expected http"),
+            ("ftp://h", "is not supported"),
+            ("http://", "missing host"),
+            ("http://u@h", "user info"),
+        ] {
+            let err = RelayUrl::parse_relay(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 
     #[test]

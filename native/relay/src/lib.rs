@@ -13,4 +13,5 @@ pub mod mesh;
 pub mod metrics;
 pub mod outbox;
 pub mod relay;
+pub mod server;
 pub mod upgrade;

@@ -1,6 +1,6 @@
 //! Mesh links: this relay's outgoing connections to its peer relays (PROTOCOL.md §5).
 //!
-//! For every peer URL the control plane passes to [`set_mesh_peers`], a link task dials
+//! For every peer URL the control plane passes to [`MeshLinks::set_peers`], a link task dials
 //! `<url>/derp` with the relay's own key and the shared mesh key, sends WatchConns, and turns the
 //! peer's PeerPresent/PeerGone stream into forwarders on the local [`Relay`]. While connected, the
 //! link *is* the [`Forwarder`] for the keys it learned: `forward()` queues ForwardPacket frames in
@@ -17,12 +17,13 @@
 //! connection before it reaches the Ping; a relay that accepts it answers with its snapshot of
 //! PeerPresent frames and then the Pong. The link counts as connected from that Pong.
 //!
-//! `https://` peers are dialed over TLS with the relay's [`MeshTls`] settings (see
-//! [`set_mesh_tls`]): the public web PKI roots, plus a private CA if one is given, or, as an
-//! explicitly insecure escape hatch, no certificate verification at all.
+//! `https://` peers are dialed over TLS with the links' [`TlsOptions`] (see [`MeshLinks::set_tls`]):
+//! the public web PKI roots, plus a private CA if one is given, or, as an explicitly insecure escape
+//! hatch, no certificate verification at all.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
+use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,7 +32,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::backoff::{random_u64, Backoff};
-use crate::client::{self, ClientError, DerpConn, DialOptions, ServerFrame, TlsOptions};
+use crate::client::{self, ClientError, DerpConn, DialOptions, RelayUrl, ServerFrame, TlsOptions};
 use crate::frame::{self, KEY_LEN, MAX_FRAME_SIZE, PEER_GONE_DISCONNECTED, PING_LEN};
 use crate::handshake::ClientInfo;
 use crate::keys::{Key, KeyPair};
@@ -93,122 +94,87 @@ impl fmt::Display for LinkState {
 }
 
 /// A link as the control plane sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct LinkStatus {
-    /// The peer URL, normalized (see [`normalize_url`]).
+    /// The peer URL, normalized (see [`RelayUrl::base`]).
     pub url: String,
     pub state: LinkState,
     /// The peer's server key, once a handshake succeeded.
     pub peer_key: Option<Key>,
     /// Why the last attempt failed; cleared when the link is connected again.
-    pub last_error: Option<String>,
+    pub last_error: Option<LinkError>,
     /// Client keys currently reachable through this link.
     pub forwarders: usize,
     /// When the current session was confirmed, in ms since the Unix epoch.
     pub connected_since_ms: Option<u64>,
 }
 
+/// Why a link is not connected: the `last_error` of its status.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkError {
+    /// The URL cannot be dialed (malformed, unsupported scheme); the link is not retried.
+    #[error("{0}")]
+    InvalidUrl(Arc<ClientError>),
+    /// Links stop when the relay shuts down.
+    #[error("the relay is shutting down")]
+    ShuttingDown,
+    /// Without a mesh key a peer refuses the link; retried (the key may be set later).
+    #[error("this relay has no mesh key; a peer only accepts mesh links with the shared mesh key")]
+    NoMeshKey,
+    /// Dialing failed. `private_ca`: a private CA is configured, so an untrusted certificate means
+    /// that CA did not sign the peer's (see [`LinkError::is_untrusted_certificate`]).
+    #[error("{error}{}", private_ca_note(.error, *.private_ca))]
+    Dial { error: Arc<ClientError>, private_ca: bool },
+    /// Connect, upgrade and handshake took longer than [`DIAL_TIMEOUT`].
+    #[error("dialing {url} timed out after {} s", DIAL_TIMEOUT.as_secs())]
+    DialTimeout { url: String },
+    /// The peer stopped taking data for longer than the write timeout.
+    #[error("writing to the peer stalled for more than {} ms", .0.as_millis())]
+    WriteStalled(Duration),
+    #[error("writing to the peer failed (connection lost)")]
+    WriteFailed,
+    /// Control frames piled up: the peer does not read.
+    #[error("the link's control queue overflowed (peer not reading)")]
+    ControlOverflow,
+    #[error("the link's writer stopped")]
+    WriterStopped,
+    /// The connection broke after the peer accepted WatchConns.
+    #[error("connection to the peer lost: {0}")]
+    ConnectionLost(Arc<io::Error>),
+    /// The peer closed the connection before accepting WatchConns: it does not share the mesh key.
+    #[error("permission denied: the peer closed the link right after WatchConns (mesh key mismatch?): {0}")]
+    WatchConnsRefused(Arc<io::Error>),
+    /// Nothing arrived, not even a Pong, for this long.
+    #[error("the peer sent nothing for {} ms", .0.as_millis())]
+    Silent(Duration),
+}
+
+fn private_ca_note(error: &ClientError, private_ca: bool) -> &'static str {
+    if private_ca && error.is_unknown_issuer() {
+        " (the configured mesh CA did not sign it)"
+    } else {
+        ""
+    }
+}
+
+impl LinkError {
+    /// The peer's certificate is signed by no CA this relay trusts: the fix is the private CA the
+    /// links trust ([`TlsOptions::ca_pem`]).
+    pub fn is_untrusted_certificate(&self) -> bool {
+        matches!(self, LinkError::Dial { error, .. } if error.is_unknown_issuer())
+    }
+}
+
 /// Why mesh peers (or the mesh TLS settings) could not be set.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum MeshError {
     /// Links are tasks: the call must happen inside a tokio runtime (the binding enters napi's).
+    #[error("mesh links need a tokio runtime, and none is running on this thread")]
     NoRuntime,
-    /// The TLS settings are unusable, e.g. the CA PEM holds no certificate (the reason).
-    Tls(String),
-}
-
-impl fmt::Display for MeshError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            MeshError::NoRuntime => f.write_str("mesh links need a tokio runtime, and none is running on this thread"),
-            MeshError::Tls(e) => write!(f, "mesh TLS settings: {e}"),
-        }
-    }
-}
-
-/// How mesh links verify `https://` peers. The default trusts the public web PKI roots only.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MeshTls {
-    /// PEM of the private CA(s) that signed the peers' certificates, trusted in addition to the
-    /// public roots.
-    pub ca_pem: Option<Vec<u8>>,
-    /// **Insecure:** accept any peer certificate (see [`TlsOptions::insecure_skip_verify`]). The
-    /// links stay encrypted but anyone on the path can pose as a peer. Off by default.
-    pub insecure: bool,
-}
-
-impl MeshTls {
-    fn options(&self) -> TlsOptions {
-        TlsOptions {
-            ca_pem: self.ca_pem.clone(),
-            insecure_skip_verify: self.insecure,
-        }
-    }
-}
-
-impl std::error::Error for MeshError {}
-
-// ---------------------------------------------------------------------------------------------
-// URLs
-
-/// URL schemes a mesh link may dial.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scheme {
-    Http,
-    /// Dialed over TLS with the relay's [`MeshTls`] settings.
-    Https,
-}
-
-/// A peer URL reduced to its identity: `scheme://authority[/prefix]`, without trailing slashes
-/// and without the `/derp` suffix (so `http://h:1`, `http://h:1/` and `http://h:1/derp` are one peer).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerUrl {
-    /// The normalized form, used as the link's identity and in its status.
-    pub base: String,
-    pub scheme: Scheme,
-}
-
-impl PeerUrl {
-    /// The upgrade URL the link dials.
-    pub fn derp_url(&self) -> String {
-        format!("{}{}", self.base, client::DERP_PATH)
-    }
-}
-
-/// Normalizes a peer relay URL. Scheme and host are lower-cased, surrounding whitespace, trailing
-/// slashes and a trailing `/derp` are removed; a default port is kept as written.
-pub fn normalize_url(url: &str) -> Result<PeerUrl, String> {
-    let trimmed = url.trim();
-    let Some((scheme, rest)) = trimmed.split_once("://") else {
-        return Err(format!("invalid mesh peer URL {trimmed:?}: expected http://host:port"));
-    };
-    let scheme_lc = scheme.to_ascii_lowercase();
-    let scheme = match scheme_lc.as_str() {
-        "http" => Scheme::Http,
-        "https" => Scheme::Https,
-        _ => {
-            return Err(format!(
-                "mesh peer URL {trimmed:?}: scheme {scheme_lc:?} is not http or https"
-            ))
-        }
-    };
-    let rest = rest.split('#').next().unwrap_or("");
-    let split = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(split);
-    if authority.is_empty() || authority.starts_with(':') {
-        return Err(format!("invalid mesh peer URL {trimmed:?}: missing host"));
-    }
-    if authority.contains('@') {
-        return Err(format!("invalid mesh peer URL {trimmed:?}: user info is not allowed"));
-    }
-    let mut path = path.trim_end_matches('/');
-    if let Some(prefix) = path.strip_suffix(client::DERP_PATH) {
-        path = prefix.trim_end_matches('/');
-    }
-    Ok(PeerUrl {
-        base: format!("{scheme_lc}://{}{path}", authority.to_ascii_lowercase()),
-        scheme,
-    })
+    /// The TLS settings are unusable, e.g. the CA PEM holds no certificate (a
+    /// [`ClientError::TlsConfig`], whose text starts with "TLS settings").
+    #[error("mesh {0}")]
+    Tls(#[source] ClientError),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -234,7 +200,9 @@ impl LinkHandle {
 
 /// Status shared between a link task and the manager.
 struct LinkShared {
-    url: PeerUrl,
+    /// The link's identity: the normalized URL ([`RelayUrl::base`]), or the URL as given when it
+    /// cannot be parsed.
+    base: String,
     status: Mutex<StatusInner>,
     /// Keys learned by the current session.
     forwarders: AtomicUsize,
@@ -245,14 +213,14 @@ struct LinkShared {
 struct StatusInner {
     state: LinkState,
     peer_key: Option<Key>,
-    last_error: Option<String>,
+    last_error: Option<LinkError>,
     connected_since_ms: Option<u64>,
 }
 
 impl LinkShared {
-    fn new(url: PeerUrl) -> LinkShared {
+    fn new(base: String) -> LinkShared {
         LinkShared {
-            url,
+            base,
             status: Mutex::new(StatusInner {
                 state: LinkState::Connecting,
                 peer_key: None,
@@ -272,7 +240,7 @@ impl LinkShared {
         self.lock().state = state;
     }
 
-    fn fail(&self, state: LinkState, error: String) {
+    fn fail(&self, state: LinkState, error: LinkError) {
         let mut s = self.lock();
         s.state = state;
         s.last_error = Some(error);
@@ -282,7 +250,7 @@ impl LinkShared {
     fn status(&self) -> LinkStatus {
         let s = self.lock();
         LinkStatus {
-            url: self.url.base.clone(),
+            url: self.base.clone(),
             state: s.state,
             peer_key: s.peer_key,
             last_error: s.last_error.clone(),
@@ -292,7 +260,8 @@ impl LinkShared {
     }
 }
 
-/// The mesh links of one relay, keyed by normalized peer URL.
+/// The mesh links of one relay, keyed by normalized peer URL. Owned by the [`crate::server::Server`]
+/// that runs the relay.
 ///
 /// Link tasks hold only a weak reference to the relay: dropping the relay ends them. Dropping the
 /// manager stops every link.
@@ -304,53 +273,46 @@ pub struct MeshLinks {
 }
 
 impl MeshLinks {
-    pub fn new(relay: &Arc<Relay>) -> MeshLinks {
-        MeshLinks {
+    /// The links of `relay`, none yet, verifying `https` peers with `tls` (checked as by
+    /// [`MeshLinks::set_tls`]).
+    pub fn new(relay: &Arc<Relay>, tls: TlsOptions) -> Result<MeshLinks, MeshError> {
+        tls.client_config().map_err(MeshError::Tls)?;
+        Ok(MeshLinks {
             relay: Arc::downgrade(relay),
             links: Mutex::new(BTreeMap::new()),
-            tls: Arc::new(Mutex::new(TlsOptions::default())),
-        }
+            tls: Arc::new(Mutex::new(tls)),
+        })
     }
 
     /// Sets how `https` peers are verified. The settings are checked here (a CA PEM without a
     /// usable certificate is an error, and nothing changes). Every link uses them from its next
     /// dial on (a failing link retries within [`BACKOFF_MAX`]); connected links are kept.
-    pub fn set_tls(&self, tls: MeshTls) -> Result<(), MeshError> {
-        let options = tls.options();
-        options.client_config().map_err(|e| {
-            MeshError::Tls(match e {
-                ClientError::TlsConfig { reason } => reason,
-                other => other.to_string(),
-            })
-        })?;
-        *self.tls.lock().unwrap_or_else(|p| p.into_inner()) = options;
+    pub fn set_tls(&self, tls: TlsOptions) -> Result<(), MeshError> {
+        tls.client_config().map_err(MeshError::Tls)?;
+        *self.tls.lock().unwrap_or_else(|p| p.into_inner()) = tls;
         Ok(())
     }
 
     /// The current TLS settings for `https` peers.
-    pub fn tls(&self) -> MeshTls {
-        let t = self.tls.lock().unwrap_or_else(|p| p.into_inner());
-        MeshTls {
-            ca_pem: t.ca_pem.clone(),
-            insecure: t.insecure_skip_verify,
-        }
+    pub fn tls(&self) -> TlsOptions {
+        self.tls.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn links(&self) -> MutexGuard<'_, BTreeMap<String, LinkHandle>> {
         self.links.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes the set of links equal to `urls` (after normalization and de-duplication): new URLs get
-    /// a link task, links whose URL is gone are stopped, the others are left alone. URLs that cannot
-    /// work (malformed, unsupported scheme) get a stopped link whose `last_error` says why.
-    /// Must be called inside a tokio runtime.
+    /// Makes the set of links equal to `urls` (parsed with [`RelayUrl::parse_relay`] and
+    /// de-duplicated by [`RelayUrl::base`]): new URLs get a link task, links whose URL is gone are
+    /// stopped, the others are left alone. URLs that cannot work (malformed, unsupported scheme)
+    /// get a stopped link whose `last_error` says why. Must be called inside a tokio runtime.
     pub fn set_peers(&self, urls: Vec<String>) -> Result<(), MeshError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| MeshError::NoRuntime)?;
-        let mut wanted: BTreeMap<String, Result<PeerUrl, String>> = BTreeMap::new();
+        let mut wanted: BTreeMap<String, Result<RelayUrl, ClientError>> = BTreeMap::new();
         for url in urls {
-            match normalize_url(&url) {
+            match RelayUrl::parse_relay(&url) {
                 Ok(p) => {
-                    wanted.insert(p.base.clone(), Ok(p));
+                    wanted.insert(p.base(), Ok(p));
                 }
                 Err(e) => {
                     wanted.insert(url.trim().to_string(), Err(e));
@@ -370,22 +332,20 @@ impl MeshLinks {
                 continue;
             }
             let (stop, stop_rx) = watch::channel(false);
-            let handle = match parsed {
+            let shared = Arc::new(LinkShared::new(k.clone()));
+            match parsed {
                 Ok(url) => {
-                    let shared = Arc::new(LinkShared::new(url));
-                    runtime.spawn(run_link(self.relay.clone(), shared.clone(), self.tls.clone(), stop_rx));
-                    LinkHandle { shared, stop }
+                    runtime.spawn(run_link(
+                        self.relay.clone(),
+                        shared.clone(),
+                        url,
+                        self.tls.clone(),
+                        stop_rx,
+                    ));
                 }
-                Err(e) => {
-                    let shared = Arc::new(LinkShared::new(PeerUrl {
-                        base: k.clone(),
-                        scheme: Scheme::Http,
-                    }));
-                    shared.fail(LinkState::Stopped, e);
-                    LinkHandle { shared, stop }
-                }
-            };
-            links.insert(k, handle);
+                Err(e) => shared.fail(LinkState::Stopped, LinkError::InvalidUrl(Arc::new(e))),
+            }
+            links.insert(k, LinkHandle { shared, stop });
         }
         Ok(())
     }
@@ -409,52 +369,6 @@ impl Drop for MeshLinks {
     fn drop(&mut self) {
         self.stop_all();
     }
-}
-
-/// One manager per relay, found by the relay it belongs to. (The relay has no field for it; this
-/// keeps mesh state out of `Relay` and lets the binding reach it from the relay alone.)
-static MANAGERS: Mutex<Vec<(Weak<Relay>, Arc<MeshLinks>)>> = Mutex::new(Vec::new());
-
-/// The mesh link manager of `relay`, created on first use.
-pub fn links_of(relay: &Arc<Relay>) -> Arc<MeshLinks> {
-    let mut dead = Vec::new();
-    let found = {
-        let mut managers = MANAGERS.lock().unwrap_or_else(|p| p.into_inner());
-        let mut i = 0;
-        while i < managers.len() {
-            if managers[i].0.strong_count() == 0 {
-                dead.push(managers.swap_remove(i));
-            } else {
-                i += 1;
-            }
-        }
-        let ptr = Arc::as_ptr(relay);
-        match managers.iter().find(|(w, _)| std::ptr::eq(w.as_ptr(), ptr)) {
-            Some((_, m)) => m.clone(),
-            None => {
-                let m = Arc::new(MeshLinks::new(relay));
-                managers.push((Arc::downgrade(relay), m.clone()));
-                m
-            }
-        }
-    };
-    drop(dead); // stops the links of relays that are gone, outside the lock
-    found
-}
-
-/// Sets the mesh peers of `relay` by difference (see [`MeshLinks::set_peers`]).
-pub fn set_mesh_peers(relay: &Arc<Relay>, urls: Vec<String>) -> Result<(), MeshError> {
-    links_of(relay).set_peers(urls)
-}
-
-/// Sets how the mesh links of `relay` verify `https://` peers (see [`MeshLinks::set_tls`]).
-pub fn set_mesh_tls(relay: &Arc<Relay>, tls: MeshTls) -> Result<(), MeshError> {
-    links_of(relay).set_tls(tls)
-}
-
-/// The status of every mesh link of `relay`.
-pub fn mesh_links(relay: &Arc<Relay>) -> Vec<LinkStatus> {
-    links_of(relay).status()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -533,9 +447,9 @@ enum SessionEnd {
     /// The peer is this relay.
     SelfLink(Key),
     /// Retry later. `up_for` is how long the session had been confirmed, if it was.
-    Failed { error: String, up_for: Option<Duration> },
-    /// Retrying cannot help (e.g. an unsupported scheme).
-    Permanent(String),
+    Failed { error: LinkError, up_for: Option<Duration> },
+    /// Retrying cannot help (the relay is shutting down).
+    Permanent(LinkError),
 }
 
 /// Resolves once the flag is set, or once its sender is gone (which also means: stop).
@@ -553,6 +467,7 @@ fn now_ms() -> u64 {
 async fn run_link(
     relay: Weak<Relay>,
     shared: Arc<LinkShared>,
+    url: RelayUrl,
     tls: Arc<Mutex<TlsOptions>>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -563,21 +478,20 @@ async fn run_link(
         }
         let end = match relay.upgrade() {
             None => SessionEnd::Stopped,
-            Some(r) if r.is_closing() => SessionEnd::Permanent("the relay is shutting down".into()),
+            Some(r) if r.is_closing() => SessionEnd::Permanent(LinkError::ShuttingDown),
             Some(r) => {
                 let key = r.key().clone();
                 let mesh_key = r.mesh_key();
                 drop(r);
                 match mesh_key {
                     None => SessionEnd::Failed {
-                        error: "this relay has no mesh key; a peer only accepts mesh links with the shared mesh key"
-                            .into(),
+                        error: LinkError::NoMeshKey,
                         up_for: None,
                     },
                     Some(mesh_key) => {
                         shared.set_state(LinkState::Connecting);
                         let tls = tls.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                        run_session(&relay, &shared, &key, mesh_key, &tls, &mut stop).await
+                        run_session(&relay, &shared, &url, &key, mesh_key, &tls, &mut stop).await
                     }
                 }
             }
@@ -612,43 +526,34 @@ async fn run_link(
 }
 
 /// Dials the peer; `https` peers over TLS with `tls`.
-async fn dial_peer(url: &PeerUrl, key: &KeyPair, info: &ClientInfo, tls: &TlsOptions) -> Result<DerpConn, SessionEnd> {
-    let derp_url = url.derp_url();
+async fn dial_peer(
+    shared: &LinkShared,
+    url: &RelayUrl,
+    key: &KeyPair,
+    info: &ClientInfo,
+    tls: &TlsOptions,
+) -> Result<DerpConn, SessionEnd> {
     let options = DialOptions::default();
-    let dial = client::dial_tls(&derp_url, key, info, &options, tls);
-    match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(SessionEnd::Failed {
-            error: dial_error(&e, tls),
-            up_for: None,
-        }),
-        Err(_) => Err(SessionEnd::Failed {
-            error: format!("dialing {derp_url} timed out after {} s", DIAL_TIMEOUT.as_secs()),
-            up_for: None,
-        }),
-    }
-}
-
-/// A dial failure as the link status shows it: an untrusted certificate names the setting to change.
-fn dial_error(e: &ClientError, tls: &TlsOptions) -> String {
-    match (e, e.tls_error()) {
-        (ClientError::Tls { addr, .. }, Some(inner)) if e.is_unknown_issuer() => format!(
-            "TLS handshake with {addr} failed: {inner} — set DERPMESH_MESH_CA_FILE (relay option meshCaPem) to the \
-             CA that signed the peer's certificate{}",
-            if tls.ca_pem.is_some() {
-                " (the configured mesh CA did not sign it)"
-            } else {
-                ""
-            }
-        ),
-        _ => e.to_string(),
-    }
+    let dial = client::dial_url(url, key, info, &options, tls);
+    let error = match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
+        Ok(Ok(conn)) => return Ok(conn),
+        Ok(Err(e)) => LinkError::Dial {
+            error: Arc::new(e),
+            private_ca: tls.ca_pem.is_some(),
+        },
+        Err(_) => LinkError::DialTimeout {
+            url: format!("{}{}", shared.base, client::DERP_PATH),
+        },
+    };
+    Err(SessionEnd::Failed { error, up_for: None })
 }
 
 /// One connection: dial, WatchConns, learn forwarders, carry ForwardPackets, until it ends.
+#[allow(clippy::too_many_arguments)]
 async fn run_session(
     relay: &Weak<Relay>,
     shared: &Arc<LinkShared>,
+    url: &RelayUrl,
     key: &KeyPair,
     mesh_key: String,
     tls: &TlsOptions,
@@ -661,7 +566,7 @@ async fn run_session(
         is_prober: false,
     };
     let conn = tokio::select! {
-        r = dial_peer(&shared.url, key, &info, tls) => r,
+        r = dial_peer(shared, url, key, &info, tls) => r,
         _ = signalled(stop) => return SessionEnd::Stopped,
     };
     let conn = match conn {
@@ -676,7 +581,7 @@ async fn run_session(
     let mut lane_conns = Vec::new();
     for _ in 1..data_lanes() {
         let lane = tokio::select! {
-            r = dial_peer(&shared.url, key, &info, tls) => r,
+            r = dial_peer(shared, url, key, &info, tls) => r,
             _ = signalled(stop) => return SessionEnd::Stopped,
         };
         match lane {
@@ -779,7 +684,7 @@ async fn run_session(
     let mut pinger = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     pinger.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let failed = |error: String, confirmed_at: Option<Instant>| SessionEnd::Failed {
+    let failed = |error: LinkError, confirmed_at: Option<Instant>| SessionEnd::Failed {
         error,
         up_for: confirmed_at.map(|t| t.elapsed()),
     };
@@ -789,11 +694,10 @@ async fn run_session(
             _ = signalled(stop) => return SessionEnd::Stopped,
             _ = signalled(&mut closed) => {
                 let why = match writer_task.await {
-                    Ok(WriterExit::WriteTimeout) => format!(
-                        "writing to the peer stalled for more than {} ms", write_timeout.as_millis()),
-                    Ok(WriterExit::WriteError) => "writing to the peer failed (connection lost)".to_string(),
-                    Ok(WriterExit::Finished) => "the link's control queue overflowed (peer not reading)".to_string(),
-                    Ok(WriterExit::Closed) | Err(_) => "the link's writer stopped".to_string(),
+                    Ok(WriterExit::WriteTimeout) => LinkError::WriteStalled(write_timeout),
+                    Ok(WriterExit::WriteError) => LinkError::WriteFailed,
+                    Ok(WriterExit::Finished) => LinkError::ControlOverflow,
+                    Ok(WriterExit::Closed) | Err(_) => LinkError::WriterStopped,
                 };
                 return failed(why, confirmed_at);
             }
@@ -803,10 +707,9 @@ async fn run_session(
                     Ok(f) => f,
                     Err(e) => {
                         let error = if confirmed_at.is_some() {
-                            format!("connection to the peer lost: {e}")
+                            LinkError::ConnectionLost(Arc::new(e))
                         } else {
-                            format!(
-                                "permission denied: the peer closed the link right after WatchConns (mesh key mismatch?): {e}")
+                            LinkError::WatchConnsRefused(Arc::new(e))
                         };
                         return failed(error, confirmed_at);
                     }
@@ -842,7 +745,7 @@ async fn run_session(
                 session.outbox.push_control(frame::ping(&random_u64().to_le_bytes()));
             }
             _ = tokio::time::sleep_until(last_rx + idle_timeout) => {
-                return failed(format!("the peer sent nothing for {} ms", idle_timeout.as_millis()), confirmed_at);
+                return failed(LinkError::Silent(idle_timeout), confirmed_at);
             }
             _ = tokio::time::sleep_until(started + CONFIRM_TIMEOUT), if confirmed_at.is_none() => confirm_now = true,
         }
@@ -856,42 +759,6 @@ async fn run_session(
             s.state = LinkState::Connected;
             s.last_error = None;
             s.connected_since_ms = Some(now_ms());
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_normalize_to_one_identity() {
-        for u in [
-            "http://H:1",
-            " http://h:1/ ",
-            "HTTP://h:1/derp",
-            "http://h:1/derp/",
-            "http://h:1//",
-        ] {
-            let p = normalize_url(u).unwrap();
-            assert_eq!(p.base, "http://h:1", "{u}");
-            assert_eq!(p.derp_url(), "http://h:1/derp");
-            assert_eq!(p.scheme, Scheme::Http);
-        }
-        assert_eq!(
-            normalize_url("http://h:1/prefix/derp").unwrap().base,
-            "http://h:1/prefix"
-        );
-        assert_eq!(normalize_url("http://[::1]:80/").unwrap().base, "http://[::1]:80");
-        assert_eq!(normalize_url("https://relay.example").unwrap().scheme, Scheme::Https);
-        for (bad, why) in [
-            ("relay:80", "expected http"),
-            ("ftp://h", "not http or https"),
-            ("http://", "missing host"),
-            ("http://u@h", "user info"),
-        ] {
-            let err = normalize_url(bad).unwrap_err();
-            assert!(err.contains(why), "{bad}: {err}");
         }
     }
 }

@@ -1,10 +1,14 @@
 //! Taking over an upgraded HTTP connection: the 101 response (or none, for fast start) and the
 //! WebSocket transport, which carries the DERP byte stream in binary messages.
 
+use std::net::{IpAddr, SocketAddr};
+
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -32,6 +36,118 @@ pub enum Upgrade {
     Derp { fast_start: bool },
     /// `Upgrade: websocket` with the `derp` subprotocol; `accept` is the Sec-WebSocket-Accept value.
     WebSocket { accept: String },
+}
+
+/// Why a connection could not be taken over.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// `dup` of the caller's descriptor failed (e.g. out of descriptors, or not a descriptor).
+    #[error("cannot duplicate socket descriptor {fd}: {source}")]
+    Duplicate { fd: i32, source: std::io::Error },
+    #[error("cannot set descriptor non-blocking: {0}")]
+    NonBlocking(std::io::Error),
+    /// Descriptor hand-over needs Unix; elsewhere the caller uses a [`Bridge`].
+    #[error("descriptor hand-over is not available on this platform; use a bridge")]
+    Unsupported,
+    /// Connections are served by tasks: the call must happen inside a tokio runtime.
+    #[error("serving a connection needs a tokio runtime, and none is running on this thread")]
+    NoRuntime,
+}
+
+/// The runtime of the calling thread, which serves the connections it hands over.
+pub(crate) fn runtime() -> Result<Handle, UpgradeError> {
+    Handle::try_current().map_err(|_| UpgradeError::NoRuntime)
+}
+
+/// The client's address as Node reports it (`1.2.3.4`, `::ffff:1.2.3.4`, `::1`); an address that
+/// does not parse counts as unspecified (0.0.0.0): it is only reported to watchers.
+pub fn remote_addr(address: &str, port: u16) -> SocketAddr {
+    let ip = address
+        .trim_start_matches("::ffff:")
+        .parse::<IpAddr>()
+        .unwrap_or(IpAddr::from([0u8; 4]));
+    SocketAddr::new(ip, port)
+}
+
+/// A TCP socket of its own for the caller's descriptor `fd` (duplicated, so the caller closes its
+/// handle afterwards), non-blocking. Register it with the runtime inside the runtime
+/// (`TcpStream::from_std`).
+#[cfg(unix)]
+pub fn dup_tcp_stream(fd: i32) -> Result<std::net::TcpStream, UpgradeError> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fcntl only duplicates the descriptor; the copy is owned by the TcpStream below.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if copy < 0 {
+        return Err(UpgradeError::Duplicate {
+            fd,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: `copy` is a fresh descriptor we own.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(copy) };
+    stream.set_nonblocking(true).map_err(UpgradeError::NonBlocking)?;
+    Ok(stream)
+}
+
+#[cfg(not(unix))]
+pub fn dup_tcp_stream(_fd: i32) -> Result<std::net::TcpStream, UpgradeError> {
+    Err(UpgradeError::Unsupported)
+}
+
+/// The caller's end of a connection whose bytes the caller carries (TLS terminated in Node,
+/// Windows): [`Bridge::push`] what the socket reads, write to the socket what [`Bridge::read`]
+/// yields. The relay's end is a [`Transport::Other`].
+pub struct Bridge {
+    input: std::sync::Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+    output: tokio::sync::Mutex<mpsc::Receiver<Bytes>>,
+}
+
+impl Bridge {
+    /// A bridge and the relay's end of it; the pumps between them run on `runtime`.
+    pub fn open(runtime: &Handle) -> (Bridge, Transport) {
+        let (relay_side, caller_side) = tokio::io::duplex(256 << 10);
+        let (mut from_relay, mut to_relay) = tokio::io::split(caller_side);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+        runtime.spawn(async move {
+            while let Some(chunk) = rx.recv().await {
+                if to_relay.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            let _ = to_relay.shutdown().await;
+        });
+        let (out_tx, out_rx) = mpsc::channel::<Bytes>(16);
+        runtime.spawn(async move {
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n) = from_relay.read(&mut buf).await {
+                if n == 0 || out_tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let bridge = Bridge {
+            input: std::sync::Mutex::new(Some(tx)),
+            output: tokio::sync::Mutex::new(out_rx),
+        };
+        (bridge, Transport::Other(Box::new(relay_side)))
+    }
+
+    /// Bytes the client sent.
+    pub fn push(&self, data: Bytes) {
+        if let Some(tx) = &*self.input.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = tx.send(data);
+        }
+    }
+
+    /// The client closed its side.
+    pub fn end(&self) {
+        self.input.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Next bytes to send to the client; `None` once the relay closed the connection.
+    pub async fn read(&self) -> Option<Bytes> {
+        self.output.lock().await.recv().await
+    }
 }
 
 pub fn derp_switching_protocols(server_key: &Key) -> String {

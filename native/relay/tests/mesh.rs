@@ -19,8 +19,9 @@ use derpmesh_relay::conn;
 use derpmesh_relay::frame::{self, PEER_GONE_DISCONNECTED};
 use derpmesh_relay::handshake::ClientInfo;
 use derpmesh_relay::keys::{Key, KeyPair};
-use derpmesh_relay::mesh::{self, LinkState, LinkStatus};
-use derpmesh_relay::relay::{Relay, RelayConfig};
+use derpmesh_relay::mesh::{LinkError, LinkState, LinkStatus};
+use derpmesh_relay::relay::Relay;
+use derpmesh_relay::server::{Server, ServerConfig};
 use derpmesh_relay::upgrade::{Transport, Upgrade};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -41,6 +42,7 @@ type Sockets = Arc<Mutex<HashMap<u64, std::net::TcpStream>>>;
 
 /// A relay behind its own listener.
 struct Node {
+    server: Server,
     relay: Arc<Relay>,
     addr: SocketAddr,
     url: String,
@@ -50,11 +52,16 @@ struct Node {
 
 impl Node {
     async fn start(mesh_key: Option<&str>) -> Node {
-        let relay = Relay::new(KeyPair::generate(), RelayConfig::default());
-        relay.set_mesh_key(mesh_key.map(str::to_string));
+        let server = Server::new(ServerConfig {
+            mesh_key: mesh_key.map(str::to_string),
+            ..Default::default()
+        })
+        .unwrap();
+        let relay = server.relay().clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut node = Node {
+            server,
             relay,
             addr,
             url: format!("http://{addr}"),
@@ -94,7 +101,7 @@ impl Node {
     }
 
     fn links(&self) -> Vec<LinkStatus> {
-        mesh::mesh_links(&self.relay)
+        self.server.mesh_links()
     }
 
     fn link(&self, url: &str) -> Option<LinkStatus> {
@@ -122,7 +129,7 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        mesh::links_of(&self.relay).stop_all();
+        self.server.links().stop_all();
         self.kill();
     }
 }
@@ -256,7 +263,7 @@ fn connected(links: &[LinkStatus]) -> usize {
 async fn full_mesh(nodes: &[&Node]) {
     let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
     for n in nodes {
-        mesh::set_mesh_peers(&n.relay, urls.clone()).unwrap();
+        n.server.set_mesh_peers(urls.clone()).unwrap();
     }
     for n in nodes {
         wait_for("every link connected and the self link recognised", || {
@@ -415,7 +422,10 @@ async fn lost_peer_drops_its_forwarders_and_the_link_reconnects() {
         assert_eq!(gone, Some((cb_key, PEER_GONE_DISCONNECTED)));
         wait_for("A's link to B is down and retrying", || {
             a.link(&b.url).is_some_and(|l| {
-                l.state == LinkState::Backoff && l.last_error.as_deref().is_some_and(|e| e.contains("connect to"))
+                l.state == LinkState::Backoff
+                    && l.last_error
+                        .as_ref()
+                        .is_some_and(|e| e.to_string().contains("connect to"))
             })
         })
         .await;
@@ -497,10 +507,13 @@ async fn wrong_or_missing_mesh_key_leaves_the_link_in_error() {
         let a = Node::start(Some(MESH_KEY)).await;
         let d = Node::start(Some("another-mesh-key-entirely-000000")).await;
         let _on_d = d.client().await;
-        mesh::set_mesh_peers(&a.relay, vec![d.url.clone()]).unwrap();
+        a.server.set_mesh_peers(vec![d.url.clone()]).unwrap();
         wait_for("the link reports the mesh key problem", || {
             a.link(&d.url).is_some_and(|l| {
-                l.state == LinkState::Backoff && l.last_error.as_deref().is_some_and(|e| e.contains("mesh key"))
+                l.state == LinkState::Backoff
+                    && l.last_error
+                        .as_ref()
+                        .is_some_and(|e| e.to_string().contains("mesh key"))
             })
         })
         .await;
@@ -510,14 +523,15 @@ async fn wrong_or_missing_mesh_key_leaves_the_link_in_error() {
         assert_eq!(a.metric(|m| &m.mesh_links), 0);
         assert_eq!(a.metric(|m| &m.forwarders), 0);
         assert!(d.metric(|m| &m.permission_denied) >= 1);
-        assert!(l.last_error.unwrap().contains("permission denied"));
+        assert!(matches!(l.last_error, Some(LinkError::WatchConnsRefused(_))), "{l:?}");
+        assert!(l.last_error.unwrap().to_string().contains("permission denied"));
 
         // A relay without any mesh key cannot mesh at all, and says so without dialing.
         let e = Node::start(None).await;
-        mesh::set_mesh_peers(&e.relay, vec![a.url.clone()]).unwrap();
+        e.server.set_mesh_peers(vec![a.url.clone()]).unwrap();
         wait_for("the link reports the missing mesh key", || {
             e.link(&a.url)
-                .is_some_and(|l| l.last_error.as_deref().is_some_and(|e| e.contains("no mesh key")))
+                .is_some_and(|l| matches!(l.last_error, Some(LinkError::NoMeshKey)))
         })
         .await;
         assert_eq!(a.metric(|m| &m.accepts), 0);
@@ -539,7 +553,7 @@ async fn removing_a_url_tears_the_link_down() {
             derpmesh_relay::mesh::data_lanes() as u64
         );
 
-        mesh::set_mesh_peers(&a.relay, vec![]).unwrap();
+        a.server.set_mesh_peers(vec![]).unwrap();
         assert!(a.links().is_empty());
         // Forwarders go at once; the task and its connection promptly after.
         assert_eq!(a.metric(|m| &m.forwarders), 0);
@@ -575,7 +589,7 @@ async fn urls_are_normalized_self_is_detected_and_bad_urls_say_why() {
             "wss://relay.example:443".to_string(),
             "relay.example:80".to_string(),
         ];
-        mesh::set_mesh_peers(&a.relay, urls).unwrap();
+        a.server.set_mesh_peers(urls).unwrap();
         wait_for("the self link is recognised", || {
             a.link(&a.url).is_some_and(|l| l.state == LinkState::SelfLink)
         })
@@ -585,10 +599,12 @@ async fn urls_are_normalized_self_is_detected_and_bad_urls_say_why() {
         assert_eq!(a.link(&a.url).unwrap().peer_key, Some(a.key()));
         let wss = a.link("wss://relay.example:443").unwrap();
         assert_eq!(wss.state, LinkState::Stopped);
-        assert!(wss.last_error.unwrap().contains("is not http or https"));
+        assert!(wss.last_error.unwrap().to_string().contains("\"wss\" is not supported"));
         let bad = a.link("relay.example:80").unwrap();
         assert_eq!(bad.state, LinkState::Stopped);
-        assert!(bad.last_error.unwrap().contains("expected http://host:port"));
+        let error = bad.last_error.unwrap();
+        assert!(matches!(error, LinkError::InvalidUrl(_)), "{error:?}");
+        assert!(error.to_string().contains("expected http://host:port"));
         assert_eq!(a.metric(|m| &m.mesh_links), 0);
         assert_eq!(a.metric(|m| &m.forwarders), 0);
         // The self connection was closed again.
@@ -604,13 +620,13 @@ async fn stopping_a_link_mid_dial_closes_its_connection() {
         // A "peer" that accepts and reads the request, then never answers.
         let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", silent.local_addr().unwrap());
-        mesh::set_mesh_peers(&a.relay, vec![url.clone()]).unwrap();
+        a.server.set_mesh_peers(vec![url.clone()]).unwrap();
         let (mut sock, _) = silent.accept().await.unwrap();
         let mut buf = [0u8; 1024];
         assert!(sock.read(&mut buf).await.unwrap() > 0);
         assert_eq!(a.link(&url).unwrap().state, LinkState::Connecting);
 
-        mesh::set_mesh_peers(&a.relay, vec![]).unwrap();
+        a.server.set_mesh_peers(vec![]).unwrap();
         let n = tokio::time::timeout(Duration::from_secs(1), sock.read(&mut buf)).await;
         assert!(
             matches!(n, Ok(Ok(0)) | Ok(Err(_))),

@@ -1,0 +1,121 @@
+//! One running relay: the [`Relay`], its [`MeshLinks`] and their TLS settings, and the order in
+//! which they stop. This is what an embedder (the napi binding, a test) holds.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::client::TlsOptions;
+use crate::conn;
+use crate::keys::{Key, KeyPair};
+use crate::mesh::{LinkStatus, MeshError, MeshLinks};
+use crate::metrics::Metrics;
+use crate::relay::{Relay, RelayConfig};
+use crate::upgrade::{self, Bridge, Transport, Upgrade, UpgradeError};
+
+/// What a [`Server`] starts with. `Default`: a new key, no mesh key, the default relay tunables,
+/// mesh links trusting the public web PKI roots only.
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    /// The relay's private key; `None` generates one.
+    pub private_key: Option<Key>,
+    /// Shared secret that grants mesh privileges (WatchConns, ClosePeer, ForwardPacket) and that
+    /// mesh links present; `None` or empty: none.
+    pub mesh_key: Option<String>,
+    pub relay: RelayConfig,
+    /// How mesh links verify `https://` peers.
+    pub mesh_tls: TlsOptions,
+}
+
+/// A running relay and its mesh links. Dropping it stops the links; the relay's connections end
+/// with [`Server::shutdown`] (or when the runtime does).
+pub struct Server {
+    relay: Arc<Relay>,
+    links: MeshLinks,
+}
+
+impl Server {
+    /// Fails when the mesh TLS settings are unusable (see [`MeshLinks::set_tls`]).
+    pub fn new(config: ServerConfig) -> Result<Server, MeshError> {
+        let key = config.private_key.map_or_else(KeyPair::generate, KeyPair::from_private);
+        let relay = Relay::new(key, config.relay);
+        relay.set_mesh_key(config.mesh_key);
+        let links = MeshLinks::new(&relay, config.mesh_tls)?;
+        Ok(Server { relay, links })
+    }
+
+    pub fn relay(&self) -> &Arc<Relay> {
+        &self.relay
+    }
+
+    pub fn public_key(&self) -> &Key {
+        self.relay.public_key()
+    }
+
+    /// The relay's counters and gauges.
+    pub fn metrics(&self) -> &Metrics {
+        &self.relay.metrics
+    }
+
+    pub fn set_mesh_key(&self, mesh_key: Option<String>) {
+        self.relay.set_mesh_key(mesh_key);
+    }
+
+    /// Sets the problem text sent to clients in a Health frame; "" means healthy.
+    pub fn set_health(&self, problem: &str) {
+        self.relay.set_health(problem);
+    }
+
+    /// The mesh links: peers, TLS settings, status.
+    pub fn links(&self) -> &MeshLinks {
+        &self.links
+    }
+
+    /// Sets the peer relay URLs by difference (see [`MeshLinks::set_peers`]). Inside a runtime.
+    pub fn set_mesh_peers(&self, urls: Vec<String>) -> Result<(), MeshError> {
+        self.links.set_peers(urls)
+    }
+
+    /// Sets how mesh links verify `https://` peers (see [`MeshLinks::set_tls`]).
+    pub fn set_mesh_tls(&self, tls: TlsOptions) -> Result<(), MeshError> {
+        self.links.set_tls(tls)
+    }
+
+    /// The status of every mesh link, ordered by URL.
+    pub fn mesh_links(&self) -> Vec<LinkStatus> {
+        self.links.status()
+    }
+
+    /// Takes over a connected TCP socket by descriptor (duplicated: the caller closes its own
+    /// handle afterwards) and serves it on the calling thread's runtime.
+    pub fn accept_fd(&self, fd: i32, head: Bytes, upgrade: Upgrade, remote: SocketAddr) -> Result<(), UpgradeError> {
+        let runtime = upgrade::runtime()?;
+        let stream = upgrade::dup_tcp_stream(fd)?;
+        let relay = self.relay.clone();
+        runtime.spawn(async move {
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(s) => conn::serve(relay, Transport::Tcp(s), head, upgrade, remote).await,
+                Err(_) => Metrics::inc(&relay.metrics.handshake_failure_io),
+            }
+        });
+        Ok(())
+    }
+
+    /// Serves a connection whose bytes the caller carries through the returned [`Bridge`].
+    pub fn open_bridge(&self, head: Bytes, upgrade: Upgrade, remote: SocketAddr) -> Result<Bridge, UpgradeError> {
+        let runtime = upgrade::runtime()?;
+        let (bridge, transport) = Bridge::open(&runtime);
+        runtime.spawn(conn::serve(self.relay.clone(), transport, head, upgrade, remote));
+        Ok(bridge)
+    }
+
+    /// Graceful shutdown, in order: mesh links stop (their forwarders go), no new connections, every
+    /// client gets Restarting and is closed once its queue is flushed. Resolves when all
+    /// connections are gone or `grace` has passed.
+    pub async fn shutdown(&self, reconnect_in: Duration, try_for: Duration, grace: Duration) {
+        self.links.stop_all();
+        self.relay.shutdown(reconnect_in, try_for, grace).await;
+    }
+}
