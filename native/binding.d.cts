@@ -9,7 +9,7 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
-/** The caller's end of a bridged connection ([`upgrade::Bridge`]). */
+/** The caller's end of a bridged connection (the core's `upgrade::Bridge`). */
 export declare class Bridge {
   /** Bytes the client sent. */
   push(data: Buffer): void
@@ -68,10 +68,10 @@ export declare function generatePrivateKey(): Buffer
  */
 export declare function holdClients(url: string, count: number, holdMs: number): Promise<number>
 
-/** What a mesh link's `lastError` is ([`LinkError`]). */
+/** What a mesh link's `lastError` is (the core's `mesh::LinkError`). */
 export type LinkErrorCode = 'invalid-url' | 'shutting-down' | 'no-mesh-key' | 'untrusted-certificate' | 'dial' | 'dial-timeout' | 'write-stalled' | 'write-failed' | 'control-overflow' | 'writer-stopped' | 'connection-lost' | 'watch-conns-refused' | 'silent'
 
-/** Where a mesh link is ([`mesh::LinkState`]). */
+/** Where a mesh link is (the core's `mesh::LinkState`). */
 export type LinkState = 'connecting' | 'connected' | 'backoff' | 'self' | 'stopped'
 
 /**

@@ -1,12 +1,14 @@
 //! napi-rs binding of the relay core: type conversion and lifetimes only.
 //!
-//! No policy lives here: options are converted with `TryFrom` into the core's config types (their
-//! defaults are chosen by the TypeScript side, `src/relay.ts`), and core errors are converted into
+//! No policy lives here: options are converted with `TryFrom`/`From` into the core's config types
+//! (their defaults are chosen by the TypeScript side: `relayDefaults` in `src/relay.ts`,
+//! `loadDefaults` in `src/bench.ts`), and core errors are converted into
 //! JavaScript errors whose `code` property names what failed ([`Code`]): napi-rs creates every
 //! error it throws with `napi_create_error(code, message)`, the code being the error's status,
 //! and a status may be any `AsRef<str>` type, so an `Error<Code>` carries ours. Promises are
-//! rejected with the same kind of error ([`rejection`]). `src/relay.ts` turns these codes into
-//! `DerpmeshError`s with an operator's hint.
+//! rejected with the same kind of error ([`rejection`]). `fromNative` in `src/errors.ts` turns
+//! these codes into `DerpmeshError`s with the operator's hint (settings are named there, never
+//! here or in the core); a mesh link's `lastErrorCode` gets its hint in `src/relay.ts`.
 
 use std::time::Duration;
 
@@ -174,7 +176,7 @@ pub enum MetricKind {
     Gauge,
 }
 
-/// Where a mesh link is ([`mesh::LinkState`]).
+/// Where a mesh link is (the core's `mesh::LinkState`).
 #[napi(string_enum = "lowercase")]
 pub enum LinkState {
     Connecting,
@@ -198,7 +200,7 @@ impl From<mesh::LinkState> for LinkState {
     }
 }
 
-/// What a mesh link's `lastError` is ([`LinkError`]).
+/// What a mesh link's `lastError` is (the core's `mesh::LinkError`).
 #[napi(string_enum = "kebab-case")]
 pub enum LinkErrorCode {
     InvalidUrl,
@@ -408,7 +410,7 @@ impl RelayCore {
     }
 }
 
-/// The caller's end of a bridged connection ([`upgrade::Bridge`]).
+/// The caller's end of a bridged connection (the core's `upgrade::Bridge`).
 #[napi]
 pub struct Bridge(upgrade::Bridge);
 
