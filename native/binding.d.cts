@@ -63,10 +63,10 @@ export declare function boxSeal(privateKey: Uint8Array, peerPublicKey: Uint8Arra
 export declare function generatePrivateKey(): Buffer
 
 /**
- * Connects `count` idle clients to `url` and keeps them connected for `holdMs` (memory benchmark).
- * Resolves with how many connected.
+ * Connects `count` idle clients to `url` and keeps them connected for `holdMs` (memory benchmark);
+ * `caPem` is trusted for `https://` URLs besides the public roots. Resolves with how many connected.
  */
-export declare function holdClients(url: string, count: number, holdMs: number): Promise<number>
+export declare function holdClients(url: string, count: number, holdMs: number, caPem?: Buffer | undefined | null): Promise<number>
 
 /** What a mesh link's `lastError` is (the core's `mesh::LinkError`). */
 export type LinkErrorCode = 'invalid-url' | 'shutting-down' | 'no-mesh-key' | 'untrusted-certificate' | 'dial' | 'dial-timeout' | 'write-stalled' | 'write-failed' | 'control-overflow' | 'writer-stopped' | 'connection-lost' | 'watch-conns-refused' | 'silent'
@@ -91,6 +91,8 @@ export interface LoadOptions {
   ratePerPair?: number
   /** Packets in flight per pair (sent, not yet received); absent = no cap. */
   window?: number
+  /** PEM CA certificate(s) trusted for `https://` URLs besides the public roots. */
+  caPem?: Buffer
 }
 
 export interface LoadReport {

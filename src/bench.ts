@@ -1,4 +1,5 @@
 // `derpmesh bench`: the Rust load generator against any DERP relay URL.
+import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 
 import { parseDuration } from './config.js';
@@ -17,6 +18,11 @@ export interface LoadOptions {
   ratePerPair?: number;
   /** Packets in flight per pair; caps queueing so round trips show the relay's own delay. */
   window?: number;
+  /**
+   * PEM CA certificate(s) trusted for `https://` URLs besides the public roots: the private CA
+   * that signed the relay's certificate.
+   */
+  caPem?: Buffer | string;
 }
 
 /** The defaults of `LoadOptions`, chosen here once: the native binding is given every value. */
@@ -24,12 +30,16 @@ export const loadDefaults = { pairs: 10, packetSize: 1400, durationMs: 5_000, wa
 
 /**
  * Runs N sender→receiver pairs through a relay and reports throughput and round-trip latency.
- * Rejects with a `DerpmeshError`: `DERPMESH_ERR_LOAD_OPTIONS`, `DERPMESH_ERR_LOAD_DIAL` or
- * `DERPMESH_ERR_LOAD_RUN`.
+ * `https://` URLs are dialed over TLS (the public roots plus `caPem`). Rejects with a
+ * `DerpmeshError`: `DERPMESH_ERR_LOAD_OPTIONS` (also an unusable `caPem`), `DERPMESH_ERR_LOAD_DIAL`,
+ * `DERPMESH_ERR_LOAD_TLS` (a TLS handshake failed, e.g. the certificate is not signed by a trusted
+ * CA) or `DERPMESH_ERR_LOAD_RUN`.
  */
 export function runLoad(options: LoadOptions): Promise<LoadReport> {
-  const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as LoadOptions;
-  return native.runLoad({ ...loadDefaults, ...given }).catch((err: unknown) => {
+  const { caPem, ...rest } = options;
+  const given = Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== undefined)) as Omit<LoadOptions, 'caPem'>;
+  const ca = caPem === undefined ? {} : { caPem: typeof caPem === 'string' ? Buffer.from(caPem) : caPem };
+  return native.runLoad({ ...loadDefaults, ...given, ...ca }).catch((err: unknown) => {
     throw fromNative(err);
   });
 }
@@ -48,8 +58,9 @@ export function formatReport(label: string, r: LoadReport): string {
 
 const help = `derpmesh bench --url http://host:port [options]
 
-  --url URL            relay the senders dial (required)
+  --url URL            relay the senders dial (required); https://host:port dials over TLS
   --receiver-url URL   relay the receivers dial (default: --url); another node measures the mesh path
+  --ca-file PEM        CA certificate(s) trusted for https URLs besides the public roots
   --pairs N            sender→receiver pairs (default 10)
   --size BYTES         packet size (default 1400)
   --duration D         measured window, e.g. 20s (default 10s)
@@ -65,6 +76,7 @@ export async function benchCommand(argv: string[]): Promise<void> {
     options: {
       url: { type: 'string' },
       'receiver-url': { type: 'string' },
+      'ca-file': { type: 'string' },
       pairs: { type: 'string', default: '10' },
       size: { type: 'string', default: '1400' },
       duration: { type: 'string', default: '10s' },
@@ -79,7 +91,7 @@ export async function benchCommand(argv: string[]): Promise<void> {
     process.stdout.write(help);
     return;
   }
-  if (!values.url) throw configError('derpmesh bench needs --url http://host:port of the relay to measure');
+  if (!values.url) throw configError('derpmesh bench needs --url http://host:port (or https://) of the relay to measure');
   const int = (name: string, text: string) => {
     if (!/^\d+$/.test(text)) throw configError(`--${name} must be a positive integer, got ${JSON.stringify(text)}`, text);
     return Number(text);
@@ -89,7 +101,17 @@ export async function benchCommand(argv: string[]): Promise<void> {
     if (ms === undefined) throw configError(`--${name} must be a duration like 20s, got ${JSON.stringify(text)}`, text);
     return ms;
   };
+  const caFile = values['ca-file'];
+  let caPem: Buffer | undefined;
+  if (caFile !== undefined) {
+    try {
+      caPem = readFileSync(caFile);
+    } catch (err) {
+      throw configError(`--ca-file ${JSON.stringify(caFile)} cannot be read: ${(err as Error).message}`, caFile);
+    }
+  }
   const report = await runLoad({
+    caPem,
     url: values.url,
     receiverUrl: values['receiver-url'],
     pairs: int('pairs', values.pairs),

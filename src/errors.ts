@@ -13,7 +13,8 @@ export type DerpmeshErrorCode =
   | 'DERPMESH_ERR_DESCRIPTOR'
   | 'DERPMESH_ERR_LOAD_OPTIONS'
   | 'DERPMESH_ERR_LOAD_DIAL'
-  | 'DERPMESH_ERR_LOAD_RUN';
+  | 'DERPMESH_ERR_LOAD_RUN'
+  | 'DERPMESH_ERR_LOAD_TLS';
 
 /** The codes the native relay sets on the errors it throws (`err.code`). */
 const nativeCodes: ReadonlySet<string> = new Set<DerpmeshErrorCode>([
@@ -24,12 +25,14 @@ const nativeCodes: ReadonlySet<string> = new Set<DerpmeshErrorCode>([
   'DERPMESH_ERR_LOAD_OPTIONS',
   'DERPMESH_ERR_LOAD_DIAL',
   'DERPMESH_ERR_LOAD_RUN',
+  'DERPMESH_ERR_LOAD_TLS',
 ]);
 
 /** What an operator does about a native error: the settings are named here, never in Rust. */
 const nativeHints: Partial<Record<DerpmeshErrorCode, string>> = {
   DERPMESH_ERR_MESH_TLS:
     'the mesh CA (DERPMESH_MESH_CA_FILE, --mesh-ca-file; relay option meshCaPem) must hold one or more PEM CA certificates',
+  DERPMESH_ERR_LOAD_TLS: 'derpmesh bench --ca-file PEM, runLoad option caPem',
 };
 
 export class DerpmeshError extends Error {

@@ -50,6 +50,9 @@ pub enum Code {
     LoadDial,
     /// A load generator client failed during the run.
     LoadRun,
+    /// A load generator client's TLS handshake failed (e.g. the relay's certificate is not signed
+    /// by a trusted CA).
+    LoadTls,
 }
 
 impl AsRef<str> for Code {
@@ -62,6 +65,7 @@ impl AsRef<str> for Code {
             Code::LoadOptions => "DERPMESH_ERR_LOAD_OPTIONS",
             Code::LoadDial => "DERPMESH_ERR_LOAD_DIAL",
             Code::LoadRun => "DERPMESH_ERR_LOAD_RUN",
+            Code::LoadTls => "DERPMESH_ERR_LOAD_TLS",
         }
     }
 }
@@ -88,10 +92,18 @@ fn upgrade_error(e: UpgradeError) -> Error<Code> {
     coded(code, e)
 }
 
+/// The code of a load generator client's failed dial.
+fn dial_code(e: &ClientError) -> Code {
+    match e {
+        ClientError::Tls { .. } | ClientError::TlsConfig { .. } => Code::LoadTls,
+        _ => Code::LoadDial,
+    }
+}
+
 fn load_error(e: loadgen::LoadError) -> Error<Code> {
-    let code = match e {
+    let code = match &e {
         loadgen::LoadError::Options(_) => Code::LoadOptions,
-        loadgen::LoadError::Dial { .. } => Code::LoadDial,
+        loadgen::LoadError::Dial { error, .. } => dial_code(error),
         loadgen::LoadError::Pair { .. } => Code::LoadRun,
     };
     coded(code, e)
@@ -495,6 +507,8 @@ pub struct LoadOptions {
     pub rate_per_pair: Option<f64>,
     /// Packets in flight per pair (sent, not yet received); absent = no cap.
     pub window: Option<u32>,
+    /// PEM CA certificate(s) trusted for `https://` URLs besides the public roots.
+    pub ca_pem: Option<Buffer>,
 }
 
 impl From<LoadOptions> for loadgen::LoadOptions {
@@ -508,6 +522,10 @@ impl From<LoadOptions> for loadgen::LoadOptions {
             warmup: ms(o.warmup_ms),
             rate_per_pair: o.rate_per_pair,
             window: o.window.map(|w| w as usize),
+            tls: TlsOptions {
+                ca_pem: o.ca_pem.map(|pem| pem.to_vec()),
+                ..TlsOptions::default()
+            },
             // Not exposed: the probe interval and fast start are the core's.
             ..loadgen::LoadOptions::default()
         }
@@ -559,13 +577,25 @@ pub fn run_load(env: &Env, options: LoadOptions) -> Result<PromiseRaw<'_, LoadRe
     })
 }
 
-/// Connects `count` idle clients to `url` and keeps them connected for `holdMs` (memory benchmark).
-/// Resolves with how many connected.
+/// Connects `count` idle clients to `url` and keeps them connected for `holdMs` (memory benchmark);
+/// `caPem` is trusted for `https://` URLs besides the public roots. Resolves with how many connected.
 #[napi(ts_return_type = "Promise<number>")]
-pub fn hold_clients(env: &Env, url: String, count: u32, hold_ms: u32) -> Result<PromiseRaw<'_, u32>> {
-    let hold = async move { Ok(loadgen::hold_clients(&url, count as usize, ms(hold_ms)).await) };
+pub fn hold_clients(
+    env: &Env,
+    url: String,
+    count: u32,
+    hold_ms: u32,
+    ca_pem: Option<Buffer>,
+) -> Result<PromiseRaw<'_, u32>> {
+    let tls = TlsOptions {
+        ca_pem: ca_pem.map(|pem| pem.to_vec()),
+        ..TlsOptions::default()
+    };
+    let hold = async move { Ok(loadgen::hold_clients(&url, count as usize, ms(hold_ms), &tls).await) };
     env.spawn_future_with_callback(hold, |env, r: std::result::Result<usize, ClientError>| {
-        r.map(|n| n as u32)
-            .map_err(|e| rejection(env, coded(Code::LoadDial, e)))
+        r.map(|n| n as u32).map_err(|e| {
+            let code = dial_code(&e);
+            rejection(env, coded(code, e))
+        })
     })
 }

@@ -10,7 +10,9 @@
 //! socket buffer and the relay's full queues. Paced below the relay's capacity, it is the relay's own
 //! forwarding delay.
 //!
-//! Sender and receiver of a pair may use different relay URLs, to measure the mesh path.
+//! Sender and receiver of a pair may use different relay URLs, to measure the mesh path. `https://`
+//! URLs are dialed over TLS ([`TlsOptions`]: the public roots plus a private CA), so a relay's TLS
+//! termination is measured with the same load.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -22,7 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
-use crate::client::{dial, dial_with, ClientError, DerpConn, DialOptions};
+use crate::client::{dial_tls, ClientError, DerpConn, DialOptions, TlsOptions};
 use crate::frame::{self, FrameType, HEADER_LEN, KEY_LEN, MAX_FRAME_SIZE, MAX_PACKET_SIZE, PING_LEN};
 use crate::handshake::ClientInfo;
 use crate::io::{FrameReader, Writer};
@@ -81,6 +83,9 @@ pub struct LoadOptions {
     pub window: Option<usize>,
     /// Dial with `Derp-Fast-Start: 1`.
     pub fast_start: bool,
+    /// TLS settings for `https://` URLs (a private CA that signed the relay's certificate);
+    /// ignored for `http://`.
+    pub tls: TlsOptions,
 }
 
 impl Default for LoadOptions {
@@ -96,6 +101,7 @@ impl Default for LoadOptions {
             rate_per_pair: None,
             window: None,
             fast_start: false,
+            tls: TlsOptions::default(),
         }
     }
 }
@@ -139,6 +145,9 @@ pub enum OptionsError {
     NoWindow,
     #[error("probe interval must be more than 0")]
     NoProbeInterval,
+    /// The TLS settings are unusable (e.g. the private CA PEM holds no certificate).
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// What went wrong on one client's connection during a run.
@@ -371,6 +380,10 @@ fn validate(opts: &LoadOptions) -> Result<(), OptionsError> {
     if opts.probe_interval.is_zero() {
         return Err(OptionsError::NoProbeInterval);
     }
+    if opts.tls.ca_pem.is_some() {
+        // A bad CA file fails here, once, not in every dial.
+        opts.tls.client_config().map_err(|e| OptionsError::Tls(e.to_string()))?;
+    }
     Ok(())
 }
 
@@ -395,7 +408,7 @@ async fn dial_pairs(opts: &LoadOptions, receiver_url: &str) -> Result<(Dialed, D
         let (info, dial_options) = (&info, &dial_options);
         async move {
             let key = KeyPair::generate();
-            let conn = dial_with(url, &key, info, dial_options)
+            let conn = dial_tls(url, &key, info, dial_options, &opts.tls)
                 .await
                 .map_err(|error| LoadError::Dial {
                     role,
@@ -611,9 +624,10 @@ fn read_error(e: std::io::Error) -> PairError {
     }
 }
 
-/// Connects `count` idle clients to `url` (64 dials at a time) and keeps them connected for
-/// `hold` (the memory benchmark). Returns how many connected; fails with the first failed dial.
-pub async fn hold_clients(url: &str, count: usize, hold: Duration) -> Result<usize, ClientError> {
+/// Connects `count` idle clients to `url` (64 dials at a time; `tls` for `https://` URLs) and keeps
+/// them connected for `hold` (the memory benchmark). Returns how many connected; fails with the
+/// first failed dial.
+pub async fn hold_clients(url: &str, count: usize, hold: Duration, tls: &TlsOptions) -> Result<usize, ClientError> {
     let info = ClientInfo {
         version: frame::PROTOCOL_VERSION,
         can_ack_pings: true,
@@ -623,7 +637,7 @@ pub async fn hold_clients(url: &str, count: usize, hold: Duration) -> Result<usi
     while conns.len() < count {
         let dials = (conns.len()..count.min(conns.len() + DIAL_CONCURRENCY)).map(|_| {
             let info = &info;
-            async move { dial(url, &KeyPair::generate(), info).await }
+            async move { dial_tls(url, &KeyPair::generate(), info, &DialOptions::default(), tls).await }
         });
         for conn in futures_util::future::join_all(dials).await {
             conns.push(conn?);
@@ -734,9 +748,19 @@ mod tests {
         .is_err());
         assert!(validate(&LoadOptions {
             duration: Duration::ZERO,
-            ..ok
+            ..ok.clone()
         })
         .is_err());
+        let no_cert = validate(&LoadOptions {
+            tls: TlsOptions {
+                ca_pem: Some(b"not a certificate".to_vec()),
+                ..Default::default()
+            },
+            ..ok
+        })
+        .unwrap_err();
+        assert!(matches!(no_cert, OptionsError::Tls(_)), "{no_cert}");
+        assert!(no_cert.to_string().contains("private CA PEM"), "{no_cert}");
     }
 
     #[test]
