@@ -72,6 +72,16 @@ metrics! {
     restarting_sent: Counter, "Restarting frames sent on graceful shutdown.";
     mesh_links: Gauge, "Outgoing mesh links currently connected to peer relays.";
     forwarders: Gauge, "Client keys reachable through a mesh peer.";
+    upgrades_fast_start: Counter, "DERP upgrades with Derp-Fast-Start: 1 (no 101; a Go client does so when it saw the meta certificate).";
+    front_connections: Counter, "Raw TCP connections taken over before HTTP (TLS in the core, or plain).";
+    tls_handshakes: Counter, "TLS handshakes completed by the core.";
+    tls_handshake_errors: Counter, "Connections closed for a failed TLS handshake (not TLS, truncated, refused).";
+    tls_handshake_timeouts: Counter, "Connections closed because the TLS handshake did not complete in 10 s.";
+    http_head_timeouts: Counter, "Connections closed by the core because a request head did not complete in 10 s.";
+    http_bad_requests: Counter, "Connections closed by the core for a malformed or oversized request head (400).";
+    http_requests_answered: Counter, "Requests the core answered itself (probes, /generate_204, refused upgrades).";
+    connections_handed_to_node: Counter, "Connections handed to Node's HTTP server as a decrypted stream (operator API, metrics, ...).";
+    http_handoff_failures: Counter, "Connections closed because no socket pair could be made to hand them to Node.";
 }
 
 impl Metrics {

@@ -9,10 +9,12 @@ use bytes::Bytes;
 
 use crate::client::TlsOptions;
 use crate::conn;
+use crate::front::{Front, HttpHandoff};
 use crate::keys::{Key, KeyPair};
 use crate::mesh::{LinkStatus, MeshError, MeshLinks};
 use crate::metrics::Metrics;
 use crate::relay::{Relay, RelayConfig};
+use crate::tls::TlsError;
 use crate::upgrade::{self, Bridge, Transport, Upgrade, UpgradeError};
 
 /// What a [`Server`] starts with. `Default`: a new key, no mesh key, the default relay tunables,
@@ -29,11 +31,13 @@ pub struct ServerConfig {
     pub mesh_tls: TlsOptions,
 }
 
-/// A running relay and its mesh links. Dropping it stops the links; the relay's connections end
-/// with [`Server::shutdown`] (or when the runtime does).
+/// A running relay, its mesh links and its front door (TLS certificate, hand-off of other HTTP
+/// requests to the embedder). Dropping it stops the links; the relay's connections end with
+/// [`Server::shutdown`] (or when the runtime does).
 pub struct Server {
     relay: Arc<Relay>,
     links: MeshLinks,
+    front: Arc<Front>,
 }
 
 impl Server {
@@ -43,7 +47,8 @@ impl Server {
         let relay = Relay::new(key, config.relay);
         relay.set_mesh_key(config.mesh_key);
         let links = MeshLinks::new(&relay, config.mesh_tls)?;
-        Ok(Server { relay, links })
+        let front = Arc::new(Front::new(relay.clone()));
+        Ok(Server { relay, links, front })
     }
 
     pub fn relay(&self) -> &Arc<Relay> {
@@ -66,6 +71,11 @@ impl Server {
     /// Sets the problem text sent to clients in a Health frame; "" means healthy.
     pub fn set_health(&self, problem: &str) {
         self.relay.set_health(problem);
+    }
+
+    /// The front door of [`Server::accept_connection`]: TLS, probes, DERP upgrades, hand-off.
+    pub fn front(&self) -> &Arc<Front> {
+        &self.front
     }
 
     /// The mesh links: peers, TLS settings, status.
@@ -101,6 +111,39 @@ impl Server {
             }
         });
         Ok(())
+    }
+
+    /// Takes over a raw accepted TCP socket by descriptor (duplicated, as in [`Server::accept_fd`])
+    /// before anything was read from it: TLS if a certificate is set, then HTTP (see
+    /// [`crate::front`]). Serves it on the calling thread's runtime.
+    pub fn accept_connection(&self, fd: i32, remote: SocketAddr) -> Result<(), UpgradeError> {
+        let runtime = upgrade::runtime()?;
+        let stream = upgrade::dup_tcp_stream(fd)?;
+        let front = self.front.clone();
+        runtime.spawn(async move {
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(s) => front.serve(s, remote).await,
+                Err(_) => Metrics::inc(&front.metrics().handshake_failure_io),
+            }
+        });
+        Ok(())
+    }
+
+    /// New connections from [`Server::accept_connection`] get TLS with this pair (PEM chain, leaf
+    /// first, and its key) and the meta certificate; live connections keep theirs. A bad pair is
+    /// refused and the current one stays.
+    pub fn set_certificate(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), TlsError> {
+        self.front.set_certificate(cert_pem, key_pem)
+    }
+
+    /// New connections from [`Server::accept_connection`] are served without TLS.
+    pub fn clear_certificate(&self) {
+        self.front.clear_certificate()
+    }
+
+    /// Where [`Server::accept_connection`] hands requests the core does not answer itself.
+    pub fn set_http_handoff(&self, handoff: Option<HttpHandoff>) {
+        self.front.set_http_handoff(handoff)
     }
 
     /// Serves a connection whose bytes the caller carries through the returned [`Bridge`].
