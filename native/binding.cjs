@@ -837,6 +837,7 @@ module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __n
 module.exports = nativeBinding
 module.exports.Bridge = nativeBinding.Bridge
 module.exports.RelayCore = nativeBinding.RelayCore
+module.exports.StunServer = nativeBinding.StunServer
 module.exports.boxOpen = nativeBinding.boxOpen
 module.exports.boxSeal = nativeBinding.boxSeal
 module.exports.generatePrivateKey = nativeBinding.generatePrivateKey

@@ -53,6 +53,16 @@ export declare class RelayCore {
   shutdown(reconnectInMs: number, tryForMs: number, graceMs: number): Promise<void>
 }
 
+/** A STUN listener (Binding requests from Tailscale clients) on one UDP address. */
+export declare class StunServer {
+  /** Binds `address` (`host:port`, IPv6 in brackets) and starts answering. */
+  static bind(address: string): StunServer
+  /** The bound port (the real one when 0 was asked for). */
+  get port(): number
+  stats(): StunStats
+  stop(): void
+}
+
 /** Opens a box sealed by `peerPublicKey` to `privateKey`; `null` if it does not authenticate. */
 export declare function boxOpen(privateKey: Uint8Array, peerPublicKey: Uint8Array, sealed: Uint8Array): Buffer | null
 
@@ -168,6 +178,15 @@ export interface RelayOptions {
 
 /** Runs the load generator (in Rust, off the JS thread) and reports. */
 export declare function runLoad(options: LoadOptions): Promise<LoadReport>
+
+/** What a STUN listener did, for metrics. */
+export interface StunStats {
+  answered: number
+  malformed: number
+  notBinding: number
+  sendErrors: number
+  readErrors: number
+}
 
 /** How a client asked to upgrade. */
 export type UpgradeKind = 'derp' | 'derp-fast-start' | 'websocket'

@@ -1,5 +1,6 @@
 // Every server option, declared once: its flag, environment names, default and description.
 // The CLI help, the README table (`derpmesh config-table`) and validation all come from `options`.
+import { isIP } from 'node:net';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 
@@ -104,6 +105,20 @@ export const options = {
     description:
       "Relays to mesh with besides the peers found in Postgres, e.g. Tailscale `derper` nodes: comma-separated relay URLs (`http://10.0.0.2:3000`) or host names, which mean `https://<host>` as in derper's `--mesh-with`. This node's own address may be in the list.",
   },
+  stunAddress: {
+    flag: '--stun-address',
+    env: ['DERPMESH_STUN_ADDRESS'],
+    kind: 'string',
+    description:
+      'UDP address where this node answers STUN (the Binding requests Tailscale clients use to learn their public address), announced in `/derpmap`. Default: the listen host, port 3478 (taken only if free); `disable` turns STUN off.',
+  },
+  stunAddresses: {
+    flag: '--derp-server-stun-addresses',
+    env: ['CODER_DERP_SERVER_STUN_ADDRESSES'],
+    kind: 'string',
+    description:
+      "As in Coder: other STUN servers (`host:port`, comma-separated) announced in `/derpmap` as STUN-only regions; `disable` turns STUN off entirely, this node's included.",
+  },
   hostname: {
     flag: '--hostname',
     env: ['DERPMESH_HOSTNAME'],
@@ -182,6 +197,10 @@ export interface ServerConfig {
   meshCaFile?: string;
   /** Relay base URLs (no trailing slash, no `/derp`) meshed with in addition to the Postgres peers. */
   meshWith: string[];
+  /** Where to answer STUN; `explicit` when configured (a failure to bind stops the node), else the default. */
+  stun?: { host: string; port: number; explicit: boolean };
+  /** Other STUN servers for the DERP map (Coder's CODER_DERP_SERVER_STUN_ADDRESSES). */
+  stunServers: { host: string; port: number }[];
   hostname?: string;
   stateDir: string;
   heartbeatIntervalMs: number;
@@ -324,6 +343,7 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     tlsKeyFile,
     meshCaFile: raw.meshCaFile,
     meshWith: raw.meshWith !== undefined ? parseMeshWith(raw.meshWith) : [],
+    ...stunConfig(raw.stunAddress, raw.stunAddresses, listenHost),
     hostname: raw.hostname,
     stateDir: raw.stateDir!,
     heartbeatIntervalMs: durationMs('heartbeatInterval'),
@@ -368,6 +388,44 @@ function parseMeshWith(text: string): string[] {
   }
   return urls;
 }
+
+/** STUN: this node's listener (default: the listen host, port 3478) and the other servers announced. */
+function stunConfig(
+  address: string | undefined,
+  servers: string | undefined,
+  listenHost: string,
+): Pick<ServerConfig, 'stun' | 'stunServers'> {
+  const off = (t: string | undefined) => t !== undefined && ['', 'disable', 'disabled', 'off', 'false'].includes(t.trim().toLowerCase());
+  if (off(servers)) return { stunServers: [] };
+  const stunServers = (servers ?? '')
+    .split(',')
+    .map((e) => e.trim())
+    .filter((e) => e !== '')
+    .map((entry) => {
+      const parsed = parseAddress(entry);
+      if (!parsed || parsed[0] === '0.0.0.0' || parsed[1] === 0)
+        throw configError(
+          `${describe('stunAddresses')} entry ${JSON.stringify(entry)} must be host:port, e.g. stun.example.com:3478`,
+          entry,
+        );
+      return { host: parsed[0], port: parsed[1] };
+    });
+  if (off(address)) return { stunServers };
+  // The default follows the HTTP listen host (a host name there leaves STUN on every address).
+  if (address === undefined) {
+    return { stun: { host: isIP(listenHost) ? listenHost : '0.0.0.0', port: DEFAULT_STUN_PORT, explicit: false }, stunServers };
+  }
+  const parsed = parseAddress(address);
+  if (!parsed || isIP(parsed[0]) === 0)
+    throw configError(
+      `${describe('stunAddress')} must be an IP address and port (e.g. 0.0.0.0:3478 or [::]:3478) or disable, got ${JSON.stringify(address)}`,
+      address,
+    );
+  return { stun: { host: parsed[0], port: parsed[1], explicit: true }, stunServers };
+}
+
+/** The STUN port Tailscale clients assume. */
+export const DEFAULT_STUN_PORT = 3478;
 
 /** `*:80` → 0.0.0.0:80; `[::1]:80`; `host:port`. Port 0 picks a free port. */
 function parseAddress(text: string): [string, number] | undefined {

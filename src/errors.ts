@@ -26,6 +26,7 @@ const nativeCodes: ReadonlySet<string> = new Set<DerpmeshErrorCode>([
   'DERPMESH_ERR_LOAD_DIAL',
   'DERPMESH_ERR_LOAD_RUN',
   'DERPMESH_ERR_LOAD_TLS',
+  'DERPMESH_ERR_LISTEN',
 ]);
 
 /** What an operator does about a native error: the settings are named here, never in Rust. */

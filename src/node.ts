@@ -27,6 +27,7 @@ import { createPool } from './postgres/pool.js';
 import { Pubsub } from './postgres/pubsub.js';
 import { ReplicaRegistry } from './replicas/registry.js';
 import { MeshTrust } from './mesh-trust.js';
+import { startStun } from './stun.js';
 import { CertificateFiles } from './tls-certs.js';
 import { relayBase } from './relay-url.js';
 import { Relay } from './relay.js';
@@ -166,7 +167,10 @@ async function start(
       misconfigurations: misconfigurations(),
     });
 
-  const derpMap = await loadDerpMap(config);
+  // STUN next to the relay (custom relays: the custom map's relays answer it, not this node).
+  const stun = relay && config.stun ? startStun(config.stun, log) : undefined;
+  if (stun) cleanups.push(async () => stun.stop());
+  const derpMap = await loadDerpMap(config, stun?.port);
   const metrics = (): MetricSample[] => {
     const samples: MetricSample[] = [
       {
@@ -185,6 +189,7 @@ async function start(
       { name: 'pubsub_reconnects', kind: 'counter', help: 'LISTEN connection re-establishments.', value: pubsub.state().reconnects },
       { name: 'misconfigurations', kind: 'gauge', help: 'Cluster misconfiguration warnings in effect.', value: warnings().length },
     ];
+    if (stun) samples.push(...stun.metrics());
     for (const l of registry.peerLatencies()) {
       const labels = { peer: l.hostname, peer_id: l.replicaId };
       samples.push({

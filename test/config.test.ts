@@ -74,6 +74,25 @@ describe('configuration', () => {
     expectCode(() => loadConfig([], { CODER_TLS_CERT_FILE: '/x.pem' }), 'DERPMESH_ERR_CONFIG', /go together/);
   });
 
+  test("STUN: the listen host on 3478 by default, an IP address when set, disable; Coder's STUN server list", () => {
+    assert.deepEqual(loadConfig([], {}).stun, { host: '127.0.0.1', port: 3478, explicit: false });
+    assert.deepEqual(loadConfig(['--http-address', '*:80'], {}).stun, { host: '0.0.0.0', port: 3478, explicit: false });
+    assert.deepEqual(loadConfig([], { DERPMESH_STUN_ADDRESS: '[::]:3479' }).stun, { host: '::', port: 3479, explicit: true });
+    assert.equal(loadConfig(['--stun-address', 'disable'], {}).stun, undefined);
+    expectCode(() => loadConfig(['--stun-address', 'localhost:3478'], {}), 'DERPMESH_ERR_CONFIG', /--stun-address.*IP address and port/);
+    expectCode(() => loadConfig(['--stun-address', '3478'], {}), 'DERPMESH_ERR_CONFIG', /DERPMESH_STUN_ADDRESS/);
+    // Coder's CODER_DERP_SERVER_STUN_ADDRESSES: other STUN servers to announce, or disable for none at all.
+    const coder = loadConfig([], { CODER_DERP_SERVER_STUN_ADDRESSES: 'stun.example.com:3478, 192.0.2.1:19302' });
+    assert.deepEqual(coder.stunServers, [
+      { host: 'stun.example.com', port: 3478 },
+      { host: '192.0.2.1', port: 19302 },
+    ]);
+    const off = loadConfig([], { CODER_DERP_SERVER_STUN_ADDRESSES: 'disable', DERPMESH_STUN_ADDRESS: '127.0.0.1:3478' });
+    assert.equal(off.stun, undefined);
+    assert.deepEqual(off.stunServers, []);
+    expectCode(() => loadConfig([], { CODER_DERP_SERVER_STUN_ADDRESSES: 'stun.example.com' }), 'DERPMESH_ERR_CONFIG', /must be host:port/);
+  });
+
   test('the README configuration table is generated from the declarations', () => {
     const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
     assert.ok(

@@ -43,6 +43,11 @@ function runInterop(
 ): Promise<{ code: number; checks: Check[]; stderr: string }> {
   const args = ['-url', `${url}/derp`, '-mesh-key', meshKey, '-overall-timeout', '90s'];
   if (websocket) args.push('-websocket');
+  return runChecks(binary, args);
+}
+
+/** Runs the Go checker with `args`; its stdout is one JSON check per line. */
+function runChecks(binary: string, args: string[]): Promise<{ code: number; checks: Check[]; stderr: string }> {
   return new Promise((resolve) => {
     execFile(binary, args, { timeout: 120_000 }, (err, stdout, stderr) => {
       const checks = stdout
@@ -174,6 +179,50 @@ describe('Tailscale derphttp client against derpmesh', { skip: !hasGo && 'Go is 
         await Promise.all(nodes.map((n) => n.kill9()));
         await pg?.stop();
         if (ca) rmSync(ca.dir, { recursive: true, force: true });
+      }
+    },
+  );
+
+  // STUN: Tailscale's own net/stun against a node's STUN listener.
+  test(
+    'STUN: Tailscale net/stun gets its own address back, non-Tailscale datagrams are dropped and counted, /derpmap announces the port',
+    { timeout: 1_400_000 + 120_000 }, // the build bound (when run alone) + the run
+    async () => {
+      let pg: TestPostgres | undefined;
+      let node: NodeProcess | undefined;
+      try {
+        pg = await startPostgres();
+        node = await startNodeProcess({ name: 'interop-stun', postgresUrl: pg.url, env: { DERPMESH_STUN_ADDRESS: '127.0.0.1:0' } });
+        await node.started;
+        // The DERP map tells clients where to send STUN (tailcfg.DERPNode.STUNPort; -1 = none).
+        const map = (await (await fetch(`${node.url}/derpmap`)).json()) as { Regions: Record<string, { Nodes: { STUNPort: number }[] }> };
+        const [stunPort] = Object.values(map.Regions).flatMap((r) => r.Nodes.map((n) => n.STUNPort));
+        assert.ok(stunPort! > 0, `STUNPort ${stunPort}`);
+        const { code, checks, stderr } = await runChecks(binary(), [
+          '-stun',
+          `127.0.0.1:${stunPort}`,
+          '-timeout',
+          '5s',
+          '-overall-timeout',
+          '60s',
+        ]);
+        for (const c of checks) console.log(`  ${c.ok ? 'ok  ' : 'FAIL'} ${c.check}: ${c.detail}`);
+        assert.deepEqual(
+          checks.filter((c) => !c.ok),
+          [],
+          `${stderr}\n${node.output()}`,
+        );
+        assert.deepEqual(
+          checks.map((c) => c.check),
+          ['stun_binding', 'stun_drops_non_tailscale'],
+        );
+        assert.equal(code, 0, stderr);
+        const metrics = await node.metrics();
+        assert.match(metrics, /^derpmesh_stun_answered [1-9]/m, metrics);
+        assert.match(metrics, /^derpmesh_stun_malformed [1-9]/m, 'the bare RFC 5389 request and the non-STUN datagram are counted');
+      } finally {
+        await node?.kill9();
+        await pg?.stop();
       }
     },
   );

@@ -1,6 +1,7 @@
 // `derpmesh server` as a real process: it relays, shuts down gracefully with Restarting, and
 // refuses bad configuration with a clear message.
 import { strict as assert } from 'node:assert';
+import { createSocket } from 'node:dgram';
 import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { describe, test } from 'node:test';
@@ -65,6 +66,47 @@ describe('derpmesh server process', () => {
         await a.close();
       } finally {
         server.child.kill('SIGKILL');
+      }
+    },
+  );
+
+  test(
+    'STUN: a configured address that is taken stops the start (exit 2, the fix); the default one is skipped with a warning',
+    { timeout: 40_000 },
+    async () => {
+      const taken = createSocket('udp4');
+      await new Promise<void>((resolve) => taken.bind(0, '127.0.0.1', resolve));
+      const port = taken.address().port;
+      try {
+        const explicit = startServer(['--http-address', '127.0.0.1:0', '--stun-address', `127.0.0.1:${port}`]);
+        const [code] = (await once(explicit.child, 'exit')) as [number];
+        assert.equal(code, 2, explicit.output());
+        assert.match(
+          explicit.output(),
+          new RegExp(`cannot listen for STUN on udp 127\\.0\\.0\\.1:${port}.*DERPMESH_STUN_ADDRESS.*\\[DERPMESH_ERR_LISTEN\\]`),
+        );
+        assert.doesNotMatch(explicit.output(), /\n\s+at /, 'no stack trace');
+      } finally {
+        taken.close();
+      }
+      // The default (the listen host, port 3478) held by someone else: the node runs without STUN.
+      const holder = createSocket('udp4');
+      const held = await new Promise<boolean>((resolve) => {
+        holder.once('error', () => resolve(false)); // already taken by another process: the same situation
+        holder.bind(3478, '127.0.0.1', () => resolve(true));
+      });
+      const server = startServer(['--http-address', '127.0.0.1:0']);
+      try {
+        const url = await server.url;
+        assert.match(server.output(), /STUN is off: its default address is not free.*address=127\.0\.0\.1:3478/);
+        const map = (await (await fetch(`${url}/derpmap`)).json()) as { Regions: Record<string, { Nodes: { STUNPort: number }[] }> };
+        assert.deepEqual(
+          Object.values(map.Regions).flatMap((r) => r.Nodes.map((n) => n.STUNPort)),
+          [-1],
+        );
+      } finally {
+        server.child.kill('SIGKILL');
+        if (held) holder.close();
       }
     },
   );

@@ -86,6 +86,8 @@ export async function clusterCommand(argv: string[]): Promise<void> {
         DERPMESH_STATE_DIR: stateDir,
         DERPMESH_HOSTNAME: name,
         DERPMESH_HEARTBEAT_INTERVAL: heartbeat,
+        // Every node answers STUN on a UDP port of its own (its /derpmap says which), unless set.
+        DERPMESH_STUN_ADDRESS: process.env.DERPMESH_STUN_ADDRESS ?? '127.0.0.1:0',
         // The node stops (gracefully) when this process is gone, however it went: see cli.ts.
         [STOP_WITH_PARENT_ENV]: '1',
       },

@@ -20,8 +20,10 @@ use derpmesh_relay::mesh::{self, LinkError, MeshError};
 use derpmesh_relay::metrics;
 use derpmesh_relay::relay::RelayConfig;
 use derpmesh_relay::server::{Server, ServerConfig};
+use derpmesh_relay::tls;
 use derpmesh_relay::upgrade::{self, Upgrade, UpgradeError};
 use napi::bindgen_prelude::*;
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi_derive::napi;
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -44,6 +46,9 @@ pub enum Code {
     NoRuntime,
     /// A socket descriptor could not be taken over ([`UpgradeError`]): the caller bridges instead.
     Descriptor,
+    /// A TLS certificate or key is unusable (`tls::TlsError`): no certificate or key in the PEM,
+    /// a key that does not belong to the certificate, a certificate that cannot be generated.
+    Tls,
     /// The load generator's options are unusable ([`loadgen::OptionsError`]).
     LoadOptions,
     /// A load generator client could not connect.
@@ -53,6 +58,8 @@ pub enum Code {
     /// A load generator client's TLS handshake failed (e.g. the relay's certificate is not signed
     /// by a trusted CA).
     LoadTls,
+    /// An address could not be bound (in use, not local, not allowed).
+    Listen,
 }
 
 impl AsRef<str> for Code {
@@ -62,10 +69,12 @@ impl AsRef<str> for Code {
             Code::MeshTls => "DERPMESH_ERR_MESH_TLS",
             Code::NoRuntime => "DERPMESH_ERR_NO_RUNTIME",
             Code::Descriptor => "DERPMESH_ERR_DESCRIPTOR",
+            Code::Tls => "DERPMESH_ERR_TLS",
             Code::LoadOptions => "DERPMESH_ERR_LOAD_OPTIONS",
             Code::LoadDial => "DERPMESH_ERR_LOAD_DIAL",
             Code::LoadRun => "DERPMESH_ERR_LOAD_RUN",
             Code::LoadTls => "DERPMESH_ERR_LOAD_TLS",
+            Code::Listen => "DERPMESH_ERR_LISTEN",
         }
     }
 }
@@ -369,6 +378,50 @@ impl RelayCore {
             .map_err(upgrade_error)
     }
 
+    /// Takes over a raw accepted TCP socket by descriptor before anything was read from it (a
+    /// `net` server with `pauseOnConnect`); the caller destroys its own handle afterwards. With a
+    /// certificate set the core terminates TLS; it answers `/derp` and the probes itself and hands
+    /// every other request to the `onHttpConnection` callback.
+    #[napi]
+    pub fn accept_connection(&self, fd: i32, remote_address: String, remote_port: u32) -> Result<(), Code> {
+        let remote = upgrade::remote_addr(&remote_address, port(remote_port)?);
+        within_runtime_if_available(|| self.server.accept_connection(fd, remote)).map_err(upgrade_error)
+    }
+
+    /// TLS for new `acceptConnection` sockets with this certificate chain (PEM, leaf first) and
+    /// key; live connections keep theirs. Throws `DERPMESH_ERR_TLS` for an unusable pair (the
+    /// current one stays).
+    #[napi]
+    pub fn set_certificate(&self, cert_pem: Buffer, key_pem: Buffer) -> Result<(), Code> {
+        self.server
+            .set_certificate(&cert_pem, &key_pem)
+            .map_err(|e| coded(Code::Tls, e))
+    }
+
+    /// New `acceptConnection` sockets are served without TLS.
+    #[napi]
+    pub fn clear_certificate(&self) {
+        self.server.clear_certificate();
+    }
+
+    /// Receives the requests the core does not answer (anything but `/derp` and the probes) as a
+    /// connected stream socket carrying the decrypted bytes, from the request head on: its
+    /// descriptor (the callee owns it) and the client's address. Does not keep Node running.
+    #[napi(ts_args_type = "callback: (fd: number, remoteAddress: string, remotePort: number) => void")]
+    pub fn on_http_connection(&self, callback: HttpConnectionCallback) {
+        #[cfg(unix)]
+        {
+            use std::os::fd::IntoRawFd;
+            let callback = std::sync::Arc::new(callback);
+            self.server.set_http_handoff(Some(std::sync::Arc::new(move |fd, remote| {
+                let args = (fd.into_raw_fd(), remote.ip().to_string(), u32::from(remote.port()));
+                callback.call(args, ThreadsafeFunctionCallMode::NonBlocking);
+            })));
+        }
+        #[cfg(not(unix))]
+        drop(callback);
+    }
+
     #[napi]
     pub fn set_mesh_key(&self, mesh_key: Option<String>) {
         self.server.set_mesh_key(mesh_key);
@@ -420,6 +473,25 @@ impl RelayCore {
             .shutdown(ms(reconnect_in_ms), ms(try_for_ms), ms(grace_ms))
             .await;
     }
+}
+
+/// `(fd, remoteAddress, remotePort)`, called without waiting and without keeping Node running.
+type HttpConnectionCallback = ThreadsafeFunction<(i32, String, u32), (), (i32, String, u32), Status, false, true>;
+
+/// A self-signed certificate (ECDSA P-256) for `hosts` (DNS names or IP addresses; the first is
+/// also its CN), for development and IP-only setups: clients must be told to trust it.
+#[napi(object)]
+pub struct SelfSignedCertificate {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Generates a [`SelfSignedCertificate`]. Throws `DERPMESH_ERR_TLS` without hosts or for a name
+/// that cannot be in a certificate.
+#[napi]
+pub fn generate_self_signed(hosts: Vec<String>) -> Result<SelfSignedCertificate, Code> {
+    let (cert_pem, key_pem) = tls::generate_self_signed(&hosts).map_err(|e| coded(Code::Tls, e))?;
+    Ok(SelfSignedCertificate { cert_pem, key_pem })
 }
 
 /// The caller's end of a bridged connection (the core's `upgrade::Bridge`).
@@ -598,4 +670,61 @@ pub fn hold_clients(
             rejection(env, coded(code, e))
         })
     })
+}
+
+/// What a STUN listener did, for metrics.
+#[napi(object)]
+pub struct StunStats {
+    pub answered: i64,
+    pub malformed: i64,
+    pub not_binding: i64,
+    pub send_errors: i64,
+    pub read_errors: i64,
+}
+
+/// A STUN listener (Binding requests from Tailscale clients) on one UDP address.
+#[napi]
+pub struct StunServer {
+    listener: derpmesh_relay::stun::Listener,
+}
+
+#[napi]
+impl StunServer {
+    /// Binds `address` (`host:port`, IPv6 in brackets) and starts answering.
+    #[napi(factory)]
+    pub fn bind(address: String) -> std::result::Result<StunServer, Error<Code>> {
+        let addr: std::net::SocketAddr = address.parse().map_err(|_| {
+            Error::new(
+                Code::InvalidArgument,
+                format!("{address:?} is not a host:port socket address"),
+            )
+        })?;
+        let listener = within_runtime_if_available(|| derpmesh_relay::stun::Listener::bind(addr))
+            .map_err(|e| Error::new(Code::Listen, format!("cannot listen for STUN on udp {addr}: {e}")))?;
+        Ok(StunServer { listener })
+    }
+
+    /// The bound port (the real one when 0 was asked for).
+    #[napi(getter)]
+    pub fn port(&self) -> u32 {
+        u32::from(self.listener.local_addr().port())
+    }
+
+    #[napi]
+    pub fn stats(&self) -> StunStats {
+        let s = self.listener.stats();
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        StunStats {
+            answered: n(s.answered),
+            malformed: n(s.malformed),
+            not_binding: n(s.not_binding),
+            send_errors: n(s.send_errors),
+            read_errors: n(s.read_errors),
+        }
+    }
+
+    #[napi]
+    pub fn stop(&self) {
+        self.listener.stop();
+    }
 }

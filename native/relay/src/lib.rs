@@ -15,5 +15,6 @@ pub mod metrics;
 pub mod outbox;
 pub mod relay;
 pub mod server;
+pub mod stun;
 pub mod tls;
 pub mod upgrade;

@@ -484,6 +484,49 @@ pub async fn serve(socket: UdpSocket, counters: Arc<StunCounters>, mut shutdown:
     }
 }
 
+/// A running STUN listener: the socket is bound when it is made (so a busy or forbidden address
+/// is reported to the caller at once), served on the current tokio runtime until [`Self::stop`] or
+/// drop.
+pub struct Listener {
+    local: SocketAddr,
+    counters: Arc<StunCounters>,
+    stop: watch::Sender<bool>,
+}
+
+impl Listener {
+    /// Binds `address` and starts answering. Must be called inside a tokio runtime.
+    pub fn bind(address: SocketAddr) -> io::Result<Listener> {
+        let socket = std::net::UdpSocket::bind(address)?;
+        socket.set_nonblocking(true)?;
+        let local = socket.local_addr()?;
+        let socket = UdpSocket::from_std(socket)?;
+        let counters = Arc::new(StunCounters::default());
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(serve(socket, counters.clone(), stopped));
+        Ok(Listener { local, counters, stop })
+    }
+
+    /// The bound address (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    pub fn stats(&self) -> StunStats {
+        self.counters.snapshot()
+    }
+
+    /// Stops answering; the socket closes once the serving task sees it.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
