@@ -1,7 +1,7 @@
 // derpmesh against Tailscale's derper, same load, same machine, one run.
 //
 //   node dist/bench/compare.js [--duration 20s] [--rounds 2] [--pairs 10] [--size 1400]
-//                              [--paced-duration 10s] [--paced-fraction 0.6] [--json out.json]
+//                              [--paced-duration 10s] [--paced-fraction 0.6] [--tls auto|on|off] [--json out.json]
 //
 // Both relays run as child processes on loopback, so each one's CPU is its own (the derpmesh node
 // with a throwaway Postgres of its own, unless --postgres-url names one). The load generator
@@ -16,8 +16,16 @@
 //
 // The issue's target: derpmesh ≥ 2× derper's packets/s, with p99 RTT no worse. The exit code is 0
 // whatever the result (this is a measurement); the verdict is printed.
+//
+// Then, with `--tls on` (default `auto`: when the openssl command exists), the same over TLS: one
+// private CA and one leaf certificate for 127.0.0.1, served by a derpmesh node (--tls-cert-file) and
+// by derper (-certmode manual), dialed by the same load generator trusting that CA. The plain
+// derpmesh node takes part in those rounds too, so TLS against plain is measured side by side.
+// Rows: unpaced packets/s, the highest paced rate with < 1 % loss of each relay, p99 RTT at a common
+// paced rate, and the TLS targets: derpmesh-TLS ≥ 3× derper-TLS's highest paced rate, p99 ≤ 0.5×
+// derper-TLS's, derpmesh-TLS ≥ 0.7× derpmesh-plain.
 import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -26,6 +34,8 @@ import { parseArgs } from 'node:util';
 import { runLoad, type LoadReport } from '../src/bench.js';
 import { parseDuration } from '../src/config.js';
 import { startPostgres } from '../test/helpers/postgres.js';
+import { hasOpenssl, makePrivateCa } from '../test/helpers/certs.js';
+import { getUrl } from '../test/helpers/cluster.js';
 import { freePort } from '../src/net.js';
 
 const CLI = fileURLToPath(new URL('../src/cli.js', import.meta.url));
@@ -41,6 +51,10 @@ const CAPACITY_MAX_STEPS = 12;
 const CAPACITY_MAX_LOSS = 0.01;
 /** The issue's target. */
 const TARGET_THROUGHPUT_RATIO = 2;
+/** The TLS targets: derpmesh-TLS against derper-TLS (highest paced rate, p99 at a common rate) and plain. */
+const TLS_TARGET_CAPACITY_RATIO = 3;
+const TLS_TARGET_P99_RATIO = 0.5;
+const TLS_TARGET_VS_PLAIN = 0.7;
 
 const CLOCK_TICKS = (() => {
   try {
@@ -60,8 +74,10 @@ class RelayProcess {
     readonly name: string,
     readonly child: ChildProcess,
     port: number,
+    /** Serves HTTPS with a certificate this CA signed. */
+    readonly caPem?: Buffer,
   ) {
-    this.url = `http://127.0.0.1:${port}`;
+    this.url = `${caPem ? 'https' : 'http'}://127.0.0.1:${port}`;
     child.stderr?.setEncoding('utf8');
     child.stderr?.on('data', (text: string) => {
       this.#stderr = (this.#stderr + text).slice(-4096);
@@ -94,9 +110,9 @@ class RelayProcess {
     for (;;) {
       this.checkAlive();
       try {
-        const res = await fetch(this.url + path, { signal: AbortSignal.timeout(1_000) });
-        await res.arrayBuffer();
-        if (res.ok) return;
+        const res = await getUrl(this.url + path, this.caPem);
+        await res.text();
+        if (res.status >= 200 && res.status < 300) return;
       } catch {
         // Not listening yet.
       }
@@ -136,26 +152,43 @@ function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-async function startDerpmesh(postgresUrl: string): Promise<RelayProcess> {
+/** A certificate for 127.0.0.1 and the CA that signed it, for the TLS rows. */
+interface TlsFiles {
+  certFile: string;
+  keyFile: string;
+  caPem: Buffer;
+}
+
+async function startDerpmesh(postgresUrl: string, tls?: TlsFiles): Promise<RelayProcess> {
   const port = await freePort();
   const args = [CLI, 'server', '--http-address', `127.0.0.1:${port}`, '--postgres-url', postgresUrl, '--log-level', 'warn'];
+  if (tls) args.push('--tls-cert-file', tls.certFile, '--tls-key-file', tls.keyFile);
   const child = spawn(process.execPath, args, {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
-  const relay = new RelayProcess('derpmesh', child, port);
+  const relay = new RelayProcess(tls ? 'derpmesh-tls' : 'derpmesh', child, port, tls?.caPem);
   children.add(relay);
   await relay.waitReady('/healthz');
   return relay;
 }
 
-async function startDerper(binary: string): Promise<RelayProcess> {
+async function startDerper(binary: string, tls?: TlsFiles): Promise<RelayProcess> {
   const port = await freePort();
   const dir = mkdtempSync(join(tmpdir(), 'derpmesh-compare-'));
   tempDirs.add(dir);
-  const child = spawn(binary, ['-a', `127.0.0.1:${port}`, '-stun=false', '-http-port=-1', '-c', join(dir, 'derper.json')], {
+  const args = ['-a', `127.0.0.1:${port}`, '-stun=false', '-http-port=-1', '-c', join(dir, 'derper.json')];
+  if (tls) {
+    // -certmode manual reads <certdir>/<hostname>.crt and .key (cmd/derper/cert.go); for an IP
+    // hostname it generates a self-signed pair only when those files are missing, and skips the SNI
+    // check (rustls sends no SNI for an IP address).
+    copyFileSync(tls.certFile, join(dir, '127.0.0.1.crt'));
+    copyFileSync(tls.keyFile, join(dir, '127.0.0.1.key'));
+    args.push('-certmode', 'manual', '-certdir', dir, '-hostname', '127.0.0.1');
+  }
+  const child = spawn(binary, args, {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
-  const relay = new RelayProcess('derper', child, port);
+  const relay = new RelayProcess(tls ? 'derper-tls' : 'derper', child, port, tls?.caPem);
   children.add(relay);
   await relay.waitReady('/');
   return relay;
@@ -199,7 +232,7 @@ async function measure(
     );
   });
   try {
-    const report = await Promise.race([runLoad({ url: relay.url, warmupMs: WARMUP_MS, ...load }), hung]);
+    const report = await Promise.race([runLoad({ url: relay.url, caPem: relay.caPem, warmupMs: WARMUP_MS, ...load }), hung]);
     const own = process.cpuUsage(ownCpu);
     return {
       relay: relay.name,
@@ -315,10 +348,13 @@ async function sustainableRate(
   packetSize: number,
   start: number,
   stepMs: number,
+  /** Until a step succeeds, halve the rate after a lossy one (at most 4 times) instead of raising it. */
+  stepDown = false,
 ): Promise<{ packetsPerSec: number; steps: CapacityStep[] }> {
   const steps: CapacityStep[] = [];
   let best = 0;
   let failures = 0;
+  let halvings = 0;
   let offered = Math.max(1000, start);
   for (let i = 0; i < CAPACITY_MAX_STEPS && failures < 2; i++) {
     const { report } = await measure(relay, { pairs, packetSize, durationMs: stepMs, ratePerPair: offered / pairs });
@@ -333,6 +369,11 @@ async function sustainableRate(
     );
     // One lossy step may be a burst of background load on the machine: stop at the second in a row.
     if (report.lossRatio > CAPACITY_MAX_LOSS || report.packetsPerSec < 0.97 * offered) {
+      if (stepDown && best === 0 && halvings < 4) {
+        halvings++;
+        offered /= 2;
+        continue;
+      }
       failures++;
     } else {
       failures = 0;
@@ -437,6 +478,261 @@ function verdictText(v: Verdict): string {
   return lines.join('\n');
 }
 
+/** Rounds over any number of relays, the order rotated each round; summaries by relay name. */
+async function roundsOver(
+  name: string,
+  relays: RelayProcess[],
+  load: { pairs: number; packetSize: number; durationMs: number; ratePerPair?: number },
+  rounds: number,
+): Promise<{ summaries: Record<string, Summary>; rounds: Round[] }> {
+  const done: Round[] = [];
+  for (let i = 0; i < rounds; i++) {
+    const order = i % 2 === 0 ? relays : [...relays].reverse();
+    for (const relay of order) {
+      const round = await measure(relay, load);
+      done.push(round);
+      const r = round.report;
+      process.stderr.write(
+        `  ${name} round ${i + 1}/${rounds} ${relay.name.padEnd(12)} ${fmtInt(r.packetsPerSec).padStart(9)} pkt/s  loss ${fmtPct(r.lossRatio)}  ` +
+          `p99 ${fmtMs(r.rttP99Us)}  relay ${(round.relayCpuSecs / round.wallSecs).toFixed(2)} cores\n`,
+      );
+    }
+  }
+  const summaries = Object.fromEntries(relays.map((relay) => [relay.name, summarize(done.filter((r) => r.relay === relay.name))]));
+  return { summaries, rounds: done };
+}
+
+/** A table of several relays' summaries, with ratio columns `a/b`. */
+function tableOf(title: string, columns: [string, Summary][], ratios: [number, number][]): string {
+  const header = [...columns.map(([label]) => label), ...ratios.map(([a, b]) => `${columns[a]![0]}/${columns[b]![0]}`)];
+  const row = (label: string, cell: (s: Summary) => string, value?: (s: Summary) => number | undefined): string[] => [
+    label,
+    ...columns.map(([, s]) => cell(s)),
+    ...ratios.map(([a, b]) => (value ? fmtRatio(value(columns[a]![1]), value(columns[b]![1])) : '')),
+  ];
+  const rows: string[][] = [
+    ['', ...header],
+    row(
+      'packets/s',
+      (s) => fmtInt(s.packetsPerSec),
+      (s) => s.packetsPerSec,
+    ),
+    row(
+      'Gbit/s',
+      (s) => s.gbitPerSec.toFixed(3),
+      (s) => s.gbitPerSec,
+    ),
+    row('loss', (s) => fmtPct(s.lossRatio)),
+    row(
+      'RTT p50',
+      (s) => fmtMs(s.rttP50Us),
+      (s) => s.rttP50Us,
+    ),
+    row(
+      'RTT p90',
+      (s) => fmtMs(s.rttP90Us),
+      (s) => s.rttP90Us,
+    ),
+    row(
+      'RTT p99',
+      (s) => fmtMs(s.rttP99Us),
+      (s) => s.rttP99Us,
+    ),
+    row('RTT samples', (s) => fmtInt(s.rttSamples)),
+    row('relay CPU (cores)', (s) => s.relayCores.toFixed(2)),
+    row(
+      'relay CPU/packet',
+      (s) => `${s.relayCpuUsPerPacket.toFixed(2)} µs`,
+      (s) => s.relayCpuUsPerPacket,
+    ),
+    row('load gen CPU (cores)', (s) => s.loadgenCores.toFixed(2)),
+  ];
+  return [title, ...alignRows(rows)].join('\n');
+}
+
+function alignRows(rows: string[][]): string[] {
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+  return rows.map(
+    (r) =>
+      `  ${r[0]!.padEnd(widths[0]!)}  ${r
+        .slice(1)
+        .map((cell, i) => cell.padStart(widths[i + 1]!))
+        .join('  ')}`,
+  );
+}
+
+/** What the TLS rows measured. */
+interface TlsComparison {
+  saturated: { summaries: Record<string, Summary>; rounds: Round[]; description: string };
+  /** Highest paced rate with loss ≤ 1 % of each relay (absent with --capacity-step 0). */
+  capacity?: Record<string, { packetsPerSec: number; steps: CapacityStep[] }>;
+  paced?: { summaries: Record<string, Summary>; rounds: Round[]; description: string; totalRate: number };
+  verdict: TlsVerdict;
+}
+
+interface TlsVerdict {
+  /** derpmesh-TLS ÷ derper-TLS, highest paced rate with < 1 % loss. */
+  capacityRatio: number | undefined;
+  capacityHolds: boolean;
+  /** derpmesh-TLS ÷ derper-TLS p99 RTT at the common paced rate. */
+  p99Ratio: number | undefined;
+  p99Holds: boolean;
+  /** derpmesh-TLS ÷ derpmesh-plain, unpaced packets/s and highest paced rate. */
+  vsPlainUnpaced: number | undefined;
+  vsPlainCapacity: number | undefined;
+  vsPlainHolds: boolean;
+  holds: boolean;
+}
+
+const TLS_NAMES = { mesh: 'derpmesh-tls', derper: 'derper-tls', plain: 'derpmesh' } as const;
+
+async function compareTls(
+  relays: { meshTls: RelayProcess; derperTls: RelayProcess; meshPlain: RelayProcess },
+  o: {
+    pairs: number;
+    packetSize: number;
+    durationMs: number;
+    rounds: number;
+    capacityStepMs: number;
+    pacedDurationMs: number;
+    pacedFraction: number;
+    pacedRate: number | undefined;
+  },
+): Promise<TlsComparison> {
+  const all = [relays.meshTls, relays.derperTls, relays.meshPlain];
+  const perRound = (ms: number) => Math.max(1, Math.round(ms / o.rounds));
+  const { pairs, packetSize } = o;
+  const saturated = {
+    ...(await roundsOver('tls saturated', all, { pairs, packetSize, durationMs: perRound(o.durationMs) }, o.rounds)),
+    description: `${pairs} pairs × ${packetSize} B, senders unpaced, ${o.rounds} × ${perRound(o.durationMs) / 1000} s per relay`,
+  };
+  let capacity: TlsComparison['capacity'];
+  if (o.capacityStepMs > 0) {
+    capacity = {};
+    for (const relay of all) {
+      // From the unpaced rate, which understates a relay that drops under overload (derper, and
+      // derpmesh's TLS bridge) and overstates what paced senders reach on a relay that does not: the
+      // rate is halved until a step succeeds, then raised.
+      const unpaced = saturated.summaries[relay.name]!.packetsPerSec;
+      capacity[relay.name] = await sustainableRate(relay, pairs, packetSize, unpaced, o.capacityStepMs, true);
+    }
+  }
+  let paced: TlsComparison['paced'];
+  if (o.pacedDurationMs > 0) {
+    const derperMax = Math.max(saturated.summaries[TLS_NAMES.derper]!.packetsPerSec, capacity?.[TLS_NAMES.derper]?.packetsPerSec ?? 0);
+    const totalRate = o.pacedRate ?? o.pacedFraction * derperMax;
+    const basis = o.pacedRate === undefined ? ` (${Math.round(o.pacedFraction * 100)} % of derper-tls's max)` : '';
+    paced = {
+      ...(await roundsOver(
+        'tls paced',
+        all,
+        { pairs, packetSize, durationMs: perRound(o.pacedDurationMs), ratePerPair: totalRate / pairs },
+        o.rounds,
+      )),
+      description: `${pairs} pairs × ${packetSize} B at ${fmtInt(totalRate)} pkt/s total${basis}, ${o.rounds} × ${perRound(o.pacedDurationMs) / 1000} s per relay`,
+      totalRate,
+    };
+  }
+  return { saturated, capacity, paced, verdict: tlsVerdict(saturated.summaries, capacity, paced?.summaries) };
+}
+
+function tlsVerdict(
+  saturated: Record<string, Summary>,
+  capacity: TlsComparison['capacity'],
+  paced: Record<string, Summary> | undefined,
+): TlsVerdict {
+  const ratio = (a: number | undefined, b: number | undefined) => (a === undefined || b === undefined || b === 0 ? undefined : a / b);
+  const capacityRatio = ratio(capacity?.[TLS_NAMES.mesh]?.packetsPerSec, capacity?.[TLS_NAMES.derper]?.packetsPerSec);
+  const p99Ratio = ratio(paced?.[TLS_NAMES.mesh]?.rttP99Us, paced?.[TLS_NAMES.derper]?.rttP99Us);
+  const vsPlainUnpaced = ratio(saturated[TLS_NAMES.mesh]?.packetsPerSec, saturated[TLS_NAMES.plain]?.packetsPerSec);
+  const vsPlainCapacity = ratio(capacity?.[TLS_NAMES.mesh]?.packetsPerSec, capacity?.[TLS_NAMES.plain]?.packetsPerSec);
+  const capacityHolds = capacityRatio !== undefined && capacityRatio >= TLS_TARGET_CAPACITY_RATIO;
+  const p99Holds = p99Ratio !== undefined && p99Ratio <= TLS_TARGET_P99_RATIO;
+  const vsPlainHolds =
+    vsPlainUnpaced !== undefined &&
+    vsPlainUnpaced >= TLS_TARGET_VS_PLAIN &&
+    (vsPlainCapacity === undefined || vsPlainCapacity >= TLS_TARGET_VS_PLAIN);
+  return {
+    capacityRatio,
+    capacityHolds,
+    p99Ratio,
+    p99Holds,
+    vsPlainUnpaced,
+    vsPlainCapacity,
+    vsPlainHolds,
+    holds: capacityHolds && p99Holds && vsPlainHolds,
+  };
+}
+
+function tlsText(t: TlsComparison, capacityStepMs: number): string {
+  const col = (name: string, summaries: Record<string, Summary>): [string, Summary] => [name, summaries[name]!];
+  const columns = (summaries: Record<string, Summary>) => [
+    col(TLS_NAMES.mesh, summaries),
+    col(TLS_NAMES.derper, summaries),
+    col(TLS_NAMES.plain, summaries),
+  ];
+  const ratios: [number, number][] = [
+    [0, 1],
+    [0, 2],
+  ];
+  const out = [tableOf(`tls saturated: ${t.saturated.description}`, columns(t.saturated.summaries), ratios)];
+  if (t.capacity) {
+    const c = t.capacity;
+    const rate = (name: string) => c[name]?.packetsPerSec;
+    out.push(
+      [
+        `tls capacity: highest paced rate with loss ≤ ${CAPACITY_MAX_LOSS * 100} % (steps of ×${CAPACITY_STEP}, ${capacityStepMs / 1000} s each)`,
+        ...alignRows([
+          [
+            '',
+            TLS_NAMES.mesh,
+            TLS_NAMES.derper,
+            TLS_NAMES.plain,
+            `${TLS_NAMES.mesh}/${TLS_NAMES.derper}`,
+            `${TLS_NAMES.mesh}/${TLS_NAMES.plain}`,
+          ],
+          [
+            'packets/s',
+            fmtInt(rate(TLS_NAMES.mesh) ?? 0),
+            fmtInt(rate(TLS_NAMES.derper) ?? 0),
+            fmtInt(rate(TLS_NAMES.plain) ?? 0),
+            fmtRatio(rate(TLS_NAMES.mesh), rate(TLS_NAMES.derper)),
+            fmtRatio(rate(TLS_NAMES.mesh), rate(TLS_NAMES.plain)),
+          ],
+          [
+            'steps (last offered)',
+            ...[TLS_NAMES.mesh, TLS_NAMES.derper, TLS_NAMES.plain].map((n) => {
+              const steps = c[n]?.steps ?? [];
+              return `${steps.length} (${fmtInt(steps.at(-1)?.offeredPerSec ?? 0)})`;
+            }),
+            '',
+            '',
+          ],
+        ]),
+      ].join('\n'),
+    );
+  }
+  if (t.paced) out.push(tableOf(`tls paced: ${t.paced.description}`, columns(t.paced.summaries), ratios));
+  const v = t.verdict;
+  const mark = (ok: boolean) => (ok ? 'yes' : 'NO ');
+  const r = (x: number | undefined) => (x === undefined ? 'n/a' : `${x.toFixed(2)}×`);
+  out.push(
+    [
+      `tls targets: derpmesh-TLS ≥ ${TLS_TARGET_CAPACITY_RATIO}× derper-TLS's highest paced rate with < 1 % loss, p99 ≤ ${TLS_TARGET_P99_RATIO}× derper-TLS's at a common rate, ≥ ${TLS_TARGET_VS_PLAIN}× derpmesh-plain`,
+      `  ${mark(v.capacityHolds)} highest paced rate, derpmesh-tls/derper-tls   ${r(v.capacityRatio)}  (needs ≥ ${TLS_TARGET_CAPACITY_RATIO}×)`,
+      `  ${mark(v.p99Holds)} p99 RTT (paced), derpmesh-tls/derper-tls     ${r(v.p99Ratio)}  (needs ≤ ${TLS_TARGET_P99_RATIO}×)`,
+      `  ${mark(v.vsPlainHolds)} derpmesh-tls/derpmesh, unpaced packets/s    ${r(v.vsPlainUnpaced)}  (needs ≥ ${TLS_TARGET_VS_PLAIN}×)`,
+      ...(v.vsPlainCapacity === undefined
+        ? []
+        : [
+            `  ${mark(v.vsPlainCapacity >= TLS_TARGET_VS_PLAIN)} derpmesh-tls/derpmesh, highest paced rate   ${r(v.vsPlainCapacity)}  (needs ≥ ${TLS_TARGET_VS_PLAIN}×)`,
+          ]),
+      v.holds ? 'TLS TARGETS HOLD' : 'TLS TARGETS DO NOT HOLD',
+    ].join('\n'),
+  );
+  return out.join('\n\n');
+}
+
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
@@ -448,6 +744,7 @@ async function main(): Promise<void> {
       'paced-duration': { type: 'string', default: '10s' },
       'paced-fraction': { type: 'string', default: '0.6' },
       'paced-rate': { type: 'string' },
+      tls: { type: 'string', default: 'auto' },
       derper: { type: 'string' },
       'postgres-url': { type: 'string' },
       json: { type: 'string' },
@@ -467,6 +764,9 @@ async function main(): Promise<void> {
   --paced-fraction F    paced total rate as a share of derper's max: the higher of its unpaced
                         packets/s and its sustainable rate (default 0.6)
   --paced-rate N        paced total rate in packets/s (overrides --paced-fraction)
+  --tls auto|on|off     the TLS rows too: derpmesh and derper serving HTTPS with one private CA's
+                        certificate, against each other and against plain derpmesh (default auto:
+                        when the openssl command exists to make the certificates)
   --derper PATH         derper binary (default: $DERPER, else bench/derper.sh)
   --postgres-url URL    database of the derpmesh node (default: a throwaway Postgres for this run)
   --json FILE           write every round and the summaries as JSON
@@ -491,6 +791,10 @@ async function main(): Promise<void> {
   const packetSize = Math.round(positive('size', values.size));
   const pacedFraction = positive('paced-fraction', values['paced-fraction']);
   const pacedRate = values['paced-rate'] === undefined ? undefined : positive('paced-rate', values['paced-rate']);
+  if (!['auto', 'on', 'off'].includes(values.tls)) throw new Error(`--tls must be auto, on or off, got ${JSON.stringify(values.tls)}`);
+  const openssl = hasOpenssl();
+  if (values.tls === 'on' && !openssl) throw new Error('--tls on needs the openssl command, to make the certificates');
+  const withTls = values.tls === 'on' || (values.tls === 'auto' && openssl);
 
   if (!existsSync(CLI)) throw new Error(`${CLI} is missing: run \`npx tsc -p .\` first`);
   const derperBinary = await findDerper(values.derper);
@@ -535,7 +839,31 @@ async function main(): Promise<void> {
       rounds,
     );
   }
-  await Promise.all([derpmesh.stop(), derper.stop()]);
+  await derper.stop();
+
+  let tls: TlsComparison | undefined;
+  if (withTls) {
+    // One private CA and one leaf for 127.0.0.1, served by both; the TLS node gets a database of its
+    // own so the two derpmesh nodes do not form a cluster.
+    const ca = makePrivateCa();
+    tempDirs.add(ca.dir);
+    const files: TlsFiles = { certFile: ca.certFile, keyFile: ca.keyFile, caPem: readFileSync(ca.caFile) };
+    const tlsPostgres = await startPostgres();
+    try {
+      const [meshTls, derperTls] = await Promise.all([startDerpmesh(tlsPostgres.url, files), startDerper(derperBinary.path, files)]);
+      process.stderr.write(`tls: derpmesh pid ${meshTls.pid} at ${meshTls.url}; derper pid ${derperTls.pid} at ${derperTls.url}\n`);
+      tls = await compareTls(
+        { meshTls, derperTls, meshPlain: derpmesh },
+        { pairs, packetSize, durationMs, rounds, capacityStepMs, pacedDurationMs, pacedFraction, pacedRate },
+      );
+      await Promise.all([meshTls.stop(), derperTls.stop()]);
+    } finally {
+      await tlsPostgres.stop();
+    }
+  } else {
+    process.stderr.write(`tls: skipped (${values.tls === 'off' ? '--tls off' : 'no openssl command to make certificates'})\n`);
+  }
+  await derpmesh.stop();
   await postgres?.stop();
 
   const result = verdict(saturated, paced, capacity?.packetsPerSec);
@@ -545,7 +873,13 @@ async function main(): Promise<void> {
           `${fmtInt(capacity.packetsPerSec)} pkt/s (unpaced it forwards ${fmtInt(saturated.derper.packetsPerSec)} pkt/s: overrun, it drops at its queues)`,
       ]
     : [];
-  const out = [table(saturated), ...capacityText, ...(paced ? [table(paced)] : []), verdictText(result)];
+  const out = [
+    table(saturated),
+    ...capacityText,
+    ...(paced ? [table(paced)] : []),
+    verdictText(result),
+    ...(tls ? [tlsText(tls, capacityStepMs)] : []),
+  ];
   const machine = `machine: ${cpus().length} CPUs, load average ${loadAverageBefore[0]!.toFixed(2)} before, ${loadavg()[0]!.toFixed(2)} after`;
   process.stdout.write('\n' + [machine, ...out].join('\n\n') + '\n');
   if (values.json) {
@@ -558,6 +892,7 @@ async function main(): Promise<void> {
           derperCapacity: capacity,
           paced,
           verdict: result,
+          tls,
         },
         null,
         2,
