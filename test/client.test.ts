@@ -2,11 +2,8 @@
 // logic against a scripted fake relay, and end to end against the real relay (and Tailscale's
 // derper when it is installed).
 import { strict as assert } from 'node:assert';
-import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
 import { Backoff } from '../src/client/backoff.js';
@@ -31,6 +28,8 @@ import { startHttpServer } from '../src/http/server.js';
 import { silentLogger } from '../src/log.js';
 import { Relay } from '../src/relay.js';
 import { startRelay } from './helpers/relay.js';
+import { makePrivateCa } from './helpers/certs.js';
+import { hasOpenssl } from './helpers/tools.js';
 import { cachedDerper, startDerper, type Derper } from './helpers/derper.js';
 
 /** The frames `chunk` completes, in order. */
@@ -603,44 +602,21 @@ describe(
   { timeout: 30_000, skip: hasOpenssl() ? false : 'no openssl to make a test certificate' },
   () => {
     test('DERP upgrade over TLS and WebSocket over TLS, verified against the relay certificate', async () => {
-      const dir = mkdtempSync(join(tmpdir(), 'derpmesh-tls-'));
-      execFileSync(
-        'openssl',
-        [
-          'req',
-          '-x509',
-          '-newkey',
-          'ec',
-          '-pkeyopt',
-          'ec_paramgen_curve:prime256v1',
-          '-nodes',
-          '-days',
-          '1',
-          '-subj',
-          '/CN=127.0.0.1',
-          '-addext',
-          'subjectAltName=IP:127.0.0.1',
-          '-keyout',
-          join(dir, 'key.pem'),
-          '-out',
-          join(dir, 'cert.pem'),
-        ],
-        { stdio: 'ignore' },
-      );
-      const cert = readFileSync(join(dir, 'cert.pem'));
+      const pki = makePrivateCa();
+      const ca = readFileSync(pki.caFile);
       const relay = new Relay();
       const server = await startHttpServer({
         relay,
         host: '127.0.0.1',
         port: 0,
         logger: silentLogger,
-        tls: { cert, key: readFileSync(join(dir, 'key.pem')) },
+        tls: { cert: readFileSync(pki.certFile), key: readFileSync(pki.keyFile) },
       });
       try {
         assert.match(server.url, /^https:/);
-        const a = await DerpClient.connect({ url: server.url, tls: { ca: cert } });
-        const b = await DerpClient.connect({ url: server.url.replace('https', 'wss'), tls: { ca: cert } });
-        const c = await DerpClient.connect({ url: server.url, fastStart: true, serverPublicKey: a.serverPublicKey, tls: { ca: cert } });
+        const a = await DerpClient.connect({ url: server.url, tls: { ca } });
+        const b = await DerpClient.connect({ url: server.url.replace('https', 'wss'), tls: { ca } });
+        const c = await DerpClient.connect({ url: server.url, fastStart: true, serverPublicKey: a.serverPublicKey, tls: { ca } });
         for (const [from, to] of [
           [a, b],
           [b, c],
@@ -657,19 +633,11 @@ describe(
       } finally {
         await relay.close({ graceMs: 500 });
         await server.close();
+        rmSync(pki.dir, { recursive: true, force: true });
       }
     });
   },
 );
-
-function hasOpenssl(): boolean {
-  try {
-    execFileSync('openssl', ['version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 describe(
   'client against Tailscale derper',

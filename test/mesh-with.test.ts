@@ -15,6 +15,7 @@ import { DerpmeshError } from '../src/errors.js';
 import { startNodeProcess, waitFor, type NodeProcess } from './helpers/cluster.js';
 import { freePort, startPostgres, type TestPostgres } from './helpers/postgres.js';
 import { cachedDerper, startDerper, type Derper } from './helpers/derper.js';
+import { goAvailable } from './helpers/tools.js';
 import { deliver } from './helpers/traffic.js';
 
 describe('--mesh-with / DERPMESH_MESH_WITH', () => {
@@ -61,15 +62,6 @@ describe('--mesh-with / DERPMESH_MESH_WITH', () => {
 // ─── against derper ────────────────────────────────────────────────────────────
 
 const derperScript = fileURLToPath(new URL('../../bench/derper.sh', import.meta.url));
-
-function goAvailable(): boolean {
-  try {
-    execFileSync('go', ['version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 const canRunDerper = goAvailable() || existsSync(cachedDerper);
 if (!canRunDerper) console.log(`# SKIP derpmesh meshed with derper: Go is not installed and there is no ${cachedDerper}`);
