@@ -92,6 +92,13 @@ export const options = {
     kind: 'string',
     description: 'PEM private key for `--tls-cert-file`.',
   },
+  tlsSelfSigned: {
+    flag: '--tls-self-signed',
+    env: ['DERPMESH_TLS_SELF_SIGNED'],
+    kind: 'string',
+    description:
+      'Serve HTTPS with a self-signed certificate made at start for these host names or IP addresses (comma-separated), e.g. for a relay reached by IP; its certificate is written to `<state dir>/tls/self-signed.crt` for clients to trust. Not with `--tls-cert-file`.',
+  },
   meshCaFile: {
     flag: '--mesh-ca-file',
     env: ['DERPMESH_MESH_CA_FILE'],
@@ -194,6 +201,8 @@ export interface ServerConfig {
   regionId: number;
   tlsCertFile?: string;
   tlsKeyFile?: string;
+  /** Host names or IP addresses of a self-signed certificate made at start. */
+  tlsSelfSigned?: string[];
   meshCaFile?: string;
   /** Relay base URLs (no trailing slash, no `/derp`) meshed with in addition to the Postgres peers. */
   meshWith: string[];
@@ -328,6 +337,25 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv = pro
   if ((tlsCertFile === undefined) !== (tlsKeyFile === undefined)) {
     throw configError('--tls-cert-file and --tls-key-file go together: set both or neither', tlsCertFile ?? tlsKeyFile);
   }
+  const tlsSelfSigned = raw.tlsSelfSigned
+    ?.split(',')
+    .map((h) => h.trim())
+    .filter((h) => h !== '');
+  if (tlsSelfSigned !== undefined) {
+    if (tlsCertFile !== undefined)
+      throw configError(
+        '--tls-self-signed and --tls-cert-file exclude each other: serve either your certificate or a generated one',
+        raw.tlsSelfSigned,
+      );
+    const bad = tlsSelfSigned.find(
+      (h) => isIP(h) === 0 && !/^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/i.test(h),
+    );
+    if (tlsSelfSigned.length === 0 || bad !== undefined)
+      throw configError(
+        `${describe('tlsSelfSigned')} must list host names or IP addresses, e.g. derp.example.com,203.0.113.7; got ${JSON.stringify(bad ?? raw.tlsSelfSigned)}`,
+        raw.tlsSelfSigned,
+      );
+  }
   return {
     listenHost,
     listenPort,
@@ -341,6 +369,7 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     regionId: positiveInt('regionId'),
     tlsCertFile,
     tlsKeyFile,
+    tlsSelfSigned,
     meshCaFile: raw.meshCaFile,
     meshWith: raw.meshWith !== undefined ? parseMeshWith(raw.meshWith) : [],
     ...stunConfig(raw.stunAddress, raw.stunAddresses, listenHost),

@@ -28,7 +28,7 @@ import { Pubsub } from './postgres/pubsub.js';
 import { ReplicaRegistry } from './replicas/registry.js';
 import { MeshTrust } from './mesh-trust.js';
 import { startStun } from './stun.js';
-import { CertificateFiles } from './tls-certs.js';
+import { CertificateFiles, selfSignedCertificate } from './tls-certs.js';
 import { relayBase } from './relay-url.js';
 import { Relay } from './relay.js';
 import { version } from './version.js';
@@ -217,7 +217,11 @@ async function start(
       ? new CertificateFiles(config.tlsCertFile, config.tlsKeyFile, log, (pair) => http.setCertificate(pair))
       : undefined;
   if (certificates) cleanups.push(async () => certificates.close());
-  const tls = certificates && { cert: certificates.current.cert, key: certificates.current.key };
+  const tls = certificates
+    ? { cert: certificates.current.cert, key: certificates.current.key }
+    : config.tlsSelfSigned
+      ? selfSignedCertificate(config.tlsSelfSigned, config.stateDir, log)
+      : undefined;
   const http = await startHttpServer({
     relay,
     host: config.listenHost,

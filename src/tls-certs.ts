@@ -1,12 +1,14 @@
-// The node's TLS certificate from PEM files: checked when read (a certificate, a private key, and
+// The node's TLS certificate: from PEM files (checked when read: a certificate, a private key, and
 // the key belongs to the certificate), watched on disk and re-read on SIGHUP. A new pair replaces the
 // old one for new handshakes only; live connections keep theirs. A pair that fails the checks is
-// reported and the one in use stays.
+// reported and the one in use stays. Or a self-signed certificate made at start (IP-only relays).
 import { createPrivateKey, X509Certificate } from 'node:crypto';
-import { readFileSync, unwatchFile, watchFile, type Stats } from 'node:fs';
+import { mkdirSync, readFileSync, unwatchFile, watchFile, writeFileSync, type Stats } from 'node:fs';
+import { join } from 'node:path';
 
 import { configError } from './errors.js';
 import type { Logger } from './log.js';
+import { native } from './native.js';
 
 export interface CertificatePair {
   /** PEM: the leaf certificate, then any intermediates. */
@@ -121,4 +123,30 @@ export class CertificateFiles {
       });
     }
   }
+}
+
+/**
+ * A self-signed certificate for `hosts`, made now (the relay core generates it). Its certificate is
+ * written to `<stateDir>/tls/self-signed.crt` for clients to trust; the key stays in memory.
+ */
+export function selfSignedCertificate(hosts: string[], stateDir: string, logger: Logger): { cert: Buffer; key: Buffer } {
+  const made = native.generateSelfSigned(hosts);
+  const cert = Buffer.from(made.certPem);
+  const dir = join(stateDir, 'tls');
+  const file = join(dir, 'self-signed.crt');
+  try {
+    mkdirSync(dir, { recursive: true, mode: 0o755 });
+    writeFileSync(file, cert, { mode: 0o644 });
+  } catch (err) {
+    throw configError(
+      `cannot write the self-signed certificate to ${file}: ${(err as Error).message}; set DERPMESH_STATE_DIR to a writable directory`,
+      file,
+    );
+  }
+  logger.info('serving a self-signed certificate: clients must be told to trust it', {
+    hosts: hosts.join(','),
+    certificate: file,
+    fingerprint: new X509Certificate(cert).fingerprint256,
+  });
+  return { cert, key: Buffer.from(made.keyPem) };
 }

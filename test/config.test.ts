@@ -93,6 +93,24 @@ describe('configuration', () => {
     expectCode(() => loadConfig([], { CODER_DERP_SERVER_STUN_ADDRESSES: 'stun.example.com' }), 'DERPMESH_ERR_CONFIG', /must be host:port/);
   });
 
+  test('--tls-self-signed: host names or IP addresses, not with a certificate file', () => {
+    assert.deepEqual(loadConfig(['--tls-self-signed', '203.0.113.7, derp.example.com'], {}).tlsSelfSigned, [
+      '203.0.113.7',
+      'derp.example.com',
+    ]);
+    expectCode(
+      () => loadConfig(['--tls-self-signed', 'not a host'], {}),
+      'DERPMESH_ERR_CONFIG',
+      /--tls-self-signed.*host names or IP addresses.*"not a host"/,
+    );
+    expectCode(() => loadConfig(['--tls-self-signed', ','], {}), 'DERPMESH_ERR_CONFIG', /host names or IP addresses/);
+    expectCode(
+      () => loadConfig(['--tls-self-signed', 'a.example', '--tls-cert-file', 'c.pem', '--tls-key-file', 'k.pem'], {}),
+      'DERPMESH_ERR_CONFIG',
+      /exclude each other/,
+    );
+  });
+
   test('the README configuration table is generated from the declarations', () => {
     const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
     assert.ok(

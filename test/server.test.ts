@@ -2,7 +2,10 @@
 // refuses bad configuration with a clear message.
 import { strict as assert } from 'node:assert';
 import { createSocket } from 'node:dgram';
+import { X509Certificate } from 'node:crypto';
 import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, test } from 'node:test';
 
@@ -107,6 +110,31 @@ describe('derpmesh server process', () => {
       } finally {
         server.child.kill('SIGKILL');
         if (held) holder.close();
+      }
+    },
+  );
+
+  test(
+    '--tls-self-signed: a certificate made at start for an IP, written for clients to trust; TCP and WebSocket relay over it',
+    { timeout: 30_000 },
+    async () => {
+      const server = startServer(['--http-address', '127.0.0.1:0', '--tls-self-signed', '127.0.0.1,localhost']);
+      try {
+        const url = await server.url;
+        assert.match(url, /^https:\/\//);
+        const ca = readFileSync(join(server.stateDir, 'tls', 'self-signed.crt'));
+        const leaf = new X509Certificate(ca);
+        assert.match(leaf.subjectAltName ?? '', /IP Address:127\.0\.0\.1/);
+        assert.match(server.output(), new RegExp(`serving a self-signed certificate.*fingerprint=${leaf.fingerprint256}`));
+        const a = await DerpClient.connect({ url, tls: { ca } });
+        const b = await DerpClient.connect({ url, transport: 'websocket', tls: { ca } });
+        const got = once(b, 'packet');
+        a.send(b.publicKey, Buffer.from('over a self-signed certificate'));
+        const [, data] = (await got) as [Buffer, Buffer];
+        assert.equal(data.toString(), 'over a self-signed certificate');
+        await Promise.all([a.close(), b.close()]);
+      } finally {
+        server.child.kill('SIGKILL');
       }
     },
   );

@@ -62,7 +62,7 @@ export function startServerProcess(command: string[], args: string[], env: NodeJ
   // The embedded Postgres runs as its own user when we are root: it must traverse the directory.
   if (ownStateDir) chmodSync(stateDir, 0o755);
   const server = spawnAnnounced([...command, 'server', ...args], {
-    announce: /listen=(http:\/\/\S+)/,
+    announce: /listen=(https?:\/\/\S+)/,
     what: 'server',
     env: { ...env, DERPMESH_STATE_DIR: stateDir },
     timeoutMs: startTimeoutMs,
