@@ -841,6 +841,7 @@ module.exports.StunServer = nativeBinding.StunServer
 module.exports.boxOpen = nativeBinding.boxOpen
 module.exports.boxSeal = nativeBinding.boxSeal
 module.exports.generatePrivateKey = nativeBinding.generatePrivateKey
+module.exports.generateSelfSigned = nativeBinding.generateSelfSigned
 module.exports.holdClients = nativeBinding.holdClients
 module.exports.LinkErrorCode = nativeBinding.LinkErrorCode
 module.exports.LinkState = nativeBinding.LinkState

@@ -34,6 +34,27 @@ export declare class RelayCore {
    * what the socket reads into the bridge, write what `read()` yields to the socket.
    */
   openBridge(head: Buffer, upgrade: UpgradeKind, wsAccept: string | undefined | null, remoteAddress: string, remotePort: number): Bridge
+  /**
+   * Takes over a raw accepted TCP socket by descriptor before anything was read from it (a
+   * `net` server with `pauseOnConnect`); the caller destroys its own handle afterwards. With a
+   * certificate set the core terminates TLS; it answers `/derp` and the probes itself and hands
+   * every other request to the `onHttpConnection` callback.
+   */
+  acceptConnection(fd: number, remoteAddress: string, remotePort: number): void
+  /**
+   * TLS for new `acceptConnection` sockets with this certificate chain (PEM, leaf first) and
+   * key; live connections keep theirs. Throws `DERPMESH_ERR_TLS` for an unusable pair (the
+   * current one stays).
+   */
+  setCertificate(certPem: Buffer, keyPem: Buffer): void
+  /** New `acceptConnection` sockets are served without TLS. */
+  clearCertificate(): void
+  /**
+   * Receives the requests the core does not answer (anything but `/derp` and the probes) as a
+   * connected stream socket carrying the decrypted bytes, from the request head on: its
+   * descriptor (the callee owns it) and the client's address. Does not keep Node running.
+   */
+  onHttpConnection(callback: (fd: number, remoteAddress: string, remotePort: number) => void): void
   setMeshKey(meshKey?: string | undefined | null): void
   /** Sets the problem text sent to clients in a Health frame; "" means healthy. */
   setHealth(problem: string): void
@@ -71,6 +92,12 @@ export declare function boxSeal(privateKey: Uint8Array, peerPublicKey: Uint8Arra
 
 /** A new random X25519 private key (32 bytes). */
 export declare function generatePrivateKey(): Buffer
+
+/**
+ * Generates a [`SelfSignedCertificate`]. Throws `DERPMESH_ERR_TLS` without hosts or for a name
+ * that cannot be in a certificate.
+ */
+export declare function generateSelfSigned(hosts: Array<string>): SelfSignedCertificate
 
 /**
  * Connects `count` idle clients to `url` and keeps them connected for `holdMs` (memory benchmark);
@@ -178,6 +205,15 @@ export interface RelayOptions {
 
 /** Runs the load generator (in Rust, off the JS thread) and reports. */
 export declare function runLoad(options: LoadOptions): Promise<LoadReport>
+
+/**
+ * A self-signed certificate (ECDSA P-256) for `hosts` (DNS names or IP addresses; the first is
+ * also its CN), for development and IP-only setups: clients must be told to trust it.
+ */
+export interface SelfSignedCertificate {
+  certPem: string
+  keyPem: string
+}
 
 /** What a STUN listener did, for metrics. */
 export interface StunStats {
