@@ -356,7 +356,8 @@ async function sustainableRate(
   let failures = 0;
   let halvings = 0;
   let offered = Math.max(1000, start);
-  for (let i = 0; i < CAPACITY_MAX_STEPS && failures < 2; i++) {
+  // Halvings do not count against the steps.
+  for (let i = 0; i < CAPACITY_MAX_STEPS + halvings && failures < 2; i++) {
     const { report } = await measure(relay, { pairs, packetSize, durationMs: stepMs, ratePerPair: offered / pairs });
     steps.push({
       offeredPerSec: offered,
