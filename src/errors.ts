@@ -6,11 +6,21 @@ export type DerpmeshErrorCode =
   | 'DERPMESH_ERR_LISTEN'
   | 'DERPMESH_ERR_UPGRADE'
   | 'DERPMESH_ERR_NATIVE_BINDING'
+  // The Postgres layer (src/postgres/):
+  /** A NOTIFY payload at or over Postgres's 8000-byte limit. */
+  | 'DERPMESH_ERR_PUBSUB_PAYLOAD_TOO_LARGE'
+  /** A channel name Postgres would truncate or reject. */
+  | 'DERPMESH_ERR_PUBSUB_CHANNEL'
+  /** publish/subscribe after close(). */
+  | 'DERPMESH_ERR_PUBSUB_CLOSED'
+  /** A stored value that this version cannot use (e.g. a malformed mesh key). */
+  | 'DERPMESH_ERR_POSTGRES_DATA'
   // Thrown by the native relay (native/node/src/lib.rs `Code`), converted by `fromNative`:
   | 'DERPMESH_ERR_INVALID_ARGUMENT'
   | 'DERPMESH_ERR_MESH_TLS'
   | 'DERPMESH_ERR_NO_RUNTIME'
   | 'DERPMESH_ERR_DESCRIPTOR'
+  | 'DERPMESH_ERR_TLS'
   | 'DERPMESH_ERR_LOAD_OPTIONS'
   | 'DERPMESH_ERR_LOAD_DIAL'
   | 'DERPMESH_ERR_LOAD_RUN'
@@ -22,6 +32,7 @@ const nativeCodes: ReadonlySet<string> = new Set<DerpmeshErrorCode>([
   'DERPMESH_ERR_MESH_TLS',
   'DERPMESH_ERR_NO_RUNTIME',
   'DERPMESH_ERR_DESCRIPTOR',
+  'DERPMESH_ERR_TLS',
   'DERPMESH_ERR_LOAD_OPTIONS',
   'DERPMESH_ERR_LOAD_DIAL',
   'DERPMESH_ERR_LOAD_RUN',

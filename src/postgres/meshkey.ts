@@ -2,7 +2,7 @@
 // in the cluster accept each other's mesh links. Never logged.
 import { randomBytes } from 'node:crypto';
 import type pg from 'pg';
-import { PostgresError } from './errors.js';
+import { DerpmeshError } from '../errors.js';
 import { meshKeyLockId } from './locks.js';
 
 /** 32 random bytes as 64 lowercase hex characters. */
@@ -23,7 +23,7 @@ export async function getOrCreateMeshKey(pool: pg.Pool): Promise<string> {
     await client.query('COMMIT');
     const meshKey = result.rows[0]?.value ?? '';
     if (!meshKeyPattern.test(meshKey)) {
-      throw new PostgresError(
+      throw new DerpmeshError(
         'DERPMESH_ERR_POSTGRES_DATA',
         `site_config.mesh_key is not 64 hex characters (length ${meshKey.length}); delete the row to have a new key generated, then restart every node`,
       );

@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { Backoff } from '../client/backoff.js';
 import type { Logger } from '../log.js';
-import { PostgresError } from './errors.js';
+import { DerpmeshError } from '../errors.js';
 
 /** Postgres rejects NOTIFY payloads of 8000 bytes or more (the default page size limits the queue entry). */
 export const maxPayloadBytes = 7_999;
@@ -139,7 +139,7 @@ export class Pubsub {
     checkChannel(channel);
     const bytes = Buffer.byteLength(payload);
     if (bytes > maxPayloadBytes) {
-      throw new PostgresError(
+      throw new DerpmeshError(
         'DERPMESH_ERR_PUBSUB_PAYLOAD_TOO_LARGE',
         `pubsub payload on channel ${channel} is ${bytes} bytes; Postgres NOTIFY allows at most ${maxPayloadBytes}. Publish an id and let subscribers read the rest from the tables`,
         bytes,
@@ -162,7 +162,7 @@ export class Pubsub {
   }
 
   #assertOpen(): void {
-    if (this.#closed) throw new PostgresError('DERPMESH_ERR_PUBSUB_CLOSED', 'pubsub is closed');
+    if (this.#closed) throw new DerpmeshError('DERPMESH_ERR_PUBSUB_CLOSED', 'pubsub is closed');
   }
 
   async #establish(): Promise<void> {
@@ -308,7 +308,7 @@ export class Pubsub {
 function checkChannel(channel: string): void {
   const bytes = Buffer.byteLength(channel);
   if (bytes === 0 || bytes > maxChannelBytes) {
-    throw new PostgresError(
+    throw new DerpmeshError(
       'DERPMESH_ERR_PUBSUB_CHANNEL',
       `pubsub channel name must be 1 to ${maxChannelBytes} bytes, got ${bytes}`,
       channel,
