@@ -94,7 +94,7 @@ export declare function boxSeal(privateKey: Uint8Array, peerPublicKey: Uint8Arra
 export declare function generatePrivateKey(): Buffer
 
 /**
- * Generates a [`SelfSignedCertificate`]. Throws `DERPMESH_ERR_TLS` without hosts or for a name
+ * Generates a `SelfSignedCertificate`. Throws `DERPMESH_ERR_TLS` without hosts or for a name
  * that cannot be in a certificate.
  */
 export declare function generateSelfSigned(hosts: Array<string>): SelfSignedCertificate

@@ -1,8 +1,12 @@
 // The relay as Node sees it: hands upgraded connections to the Rust core (by file descriptor when
 // it can, through a byte bridge when TLS is terminated in Node) and serves the relay's plain
 // HTTP endpoints. This is the embedding seam, shaped like ws: `handleUpgrade(req, socket, head)`.
+// With TLS, one step earlier: `handleConnection(socket)` gives the core the raw TCP connection;
+// the core terminates TLS, serves DERP and the probes, and hands every other request back
+// decrypted (`onHttpConnection`).
 import { createHash } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { TLSSocket } from 'node:tls';
 
@@ -120,6 +124,69 @@ export class Relay {
     }
     this.#upgrades.bridged++;
     this.#bridge(socket, head, kind, accept, remoteAddress, remotePort);
+  }
+
+  /** Whether `handleConnection` can take sockets here (it needs their descriptors: not on Windows). */
+  get takesConnections(): boolean {
+    return process.platform !== 'win32';
+  }
+
+  /**
+   * Takes over a raw accepted TCP socket before anything was read from it — from a `net` server
+   * made with `pauseOnConnect: true` — and destroys Node's handle. With a certificate set
+   * (`setCertificate`) the core terminates TLS. It serves `/derp`, `/derp/probe`,
+   * `/derp/latency-check` and `/generate_204` itself and hands every other request to the
+   * `onHttpConnection` handler. Returns false, leaving the socket alone, when it cannot be taken
+   * (no descriptor, relay closed).
+   */
+  handleConnection(socket: Socket): boolean {
+    const fd = descriptorOf(socket);
+    if (this.#closed || fd === undefined) return false;
+    try {
+      this.#core.acceptConnection(fd, socket.remoteAddress ?? '0.0.0.0', socket.remotePort ?? 0);
+    } catch {
+      return false;
+    }
+    socket.destroy();
+    return true;
+  }
+
+  /**
+   * Serves TLS with this certificate chain (PEM, leaf first) and key on connections given to
+   * `handleConnection` from now on; live connections keep theirs. Throws a `DerpmeshError`
+   * (`DERPMESH_ERR_TLS`) for an unusable pair, and the current one stays.
+   */
+  setCertificate(pair: { cert: Buffer; key: Buffer }): void {
+    try {
+      this.#core.setCertificate(pair.cert, pair.key);
+    } catch (err) {
+      throw fromNative(err);
+    }
+  }
+
+  /** Connections given to `handleConnection` from now on are served without TLS. */
+  clearCertificate(): void {
+    this.#core.clearCertificate();
+  }
+
+  /**
+   * Where requests the core does not answer go, as a socket carrying the decrypted stream from the
+   * request head on (its `remoteAddress` and `remotePort` are the client's): hand it to an HTTP
+   * server with `server.emit('connection', socket)`.
+   */
+  onHttpConnection(handler: (socket: Socket) => void): void {
+    this.#core.onHttpConnection((fd, remoteAddress, remotePort) => {
+      let socket: Socket;
+      try {
+        socket = new Socket({ fd, readable: true, writable: true });
+      } catch {
+        return;
+      }
+      Object.defineProperty(socket, 'remoteAddress', { value: remoteAddress });
+      Object.defineProperty(socket, 'remotePort', { value: remotePort });
+      Object.defineProperty(socket, 'remoteFamily', { value: remoteAddress.includes(':') ? 'IPv6' : 'IPv4' });
+      handler(socket);
+    });
   }
 
   /** Serves the relay's plain HTTP endpoints; returns false for any other request. */
@@ -265,9 +332,14 @@ function websocketAccept(key: string): string {
     .digest('base64');
 }
 
-/** The socket's file descriptor when the relay can take it over directly (plain TCP on Unix). */
+/**
+ * The socket's file descriptor when the relay can take it over directly: plain TCP on Unix (not
+ * TLS in Node, not a connection the core handed back over a Unix socket).
+ */
 function descriptorOf(socket: Duplex): number | undefined {
   if (process.platform === 'win32' || socket instanceof TLSSocket) return undefined;
-  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  const handle = (socket as unknown as { _handle?: { fd?: number; constructor?: { name?: string } } })._handle;
+  if (handle?.constructor?.name !== 'TCP') return undefined;
+  const fd = handle.fd;
   return typeof fd === 'number' && fd >= 0 ? fd : undefined;
 }

@@ -1,4 +1,5 @@
-// The byte bridge that carries DERP connections whose TLS Node terminates: bulk transfers through it
+// The byte bridge that carries DERP connections whose TLS Node terminates (the fallback when the
+// relay core cannot terminate TLS itself): bulk transfers through it
 // keep a bounded number of listeners on the socket (one per backpressured write used to leak).
 import { strict as assert } from 'node:assert';
 import { readFileSync, rmSync } from 'node:fs';
@@ -23,6 +24,7 @@ describe('TLS byte bridge', { skip: hasOpenssl() ? false : 'no openssl to make a
       port: 0,
       logger: silentLogger,
       tls: { cert: readFileSync(ca.certFile), key: readFileSync(ca.keyFile) },
+      tlsInNode: true, // the fallback (no relay core TLS: Windows, or a pair the core cannot use)
     });
     const tls = { ca: readFileSync(ca.caFile) };
     try {

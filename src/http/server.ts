@@ -1,8 +1,13 @@
 // The node's HTTP server: relay endpoints, DERP upgrades, health and metrics, with bounded
 // request heads so a client that never finishes its headers cannot hold a connection.
+//
+// With TLS and a relay (Linux, macOS), a plain `net` server accepts and gives every raw connection
+// to the relay core, which terminates TLS, serves DERP and the probes, and hands the other requests
+// back decrypted to the HTTP server here (which then listens on nothing itself). Without a relay,
+// or on Windows, Node terminates TLS (`https`) and DERP goes through the byte bridge.
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createTlsServer, type ServerOptions as HttpsOptions } from 'node:https';
-import type { AddressInfo, Socket } from 'node:net';
+import { createServer as createNetServer, type AddressInfo, type Server as NetServer, type Socket } from 'node:net';
 
 import { DerpmeshError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -17,8 +22,13 @@ export interface HttpServerOptions {
   host: string;
   port: number;
   logger: Logger;
-  /** Serve HTTPS with these options (TLS terminated in Node: DERP goes through the byte bridge). */
+  /**
+   * Serve HTTPS with this certificate and key: terminated in the relay core when there is a relay
+   * (not on Windows), otherwise in Node (DERP then goes through the byte bridge).
+   */
   tls?: HttpsOptions;
+  /** Terminate TLS in Node even where the relay core could (the byte bridge path, for comparison). */
+  tlsInNode?: boolean;
   /** A request head must be complete within this time (default 10000 ms). */
   headerTimeoutMs?: number;
   /** Extra routes tried before the 404 (the HA API adds its own). */
@@ -76,7 +86,23 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     }
   };
 
-  const server: Server = options.tls ? createTlsServer(options.tls) : createServer();
+  let coreTls = options.tls && relay?.takesConnections && !options.tlsInNode ? pemPair(options.tls) : undefined;
+  try {
+    if (coreTls) relay!.setCertificate(coreTls);
+  } catch (err) {
+    // A pair Node accepts but the core's TLS library cannot use (e.g. a P-521 key): Node serves it.
+    logger.warn('TLS terminated in Node (slower): the relay core cannot use this certificate', { err: (err as Error).message });
+    coreTls = undefined;
+  }
+  // With TLS in the core, `server` listens on nothing: `listener` accepts.
+  const server: Server = options.tls && !coreTls ? createTlsServer(options.tls) : createServer();
+  const listener: NetServer = coreTls ? createNetServer({ pauseOnConnect: true }) : server;
+  if (coreTls) {
+    listener.on('connection', (socket: Socket) => {
+      if (!relay!.handleConnection(socket)) socket.destroy();
+    });
+    relay!.onHttpConnection((socket) => server.emit('connection', socket));
+  }
   server.on('request', (req, res) => void onRequest(req, res));
   server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
     clearHeaderTimer(socket);
@@ -96,7 +122,7 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     socket.once('close', () => sockets.delete(socket));
   });
   // Our own head timer: Node's headersTimeout is only checked every connectionsCheckingInterval.
-  const connectionEvent = options.tls ? 'secureConnection' : 'connection';
+  const connectionEvent = options.tls && !coreTls ? 'secureConnection' : 'connection';
   server.on(connectionEvent, (socket: Socket) => {
     const timer = setTimeout(() => {
       counters.inc('http_header_timeouts');
@@ -129,19 +155,20 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
           `${options.host}:${options.port}`,
         ),
       );
-    server.once('error', onError);
-    server.listen(options.port, options.host, () => {
-      server.off('error', onError);
+    listener.once('error', onError);
+    listener.listen(options.port, options.host, () => {
+      listener.off('error', onError);
       resolve();
     });
   });
-  const port = (server.address() as AddressInfo).port;
+  const port = (listener.address() as AddressInfo).port;
   let closing = false;
-  const closed = new Promise<void>((resolve) => server.once('close', () => resolve()));
+  const closed = new Promise<void>((resolve) => listener.once('close', () => resolve()));
   const stopAccepting = () => {
     if (closing) return;
     closing = true;
-    server.close();
+    listener.close();
+    if (listener !== server) server.close();
   };
   const hostForUrl = options.host.includes(':')
     ? `[${options.host}]`
@@ -155,8 +182,10 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     counters,
     stopAccepting,
     setCertificate: (pair) => {
-      if (!options.tls) throw new DerpmeshError('DERPMESH_ERR_CONFIG', 'this server does not serve TLS: there is no certificate to replace');
-      (server as unknown as import('node:tls').Server).setSecureContext({ ...options.tls, cert: pair.cert, key: pair.key });
+      if (!options.tls)
+        throw new DerpmeshError('DERPMESH_ERR_CONFIG', 'this server does not serve TLS: there is no certificate to replace');
+      if (coreTls) relay!.setCertificate(pair);
+      else (server as unknown as import('node:tls').Server).setSecureContext({ ...options.tls, cert: pair.cert, key: pair.key });
     },
     close: () => {
       stopAccepting();
@@ -165,6 +194,15 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
       return closed;
     },
   };
+}
+
+/** The certificate and key of `tls` when the relay core can serve them (one PEM each, no other option). */
+function pemPair(tls: HttpsOptions): { cert: Buffer; key: Buffer } | undefined {
+  const pem = (v: unknown) => (typeof v === 'string' ? Buffer.from(v) : Buffer.isBuffer(v) ? v : undefined);
+  const cert = pem(tls.cert);
+  const key = pem(tls.key);
+  const others = Object.entries(tls).filter(([k, v]) => k !== 'cert' && k !== 'key' && v !== undefined);
+  return cert && key && others.length === 0 ? { cert, key } : undefined;
 }
 
 const headerTimers = new WeakMap<Socket, NodeJS.Timeout>();

@@ -413,10 +413,16 @@ impl RelayCore {
         {
             use std::os::fd::IntoRawFd;
             let callback = std::sync::Arc::new(callback);
-            self.server.set_http_handoff(Some(std::sync::Arc::new(move |fd, remote| {
-                let args = (fd.into_raw_fd(), remote.ip().to_string(), u32::from(remote.port()));
-                callback.call(args, ThreadsafeFunctionCallMode::NonBlocking);
-            })));
+            self.server
+                .set_http_handoff(Some(std::sync::Arc::new(move |fd, remote| {
+                    let raw = fd.into_raw_fd();
+                    let args = (raw, remote.ip().to_string(), u32::from(remote.port()));
+                    if callback.call(args.into(), ThreadsafeFunctionCallMode::NonBlocking) != Status::Ok {
+                        // Not queued (Node is exiting): the descriptor is still ours to close.
+                        // SAFETY: `raw` came from `into_raw_fd` above and was given to no one.
+                        drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) });
+                    }
+                })));
         }
         #[cfg(not(unix))]
         drop(callback);
@@ -476,7 +482,8 @@ impl RelayCore {
 }
 
 /// `(fd, remoteAddress, remotePort)`, called without waiting and without keeping Node running.
-type HttpConnectionCallback = ThreadsafeFunction<(i32, String, u32), (), (i32, String, u32), Status, false, true>;
+type HttpConnectionCallback =
+    ThreadsafeFunction<FnArgs<(i32, String, u32)>, (), FnArgs<(i32, String, u32)>, Status, false, true>;
 
 /// A self-signed certificate (ECDSA P-256) for `hosts` (DNS names or IP addresses; the first is
 /// also its CN), for development and IP-only setups: clients must be told to trust it.
@@ -486,7 +493,7 @@ pub struct SelfSignedCertificate {
     pub key_pem: String,
 }
 
-/// Generates a [`SelfSignedCertificate`]. Throws `DERPMESH_ERR_TLS` without hosts or for a name
+/// Generates a `SelfSignedCertificate`. Throws `DERPMESH_ERR_TLS` without hosts or for a name
 /// that cannot be in a certificate.
 #[napi]
 pub fn generate_self_signed(hosts: Vec<String>) -> Result<SelfSignedCertificate, Code> {
