@@ -100,5 +100,11 @@ describe('TLS certificate reload', { skip: hasOpenssl() ? false : 'no openssl to
     const c = await DerpClient.connect({ url: node.url, tls: { ca: caPem } });
     clients.push(c);
     await deliver(c, a);
+
+    // All of it went through TLS terminated in the relay core, none through Node's byte bridge.
+    const metrics = await node.metrics();
+    const metric = (name: string) => Number(new RegExp(`^derpmesh_${name} (\\d+)$`, 'm').exec(metrics)?.[1] ?? NaN);
+    assert.ok(metric('tls_handshakes') >= 3, `TLS handshakes in the core: ${metric('tls_handshakes')}`);
+    assert.equal(metric('upgrades_bridged'), 0);
   });
 });
