@@ -190,7 +190,11 @@ describe('Helm chart deploy/helm/derpmesh', { skip: !hasHelm && !hasGo && 'neith
     assert.equal(d.replicas, 3);
     const c = container(d);
     assert.equal(c.image, 'ghcr.io/derpmesh/derpmesh:0.1.0');
-    assert.deepEqual(c.ports, [{ name: 'http', containerPort: 3000, protocol: 'TCP' }]);
+    assert.deepEqual(c.ports, [
+      { name: 'http', containerPort: 3000, protocol: 'TCP' },
+      { name: 'stun', containerPort: 3478, protocol: 'UDP' },
+    ]);
+    assert.equal(env(c, 'DERPMESH_STUN_ADDRESS').value, '0.0.0.0:3478');
 
     const names = c.env.map((e) => e.name);
     assert.deepEqual(env(c, 'POD_IP').valueFrom, { fieldRef: { fieldPath: 'status.podIP' } });
@@ -248,7 +252,10 @@ describe('Helm chart deploy/helm/derpmesh', { skip: !hasHelm && !hasGo && 'neith
     const s = svc.spec as ServiceSpec;
     assert.equal(s.type, 'ClusterIP');
     assert.deepEqual(s.selector, selector);
-    assert.deepEqual(s.ports, [{ name: 'http', port: 80, targetPort: 'http', protocol: 'TCP' }]);
+    assert.deepEqual(s.ports, [
+      { name: 'http', port: 80, targetPort: 'http', protocol: 'TCP' },
+      { name: 'stun', port: 3478, targetPort: 'stun', protocol: 'UDP' },
+    ]);
   });
 
   test('liveness probe when enabled; affinity and container port from values', () => {
@@ -266,6 +273,13 @@ describe('Helm chart deploy/helm/derpmesh', { skip: !hasHelm && !hasGo && 'neith
     const c = container(d);
     assert.deepEqual(c.livenessProbe?.httpGet, { path: '/healthz', port: 'http' });
     assert.equal(c.ports[0]!.containerPort, 8080);
+    // stunPort 0: no UDP port, STUN off in the pods.
+    const noStun = container(deployment(render([...ha, '--set', 'stunPort=0'])));
+    assert.deepEqual(
+      noStun.ports.map((p) => p.name),
+      ['http'],
+    );
+    assert.equal(env(noStun, 'DERPMESH_STUN_ADDRESS').value, 'disable');
     assert.equal(env(c, 'CODER_DERP_SERVER_RELAY_URL').value, 'http://$(POD_IP):8080');
     assert.equal(env(c, 'CODER_HTTP_ADDRESS').value, '0.0.0.0:8080');
     assert.ok(d.template.spec.affinity?.nodeAffinity, 'affinity from values');

@@ -5,12 +5,16 @@ import { strict as assert } from 'node:assert';
 import { once } from 'node:events';
 
 import { DerpClient } from '../../src/client/index.js';
+import { getUrl } from './cluster.js';
 import { spawnAnnounced } from './server-process.js';
 import { exchangeOnce } from './traffic.js';
 
-export async function checkEmbedExample(script: string, options: { cwd?: string; env?: NodeJS.ProcessEnv } = {}): Promise<void> {
+export async function checkEmbedExample(
+  script: string,
+  options: { cwd?: string; env?: NodeJS.ProcessEnv; ca?: Buffer } = {},
+): Promise<void> {
   const example = spawnAnnounced([process.execPath, script], {
-    announce: /listening on (http:\/\/\S+)/,
+    announce: /listening on (https?:\/\/\S+)/,
     what: 'the example',
     cwd: options.cwd,
     env: { ...options.env, PORT: '0' },
@@ -21,14 +25,16 @@ export async function checkEmbedExample(script: string, options: { cwd?: string;
   try {
     const url = await example.url;
 
-    const app = await fetch(url);
+    const { ca } = options;
+    const app = await getUrl(url, ca);
     assert.equal(await app.text(), 'hello from the application\n', 'the application route still answers');
-    assert.equal((await fetch(`${url}/derp/probe`)).status, 200, 'the relay answers its probe');
+    assert.equal((await getUrl(`${url}/derp/probe`, ca)).status, 200, 'the relay answers its probe');
 
-    const a = await DerpClient.connect({ url });
-    const b = await DerpClient.connect({ url, transport: 'websocket' });
+    const tls = ca && { ca };
+    const a = await DerpClient.connect({ url, tls });
+    const b = await DerpClient.connect({ url, transport: 'websocket', tls });
     await exchangeOnce(a, b);
-    const metrics = (await (await fetch(`${url}/relay-metrics`)).json()) as Record<string, number>;
+    const metrics = (await (await getUrl(`${url}/relay-metrics`, ca)).json()) as Record<string, number>;
     assert.equal(metrics.packets_sent, 2, JSON.stringify(metrics));
 
     const restarting = [once(a, 'restarting'), once(b, 'restarting')];
