@@ -78,6 +78,9 @@ enum ReadExit {
 pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upgrade: Upgrade, remote: SocketAddr) {
     Metrics::inc(&relay.metrics.accepts);
     Metrics::inc(&relay.metrics.connections);
+    if upgrade == (Upgrade::Derp { fast_start: true }) {
+        Metrics::inc(&relay.metrics.upgrades_fast_start);
+    }
     let _open = ConnectionGauge(&relay.metrics);
     if relay.is_closing() {
         return;

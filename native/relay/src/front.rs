@@ -144,9 +144,6 @@ impl Front {
             first = false;
             match self.route(&head) {
                 Route::Derp(upgrade) => {
-                    if upgrade == (Upgrade::Derp { fast_start: true }) {
-                        Metrics::inc(&m.upgrades_fast_start);
-                    }
                     buf.advance(head.len);
                     let transport = stream.into_transport();
                     return conn::serve(self.relay.clone(), transport, buf.freeze(), upgrade, remote).await;
@@ -170,8 +167,9 @@ impl Front {
         let path = head.path.split('?').next().unwrap_or("");
         let derp_path = path == "/derp" || path == "/derp/";
         if head.is_upgrade() {
-            // Node's `upgrade` event: `Relay.handleUpgrade` for /derp, Node's 404 for other paths.
-            if !derp_path {
+            // Node's `upgrade` event: `Relay.handleUpgrade` for /derp, Node's 404 for other paths
+            // (and whatever Node does with a CONNECT).
+            if !derp_path || head.method == "CONNECT" {
                 return Route::Node;
             }
             if self.relay.is_closing() {
@@ -521,7 +519,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
         None => *slot = Some(value.to_string()),
     };
     for h in req.headers.iter() {
-        let value = std::str::from_utf8(h.value).map_err(|_| HeadError::Malformed)?.trim();
+        // Node reads header values as Latin-1; none of the values looked at here needs more.
+        let value = String::from_utf8_lossy(h.value);
+        let value = value.trim();
         let name = h.name;
         if name.eq_ignore_ascii_case("upgrade") {
             join(&mut head.upgrade, value);
@@ -622,6 +622,35 @@ mod tests {
             None
         );
         assert_eq!(parse_head(b"GARBAGE\r\n\r\n").err(), Some(HeadError::Malformed));
+        // Latin-1 in a header value (Node takes it): not a bad request.
+        let latin1 = parse_head(b"GET /status HTTP/1.1\r\nCookie: caf\xe9\r\n\r\n").unwrap();
+        assert!(latin1.is_some());
+    }
+
+    #[test]
+    fn routes_follow_node() {
+        let front = Front::new(Relay::new(crate::keys::KeyPair::generate(), Default::default()));
+        let route = |req: &str| front.route(&head_of(req));
+        assert!(matches!(route("CONNECT /derp HTTP/1.1\r\n\r\n"), Route::Node));
+        assert!(matches!(route("GET /status HTTP/1.1\r\n\r\n"), Route::Node));
+        assert!(matches!(route("GET /derp/probe/x HTTP/1.1\r\n\r\n"), Route::Node));
+        assert!(matches!(
+            route("POST /derp/probe HTTP/1.1\r\nContent-Length: 2\r\n\r\n"),
+            Route::Node
+        ));
+        assert!(matches!(
+            route("GET /api HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"),
+            Route::Node
+        ));
+        assert!(matches!(
+            route("GET /derp/probe HTTP/1.1\r\n\r\n"),
+            Route::Answer(_, true)
+        ));
+        assert!(matches!(route("GET /derp HTTP/1.1\r\n\r\n"), Route::Answer(_, false)));
+        assert!(matches!(
+            route("GET /derp/ HTTP/1.1\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"),
+            Route::Derp(Upgrade::Derp { fast_start: false })
+        ));
     }
 
     #[test]
