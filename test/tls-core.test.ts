@@ -134,6 +134,17 @@ describe('TLS terminated in the relay core', { skip, timeout: 120_000 }, () => {
     // Node builds the verified chain (leaf, CA); the meta certificate is checked by the Go client
     // (test/interop.test.ts) and by native/relay/tests/front_tls.rs.
     assert.equal(chain[0], '127.0.0.1');
+
+    // TLS 1.2 is accepted too (1.3 is preferred).
+    const old = await raw(
+      () => tlsConnect({ host: '127.0.0.1', port: tls.port, ca: caPem, servername: 'localhost', maxVersion: 'TLSv1.2' }),
+      'GET /derp/probe HTTP/1.1\r\nHost: x\r\n\r\n',
+    );
+    assert.match(old.data.toString('latin1'), /^HTTP\/1\.1 200 OK\r\n/);
+    const tls12 = tlsConnect({ host: '127.0.0.1', port: tls.port, ca: caPem, servername: 'localhost', maxVersion: 'TLSv1.2' });
+    await new Promise((r) => tls12.once('secureConnect', r));
+    assert.equal(tls12.getProtocol(), 'TLSv1.2');
+    tls12.destroy();
   });
 
   test('the operator API and /metrics are handed back to Node over the core TLS path', async () => {
