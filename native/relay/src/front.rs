@@ -146,7 +146,16 @@ impl Front {
                 Route::Derp(upgrade) => {
                     buf.advance(head.len);
                     let transport = stream.into_transport();
-                    return conn::serve(self.relay.clone(), transport, buf.freeze(), upgrade, remote).await;
+                    // A task of its own: this one (sized for the TLS handshake and the head reads)
+                    // ends here instead of being held for the connection's life.
+                    tokio::spawn(conn::serve(
+                        self.relay.clone(),
+                        transport,
+                        buf.freeze(),
+                        upgrade,
+                        remote,
+                    ));
+                    return;
                 }
                 Route::Answer(response, keep_alive) => {
                     Metrics::inc(&m.http_requests_answered);
