@@ -99,8 +99,17 @@ export class CertificateFiles {
       this.#logger.info('TLS certificate unchanged', { reason, fingerprint: pair.fingerprint });
       return;
     }
+    try {
+      this.#onChange(pair);
+    } catch (err) {
+      // Readable and matching, but refused where it is served (e.g. a key type the TLS library lacks).
+      this.#logger.error('TLS certificate not reloaded: the server refused the new pair; the current one stays in use', {
+        reason,
+        err: (err as Error).message,
+      });
+      return;
+    }
     this.#current = pair;
-    this.#onChange(pair);
     this.#logger.info('TLS certificate reloaded: new handshakes use it, live connections keep theirs', {
       reason,
       fingerprint: pair.fingerprint,
