@@ -7,6 +7,7 @@ import { rmSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { describe, test } from 'node:test';
+import pg from 'pg';
 
 import { hasOpenssl, makePrivateCa, type PrivateCa } from './helpers/certs.js';
 import { startNodeProcess, waitFor, type NodeProcess } from './helpers/cluster.js';
@@ -39,9 +40,9 @@ function runInterop(
 }
 
 /** Runs the Go checker with `args`; its stdout is one JSON check per line. */
-function runChecks(binary: string, args: string[]): Promise<{ code: number; checks: Check[]; stderr: string }> {
+function runChecks(binary: string, args: string[], env?: NodeJS.ProcessEnv): Promise<{ code: number; checks: Check[]; stderr: string }> {
   return new Promise((resolve) => {
-    execFile(binary, args, { timeout: 120_000 }, (err, stdout, stderr) => {
+    execFile(binary, args, { timeout: 120_000, env }, (err, stdout, stderr) => {
       const checks = stdout
         .split('\n')
         .filter((l) => l.startsWith('{'))
@@ -50,6 +51,31 @@ function runChecks(binary: string, args: string[]): Promise<{ code: number; chec
     });
   });
 }
+
+/** The cluster's mesh key, which a node keeps in its Postgres (64 hex digits). */
+async function readMeshKey(postgresUrl: string): Promise<string> {
+  const db = new pg.Client({ connectionString: postgresUrl });
+  await db.connect();
+  try {
+    const { rows } = await db.query<{ value: string }>("SELECT value FROM site_config WHERE key = 'mesh_key'");
+    const key = rows[0]?.value ?? '';
+    assert.match(key, /^[0-9a-f]{64}$/, 'mesh_key in site_config');
+    return key;
+  } finally {
+    await db.end();
+  }
+}
+
+/** The Go process's environment: trust in the private CA only from SSL_CERT_FILE (WebSocket), or none. */
+function goEnv(sslCertFile?: string): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = { ...process.env };
+  delete env.SSL_CERT_FILE;
+  delete env.SSL_CERT_DIR;
+  if (sslCertFile) env.SSL_CERT_FILE = sslCertFile;
+  return env;
+}
+
+const metricOf = (metrics: string, name: string) => Number(new RegExp(`^derpmesh_${name} (\\d+)$`, 'm').exec(metrics)?.[1] ?? 0);
 
 describe('Tailscale derphttp client against derpmesh', { skip: !hasGo && 'Go is not installed' }, () => {
   let built = '';
@@ -88,102 +114,181 @@ describe('Tailscale derphttp client against derpmesh', { skip: !hasGo && 'Go is 
     );
   }
 
-  // Two TLS nodes (certificates from a private CA) meshed over https; the Go client trusts the CA
-  // with -ca-file (derphttp.Client.TLSConfig). Handshake for the restart step: derpinterop prints
-  // the check restart_ready and reads stdin; the test sends SIGTERM to node A and writes a line.
-  test(
-    'TLS cluster (private CA): packets both ways through the mesh, no Health problem, SIGTERM sends Restarting',
-    { skip: opensslMissing, timeout: 1_400_000 + 240_000 }, // the build bound (when run alone) + the run
-    async () => {
-      const HEARTBEAT_MS = 300;
-      let ca: PrivateCa | undefined;
-      let pg: TestPostgres | undefined;
-      const nodes: NodeProcess[] = [];
-      try {
-        ca = makePrivateCa();
-        pg = await startPostgres();
-        const [a, b] = await Promise.all(
-          ['interop-tls-a', 'interop-tls-b'].map((name) =>
-            startNodeProcess({ name, postgresUrl: pg!.url, heartbeatMs: HEARTBEAT_MS, tls: ca! }),
-          ),
-        );
-        nodes.push(a!, b!);
-        await Promise.all(nodes.map((n) => n.started));
-        await waitFor('each node probed its peer over https', 30_000, async () => {
-          const views = await Promise.all(nodes.map((n) => n.replicas()));
-          return views.every((v) => {
-            const peer = v.find((r) => !r.self && r.state === 'live');
-            return peer !== undefined && (peer.latency_from_here_ms !== undefined || peer.unreachable_from_here !== undefined);
-          });
-        });
-        await new Promise((r) => setTimeout(r, 3 * HEARTBEAT_MS));
+  // The same single-relay suite against a node serving https, TLS terminated by the Rust core
+  // (certificates from a private CA), with the mesh key the node keeps in Postgres. TCP trusts the CA
+  // with -ca-file (derphttp.Client.TLSConfig); derphttp's WebSocket dialer ignores that config and
+  // uses the system roots, which Go on Linux reads from SSL_CERT_FILE. Watchers always use TCP.
+  for (const websocket of [false, true]) {
+    test(
+      `TLS relay (private CA, TLS in the core): handshake, packets both ways, ping, WatchConns with the mesh key, refusal without (${websocket ? 'WebSocket, SSL_CERT_FILE' : 'TCP upgrade, -ca-file'})`,
+      { skip: opensslMissing, timeout: 1_400_000 + 180_000 }, // the build bound (when run alone) + the run
+      async () => {
+        let ca: PrivateCa | undefined;
+        let postgres: TestPostgres | undefined;
+        let node: NodeProcess | undefined;
+        try {
+          ca = makePrivateCa();
+          postgres = await startPostgres();
+          node = await startNodeProcess({ name: `interop-tls-${websocket ? 'ws' : 'tcp'}`, postgresUrl: postgres.url, tls: ca });
+          await node.started;
+          const meshKey = await readMeshKey(postgres.url);
+          const url = `${node.url}/derp`;
+          assert.ok(url.startsWith('https://'), url);
 
-        const started = Date.now();
-        const args = ['-url', `${a!.url}/derp`, '-url2', `${b!.url}/derp`, '-ca-file', ca.caFile];
-        args.push('-expect-no-health', '-hold', `${4 * HEARTBEAT_MS}ms`, '-wait-restarting', '-overall-timeout', '90s');
-        const child = spawn(binary(), args, { stdio: ['pipe', 'pipe', 'pipe'] });
-        child.stdin.on('error', () => {}); // EPIPE if it already exited
-        let stderr = '';
-        child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-        const exited = new Promise<number | null>((resolve) => {
-          child.once('exit', (code) => resolve(code));
-          child.once('error', (err) => {
-            stderr += `spawn error: ${err.message}\n`;
-            resolve(null);
-          });
-        });
-        const killer = setTimeout(() => child.kill('SIGKILL'), 120_000);
-        const checks: Check[] = [];
-        let nodeAExit: Promise<number | null> | undefined;
-        let stoppedAt = 0;
-        let stopMs = -1;
-        for await (const line of createInterface({ input: child.stdout })) {
-          if (!line.startsWith('{')) continue;
-          const check = JSON.parse(line) as Check;
-          checks.push(check);
-          if (check.check === 'restart_ready' && check.ok) {
-            stoppedAt = Date.now();
-            nodeAExit = a!.stop().then((exitCode) => {
-              stopMs = Date.now() - stoppedAt;
-              return exitCode;
-            }); // sends SIGTERM at once
-            child.stdin.end('stopped\n');
+          if (websocket) {
+            // Without SSL_CERT_FILE, WebSocket does not trust the private CA: the trust below comes from it.
+            const untrusted = await runChecks(binary(), ['-url', url, '-websocket', '-timeout', '5s', '-overall-timeout', '30s'], goEnv());
+            const hs = untrusted.checks.find((c) => c.check === 'handshake');
+            assert.ok(
+              hs && !hs.ok && /certificate|x509/.test(hs.detail),
+              `WebSocket without SSL_CERT_FILE: ${JSON.stringify(untrusted.checks)}`,
+            );
+            assert.equal(untrusted.code, 1);
+            console.log(`WebSocket without SSL_CERT_FILE refused as expected: ${hs.detail}`);
           }
-        }
-        const code = await exited;
-        clearTimeout(killer);
-        const aCode = nodeAExit ? await nodeAExit : undefined;
-        console.log(
-          `TLS interop: derpinterop ran ${Date.now() - started} ms; node A exited ${aCode === undefined ? 'never stopped' : `${stopMs} ms after SIGTERM`}`,
-        );
-        for (const c of checks) console.log(`  ${c.ok ? 'ok  ' : 'FAIL'} ${c.check}: ${c.detail}`);
 
-        const failed = checks.filter((c) => !c.ok);
-        assert.deepEqual(failed, [], `failed checks: ${JSON.stringify(failed)}\n${stderr}`);
-        const names = checks.map((c) => c.check);
-        const required = ['two_node_handshake', 'tls_connection', 'mesh_route_a_to_b', 'mesh_route_b_to_a'];
-        for (const size of [16, 1400, 65536]) required.push(`mesh_packet_a_to_b_${size}`, `mesh_packet_b_to_a_${size}`);
-        required.push('no_health_problem', 'restart_ready', 'restarting_frame', 'other_node_unaffected');
-        for (const r of required) assert.ok(names.includes(r), `missing check ${r}: ${names.join(', ')}\n${stderr}`);
-        assert.equal(code, 0, `derpinterop exit code\n${stderr}`);
-        assert.equal(aCode, 0, `node A exit code after SIGTERM\n${a!.output()}`);
-        // TLS is terminated in the relay core, whose chain ends with Tailscale's meta certificate:
-        // over TLS 1.3 the Go client reads the relay key from it and skips the 101 (fast start).
-        // derpmesh's own mesh links never ask for fast start, so these are the Go client's.
-        const bMetrics = await b!.metrics();
-        const metric = (name: string) => Number(new RegExp(`^derpmesh_${name} (\\d+)$`, 'm').exec(bMetrics)?.[1] ?? 0);
-        assert.ok(metric('tls_handshakes') >= 1, 'node B terminated TLS in the core');
-        assert.ok(metric('upgrades_fast_start') >= 1, `the Go client used fast start on node B (meta certificate seen)\n${bMetrics}`);
-        console.log(
-          `  node B: ${metric('tls_handshakes')} TLS handshakes in the core, ${metric('upgrades_fast_start')} fast-start upgrades`,
-        );
-      } finally {
-        await Promise.all(nodes.map((n) => n.kill9()));
-        await pg?.stop();
-        if (ca) rmSync(ca.dir, { recursive: true, force: true });
-      }
-    },
-  );
+          const started = Date.now();
+          const args = ['-url', url, '-mesh-key', meshKey, '-overall-timeout', '90s'];
+          if (websocket) args.push('-websocket');
+          else args.push('-ca-file', ca.caFile);
+          const { code, checks, stderr } = await runChecks(binary(), args, goEnv(websocket ? ca.caFile : undefined));
+          console.log(`TLS relay interop (${websocket ? 'WebSocket' : 'TCP'}): derpinterop ran ${Date.now() - started} ms`);
+          for (const c of checks) console.log(`  ${c.ok ? 'ok  ' : 'FAIL'} ${c.check}: ${c.detail}`);
+          const failed = checks.filter((c) => !c.ok);
+          assert.deepEqual(failed, [], `failed checks: ${JSON.stringify(failed)}\n${stderr}\n${node.output()}`);
+          const names = checks.map((c) => c.check);
+          const required = ['handshake', 'tls_connection'];
+          for (const size of [16, 1400, websocket ? 32000 : 65536]) required.push(`packet_a_to_b_${size}`, `packet_b_to_a_${size}`);
+          required.push('packet_to_self', 'ping_pong', 'peer_gone_not_here', 'watch_snapshot', 'watch_present_flags', 'watch_present_addr');
+          required.push(
+            'watch_new_peer',
+            'watch_peer_gone',
+            'peer_gone_to_receiver',
+            'watch_refused_without_mesh_key',
+            'watch_refused_wrong_mesh_key',
+          );
+          if (websocket) required.push('websocket_transport');
+          for (const r of required) assert.ok(names.includes(r), `missing check ${r}: ${names.join(', ')}`);
+          assert.equal(code, 0, stderr);
+          const metrics = await node.metrics();
+          assert.ok(metricOf(metrics, 'tls_handshakes') >= 1, `TLS terminated in the core\n${metrics}`);
+          if (!websocket)
+            assert.ok(metricOf(metrics, 'upgrades_fast_start') >= 1, `the Go client used fast start (meta certificate seen)\n${metrics}`);
+        } finally {
+          await node?.kill9();
+          await postgres?.stop();
+          if (ca) rmSync(ca.dir, { recursive: true, force: true });
+        }
+      },
+    );
+  }
+
+  // Two TLS nodes (certificates from a private CA) meshed over https; over TCP the Go client trusts
+  // the CA with -ca-file (derphttp.Client.TLSConfig), over WebSocket with SSL_CERT_FILE (the system
+  // roots: derphttp's WebSocket dialer ignores TLSConfig). Handshake for the restart step:
+  // derpinterop prints the check restart_ready and reads stdin; the test sends SIGTERM to node A
+  // and writes a line.
+  for (const websocket of [false, true]) {
+    test(
+      `TLS cluster (private CA): packets both ways through the mesh, no Health problem, SIGTERM sends Restarting${websocket ? ' (WebSocket, SSL_CERT_FILE)' : ''}`,
+      { skip: opensslMissing, timeout: 1_400_000 + 240_000 }, // the build bound (when run alone) + the run
+      async () => {
+        const HEARTBEAT_MS = 300;
+        let ca: PrivateCa | undefined;
+        let pg: TestPostgres | undefined;
+        const nodes: NodeProcess[] = [];
+        try {
+          ca = makePrivateCa();
+          pg = await startPostgres();
+          const [a, b] = await Promise.all(
+            [`interop-tls-a${websocket ? '-ws' : ''}`, `interop-tls-b${websocket ? '-ws' : ''}`].map((name) =>
+              startNodeProcess({ name, postgresUrl: pg!.url, heartbeatMs: HEARTBEAT_MS, tls: ca! }),
+            ),
+          );
+          nodes.push(a!, b!);
+          await Promise.all(nodes.map((n) => n.started));
+          await waitFor('each node probed its peer over https', 30_000, async () => {
+            const views = await Promise.all(nodes.map((n) => n.replicas()));
+            return views.every((v) => {
+              const peer = v.find((r) => !r.self && r.state === 'live');
+              return peer !== undefined && (peer.latency_from_here_ms !== undefined || peer.unreachable_from_here !== undefined);
+            });
+          });
+          await new Promise((r) => setTimeout(r, 3 * HEARTBEAT_MS));
+
+          const started = Date.now();
+          const args = ['-url', `${a!.url}/derp`, '-url2', `${b!.url}/derp`];
+          if (websocket) args.push('-websocket');
+          else args.push('-ca-file', ca.caFile);
+          args.push('-expect-no-health', '-hold', `${4 * HEARTBEAT_MS}ms`, '-wait-restarting', '-overall-timeout', '90s');
+          const env = websocket ? goEnv(ca.caFile) : process.env;
+          const child = spawn(binary(), args, { stdio: ['pipe', 'pipe', 'pipe'], env });
+          child.stdin.on('error', () => {}); // EPIPE if it already exited
+          let stderr = '';
+          child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+          const exited = new Promise<number | null>((resolve) => {
+            child.once('exit', (code) => resolve(code));
+            child.once('error', (err) => {
+              stderr += `spawn error: ${err.message}\n`;
+              resolve(null);
+            });
+          });
+          const killer = setTimeout(() => child.kill('SIGKILL'), 120_000);
+          const checks: Check[] = [];
+          let nodeAExit: Promise<number | null> | undefined;
+          let stoppedAt = 0;
+          let stopMs = -1;
+          for await (const line of createInterface({ input: child.stdout })) {
+            if (!line.startsWith('{')) continue;
+            const check = JSON.parse(line) as Check;
+            checks.push(check);
+            if (check.check === 'restart_ready' && check.ok) {
+              stoppedAt = Date.now();
+              nodeAExit = a!.stop().then((exitCode) => {
+                stopMs = Date.now() - stoppedAt;
+                return exitCode;
+              }); // sends SIGTERM at once
+              child.stdin.end('stopped\n');
+            }
+          }
+          const code = await exited;
+          clearTimeout(killer);
+          const aCode = nodeAExit ? await nodeAExit : undefined;
+          console.log(
+            `TLS interop${websocket ? ' (WebSocket)' : ''}: derpinterop ran ${Date.now() - started} ms; node A exited ${aCode === undefined ? 'never stopped' : `${stopMs} ms after SIGTERM`}`,
+          );
+          for (const c of checks) console.log(`  ${c.ok ? 'ok  ' : 'FAIL'} ${c.check}: ${c.detail}`);
+
+          const failed = checks.filter((c) => !c.ok);
+          assert.deepEqual(failed, [], `failed checks: ${JSON.stringify(failed)}\n${stderr}`);
+          const names = checks.map((c) => c.check);
+          const required = ['two_node_handshake', 'tls_connection', 'mesh_route_a_to_b', 'mesh_route_b_to_a'];
+          if (websocket) required.push('websocket_transport');
+          for (const size of [16, 1400, websocket ? 32000 : 65536])
+            required.push(`mesh_packet_a_to_b_${size}`, `mesh_packet_b_to_a_${size}`);
+          required.push('no_health_problem', 'restart_ready', 'restarting_frame', 'other_node_unaffected');
+          for (const r of required) assert.ok(names.includes(r), `missing check ${r}: ${names.join(', ')}\n${stderr}`);
+          assert.equal(code, 0, `derpinterop exit code\n${stderr}`);
+          assert.equal(aCode, 0, `node A exit code after SIGTERM\n${a!.output()}`);
+          // TLS is terminated in the relay core, whose chain ends with Tailscale's meta certificate:
+          // over TLS 1.3 the Go client reads the relay key from it and skips the 101 (fast start).
+          // derpmesh's own mesh links never ask for fast start, so these are the Go client's.
+          const bMetrics = await b!.metrics();
+          const metric = (name: string) => Number(new RegExp(`^derpmesh_${name} (\\d+)$`, 'm').exec(bMetrics)?.[1] ?? 0);
+          assert.ok(metric('tls_handshakes') >= 1, 'node B terminated TLS in the core');
+          if (!websocket)
+            assert.ok(metric('upgrades_fast_start') >= 1, `the Go client used fast start on node B (meta certificate seen)\n${bMetrics}`);
+          console.log(
+            `  node B: ${metric('tls_handshakes')} TLS handshakes in the core, ${metric('upgrades_fast_start')} fast-start upgrades`,
+          );
+        } finally {
+          await Promise.all(nodes.map((n) => n.kill9()));
+          await pg?.stop();
+          if (ca) rmSync(ca.dir, { recursive: true, force: true });
+        }
+      },
+    );
+  }
 
   // STUN: Tailscale's own net/stun against a node's STUN listener.
   test(

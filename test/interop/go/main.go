@@ -18,11 +18,13 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log"
+	"net/http"
 	"net/netip"
 	"os"
 	"strings"
@@ -97,7 +99,8 @@ type peer struct {
 	c      *derphttp.Client
 	events chan event
 	logs   *logBuf
-	ws     bool // dial over WebSocket
+	ws     bool                 // dial over WebSocket
+	wsTLS  *tls.ConnectionState // TLS state of the WebSocket handshake (https URLs)
 
 	healthMu sync.Mutex
 	health   []string // Problem of every Health frame received, "" = healthy
@@ -153,6 +156,133 @@ func loadCAFile(path string) error {
 	return nil
 }
 
+// wsTLSRecorder sits in http.DefaultClient, which derphttp's WebSocket
+// dialer (coder/websocket with no HTTPClient) uses: it passes every request
+// to http.DefaultTransport unchanged and keeps the TLS state of the last
+// response, so the checks can tell that a WebSocket connection is TLS.
+// That dialer gets no TLS config from derphttp: it trusts the system roots
+// only (on Linux, SSL_CERT_FILE / SSL_CERT_DIR), never -ca-file.
+type wsTLSRecorder struct {
+	mu   sync.Mutex
+	last *tls.ConnectionState
+}
+
+var wsTLS = new(wsTLSRecorder)
+
+func (r *wsTLSRecorder) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := http.DefaultTransport.RoundTrip(req)
+	if resp != nil {
+		r.mu.Lock()
+		r.last = resp.TLS
+		r.mu.Unlock()
+	}
+	return resp, err
+}
+
+func (r *wsTLSRecorder) take() *tls.ConnectionState {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	cs := r.last
+	r.last = nil
+	return cs
+}
+
+func isHTTPS(url string) bool { return strings.HasPrefix(url, "https:") }
+
+// describeTLS says how p's connection is secured: the derphttp TLS state
+// (TCP), or the WebSocket handshake's response (-websocket).
+func describeTLS(p *peer) (string, error) {
+	cs, ok := p.c.TLSConnectionState()
+	via := ""
+	if p.ws {
+		cs, ok = p.wsTLS, p.wsTLS != nil
+		via = "WebSocket over "
+	}
+	if !ok || cs == nil {
+		return "", fmt.Errorf("%s: not a TLS connection", p.name)
+	}
+	if !cs.HandshakeComplete {
+		return "", fmt.Errorf("%s: TLS handshake not complete", p.name)
+	}
+	issuer := "?"
+	if len(cs.PeerCertificates) > 0 {
+		issuer = cs.PeerCertificates[0].Issuer.CommonName
+	}
+	verified := ""
+	if p.ws {
+		// crypto/tls verified the chain against the system roots.
+		if len(cs.VerifiedChains) == 0 {
+			return "", fmt.Errorf("%s: WebSocket TLS connection without a verified chain", p.name)
+		}
+		chain := cs.VerifiedChains[0]
+		verified = fmt.Sprintf(", chain verified to %q (system roots)", chain[len(chain)-1].Subject.CommonName)
+	}
+	return fmt.Sprintf("%s: %s%s, cert issued by %q%s", p.name, via, tls.VersionName(cs.Version), issuer, verified), nil
+}
+
+// checkTLS reports tls_connection for peers connected to https URLs.
+func checkTLS(peers ...*peer) bool {
+	var details, problems []string
+	for _, p := range peers {
+		d, err := describeTLS(p)
+		if err != nil {
+			problems = append(problems, err.Error())
+		} else {
+			details = append(details, d)
+		}
+	}
+	if len(problems) > 0 {
+		report("tls_connection", false, "%s", strings.Join(problems, "; "))
+		return false
+	}
+	report("tls_connection", true, "%s", strings.Join(details, "; "))
+	return true
+}
+
+// caInSSLCertFile checks that every certificate of caFile is also in the
+// file SSL_CERT_FILE names, so WebSocket connections trust the same CA.
+func caInSSLCertFile(caFile string) error {
+	sys := os.Getenv("SSL_CERT_FILE")
+	if sys == "" {
+		return errors.New("SSL_CERT_FILE is not set")
+	}
+	ders := func(path string) ([][]byte, error) {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return nil, err
+		}
+		var out [][]byte
+		for {
+			var blk *pem.Block
+			blk, b = pem.Decode(b)
+			if blk == nil {
+				return out, nil
+			}
+			if blk.Type == "CERTIFICATE" {
+				out = append(out, blk.Bytes)
+			}
+		}
+	}
+	want, err := ders(caFile)
+	if err != nil {
+		return err
+	}
+	have, err := ders(sys)
+	if err != nil {
+		return fmt.Errorf("SSL_CERT_FILE: %w", err)
+	}
+	for _, w := range want {
+		found := false
+		for _, h := range have {
+			found = found || bytes.Equal(w, h)
+		}
+		if !found {
+			return fmt.Errorf("SSL_CERT_FILE=%s lacks a certificate of %s", sys, caFile)
+		}
+	}
+	return nil
+}
+
 func newPeer(name string, meshKey key.DERPMesh, watch bool) (*peer, error) {
 	return newPeerURL(name, *flagURL, meshKey, watch)
 }
@@ -183,11 +313,15 @@ func (p *peer) connect() error {
 	// error instead of reconnecting), one at a time, so toggling it is safe.
 	if p.ws {
 		os.Setenv("TS_DEBUG_DERP_WS_CLIENT", "true")
+		wsTLS.take()
 	} else {
 		os.Unsetenv("TS_DEBUG_DERP_WS_CLIENT")
 	}
 	if err := p.c.Connect(ctx); err != nil {
 		return fmt.Errorf("%s: connect: %w", p.name, err)
+	}
+	if p.ws {
+		p.wsTLS = wsTLS.take()
 	}
 	return nil
 }
@@ -276,6 +410,17 @@ func randBytes(n int) []byte {
 
 // ---- checks ----
 
+// packetSizes: small, typical, large. Over WebSocket, Tailscale's client
+// and derper both cap a WebSocket message at 32 KiB (coder/websocket's
+// default read limit) and a DERP frame goes out as one message, so the large
+// packet is 32000 bytes there.
+func packetSizes() []int {
+	if *flagWebsocket {
+		return []int{16, 1400, 32000}
+	}
+	return []int{16, 1400, 64 << 10}
+}
+
 func checkPacket(check string, from, to *peer, size int) {
 	payload := randBytes(size)
 	if err := from.c.Send(to.key(), payload); err != nil {
@@ -332,6 +477,13 @@ func main() {
 		flag.Usage()
 		os.Exit(2)
 	}
+	if *flagWebsocket && *flagCAFile != "" {
+		if err := caInSSLCertFile(*flagCAFile); err != nil {
+			fmt.Fprintf(os.Stderr, "derpinterop: -websocket with -ca-file: %v; derphttp's WebSocket dialer ignores -ca-file (derphttp.Client.TLSConfig) and trusts only the system roots, which Go reads from SSL_CERT_FILE: set SSL_CERT_FILE=%s\n", err, *flagCAFile)
+			flag.Usage()
+			os.Exit(2)
+		}
+	}
 	if *flagCAFile != "" {
 		if err := loadCAFile(*flagCAFile); err != nil {
 			fmt.Fprintf(os.Stderr, "derpinterop: bad -ca-file: %v\n", err)
@@ -344,6 +496,8 @@ func main() {
 			os.Exit(1)
 		}
 	}
+
+	http.DefaultClient.Transport = wsTLS
 
 	watchdog := time.AfterFunc(*flagOverall, func() {
 		report("overall_timeout", false, "run exceeded -overall-timeout %v", *flagOverall)
@@ -404,16 +558,15 @@ func run(meshKey key.DERPMesh) {
 	}
 	report("handshake", true, "A=%s B=%s connected in %v; server key %s; ServerInfo %s",
 		short(a.key()), short(b.key()), time.Since(start).Round(time.Millisecond), sa.String(), serverInfo)
+	if isHTTPS(*flagURL) && !checkTLS(a, b) {
+		return
+	}
 
 	// (b) packets
 	// Over WebSocket, Tailscale's client and derper both cap a WebSocket
 	// message at 32 KiB (coder/websocket's default read limit) and a DERP
 	// frame goes out as one message, so the large packet is 32000 bytes there.
-	sizes := []int{16, 1400, 64 << 10}
-	if *flagWebsocket {
-		sizes[2] = 32000
-	}
-	for _, n := range sizes {
+	for _, n := range packetSizes() {
 		checkPacket(fmt.Sprintf("packet_a_to_b_%d", n), a, b, n)
 		checkPacket(fmt.Sprintf("packet_b_to_a_%d", n), b, a, n)
 	}
@@ -597,6 +750,10 @@ func run(meshKey key.DERPMesh) {
 	checkRefused("watch_refused_wrong_mesh_key", wrongKey)
 
 	// (e) websocket: confirm derphttp really used WebSocket for every client.
+	checkWebsocketTransport(all, "; watchers used plain DERP (derphttp sends no WatchConns over WebSocket)")
+}
+
+func checkWebsocketTransport(all []*peer, note string) {
 	if *flagWebsocket {
 		var wsNames, notWS []string
 		for _, p := range all {
@@ -612,7 +769,7 @@ func run(meshKey key.DERPMesh) {
 		if len(notWS) > 0 {
 			report("websocket_transport", false, "clients %v did not dial WebSocket", notWS)
 		} else {
-			report("websocket_transport", true, "clients %v dialed WebSocket (subprotocol derp); watchers used plain DERP (derphttp sends no WatchConns over WebSocket)", wsNames)
+			report("websocket_transport", true, "clients %v dialed WebSocket (subprotocol derp)%s", wsNames, note)
 		}
 	}
 }

@@ -15,7 +15,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/tls"
 	"flag"
 	"fmt"
 	"os"
@@ -39,9 +38,6 @@ func checkTwoNodeUsage() string {
 			return "-expect-no-health and -wait-restarting need -url2"
 		}
 		return ""
-	}
-	if *flagWebsocket {
-		return "-websocket is not supported with -url2"
 	}
 	return ""
 }
@@ -112,21 +108,6 @@ func checkMeshPacket(check string, from, to *peer, size int) {
 	report(check, true, "%d bytes %s->%s through the mesh in %v", size, from.name, to.name, time.Since(start).Round(time.Microsecond))
 }
 
-func describeTLS(p *peer) (string, error) {
-	cs, ok := p.c.TLSConnectionState()
-	if !ok || cs == nil {
-		return "", fmt.Errorf("%s: not a TLS connection", p.name)
-	}
-	if !cs.HandshakeComplete {
-		return "", fmt.Errorf("%s: TLS handshake not complete", p.name)
-	}
-	issuer := "?"
-	if len(cs.PeerCertificates) > 0 {
-		issuer = cs.PeerCertificates[0].Issuer.CommonName
-	}
-	return fmt.Sprintf("%s: %s, cert issued by %q", p.name, tls.VersionName(cs.Version), issuer), nil
-}
-
 func runTwoNodes() {
 	var all []*peer
 	defer func() {
@@ -161,29 +142,17 @@ func runTwoNodes() {
 	report("two_node_handshake", true, "connected in %v: %s", time.Since(start).Round(time.Millisecond), strings.Join(infos, "; "))
 
 	// https URLs: derphttp really spoke TLS and verified the server (against -ca-file).
-	if strings.HasPrefix(*flagURL, "https:") || strings.HasPrefix(*flagURL2, "https:") {
-		var details []string
-		var problems []string
-		for _, p := range []*peer{a, b} {
-			d, err := describeTLS(p)
-			if err != nil {
-				problems = append(problems, err.Error())
-			} else {
-				details = append(details, d)
-			}
-		}
-		if len(problems) > 0 {
-			report("tls_connection", false, "%s", strings.Join(problems, "; "))
-			return
-		}
-		report("tls_connection", true, "%s", strings.Join(details, "; "))
+	// With -websocket the trust comes from the system roots (SSL_CERT_FILE).
+	if (isHTTPS(*flagURL) || isHTTPS(*flagURL2)) && !checkTLS(a, b) {
+		return
 	}
+	checkWebsocketTransport(all, "")
 
 	// Packets both ways through the mesh. If the mesh does not route, the
 	// Health check still runs: a relay's Health frame may say why.
 	meshOK := deliverMesh("mesh_route_a_to_b", a, b) && deliverMesh("mesh_route_b_to_a", b, a)
 	if meshOK {
-		for _, n := range []int{16, 1400, 64 << 10} {
+		for _, n := range packetSizes() {
 			checkMeshPacket(fmt.Sprintf("mesh_packet_a_to_b_%d", n), a, b, n)
 			checkMeshPacket(fmt.Sprintf("mesh_packet_b_to_a_%d", n), b, a, n)
 		}
