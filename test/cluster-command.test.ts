@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 
 import { DerpClient } from '../src/client/index.js';
 import { waitFor } from './helpers/cluster.js';
+import { pidAlive } from './helpers/tools.js';
 import { deliver, echoRoundTrips, quantile } from './helpers/traffic.js';
 
 const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
@@ -27,15 +28,6 @@ function postgresProcessesIn(dir: string): string[] {
 function processGroupAlive(pgid: number): boolean {
   try {
     process.kill(-pgid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
     return true;
   } catch {
     return false;

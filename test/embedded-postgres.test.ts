@@ -29,19 +29,11 @@ import { waitFor } from './helpers/cluster.js';
 import { embeddedPostmasterPid, startServerProcess, type ServerProcess } from './helpers/server-process.js';
 import { deliver, exchangeOnce } from './helpers/traffic.js';
 import { lookupUser, runToCompletion } from '../src/postgres/server.js';
+import { pidAlive } from './helpers/tools.js';
 
 const repo = fileURLToPath(new URL('../../', import.meta.url));
 const cli = join(repo, 'dist/src/cli.js');
 const isRoot = process.getuid?.() === 0;
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 function tempStateDir(): string {
   const dir = mkdtempSync(join(tmpdir(), 'derpmesh-embedded-'));
@@ -112,7 +104,7 @@ function track(server: ServerProcess): ServerProcess {
 
 function postmasterOf(stateDir: string): number {
   const pid = embeddedPostmasterPid(stateDir);
-  assert.ok(pid && alive(pid), `a postmaster runs on ${stateDir}`);
+  assert.ok(pid && pidAlive(pid), `a postmaster runs on ${stateDir}`);
   postmastersSeen.add(pid);
   return pid;
 }
@@ -137,14 +129,14 @@ describe('the embedded Postgres shared by local nodes', { timeout: 240_000 }, ()
     await stop(first);
     // Three heartbeats of the second node after the first one is gone: its database is still there.
     await new Promise((r) => setTimeout(r, 3_500));
-    assert.ok(alive(postmaster), `the postmaster (pid ${postmaster}) still runs after the first node stopped:\n${second.output()}`);
+    assert.ok(pidAlive(postmaster), `the postmaster (pid ${postmaster}) still runs after the first node stopped:\n${second.output()}`);
     const db = await databaseSection(secondUrl);
     assert.equal(db.severity, 'ok', `database section of the remaining node: ${JSON.stringify(db)}\n${second.output()}`);
     assert.equal(await healthz(secondUrl), 'OK\n');
     await relays(secondUrl);
 
     await stop(second);
-    await waitFor(`the postmaster (pid ${postmaster}) to exit after the last node stopped`, 15_000, () => !alive(postmaster), 100);
+    await waitFor(`the postmaster (pid ${postmaster}) to exit after the last node stopped`, 15_000, () => !pidAlive(postmaster), 100);
     assert.ok(!existsSync(join(stateDir, 'postgres', 'embedded-postgres.json')), 'the descriptor is removed with the server');
   });
 
@@ -158,7 +150,7 @@ describe('the embedded Postgres shared by local nodes', { timeout: 240_000 }, ()
     const started = Date.now();
     const { value: restarted } = await waitFor('a new postmaster', 30_000, () => {
       const pid = embeddedPostmasterPid(stateDir);
-      return pid !== undefined && pid !== killed && alive(pid) ? pid : undefined;
+      return pid !== undefined && pid !== killed && pidAlive(pid) ? pid : undefined;
     });
     postmastersSeen.add(restarted);
     await waitFor('the database section back to ok', 30_000, async () => (await databaseSection(url)).severity === 'ok', 200);
@@ -166,7 +158,7 @@ describe('the embedded Postgres shared by local nodes', { timeout: 240_000 }, ()
     assert.match(server.output(), /embedded Postgres .*(gone|died)/i);
     await relays(url);
     await stop(server);
-    await waitFor(`the restarted postmaster (pid ${restarted}) to exit`, 15_000, () => !alive(restarted), 100);
+    await waitFor(`the restarted postmaster (pid ${restarted}) to exit`, 15_000, () => !pidAlive(restarted), 100);
   });
 
   test("a failed start exits 2 with a DERPMESH_ERR_ message and leaves no lock; a dead holder's lock is taken over; the next start works", async () => {
@@ -195,7 +187,7 @@ describe('the embedded Postgres shared by local nodes', { timeout: 240_000 }, ()
     await relays(await again.url);
     const postmaster = postmasterOf(stateDir);
     await stop(again);
-    await waitFor('the postmaster to exit', 15_000, () => !alive(postmaster), 100);
+    await waitFor('the postmaster to exit', 15_000, () => !pidAlive(postmaster), 100);
   });
 });
 
@@ -233,7 +225,7 @@ describe('a state directory made by an earlier version (embedded-postgres initia
     const postmaster = postmasterOf(stateDir);
     assert.equal((await databaseSection(await server.url)).severity, 'ok');
     await stop(server);
-    await waitFor('the postmaster to exit', 15_000, () => !alive(postmaster), 100);
+    await waitFor('the postmaster to exit', 15_000, () => !pidAlive(postmaster), 100);
   });
 });
 
@@ -268,7 +260,7 @@ describe('as root, from a clone in a mode-700 directory (issue 14)', { timeout: 
     assert.doesNotMatch(server.output(), /Unhandled 'error' event|EACCES/);
     await relays(url);
     await stop(server);
-    await waitFor('the postmaster to exit', 15_000, () => !alive(postmaster), 100);
+    await waitFor('the postmaster to exit', 15_000, () => !pidAlive(postmaster), 100);
 
     // A second start reuses the verified copy.
     const again = track(startServer(stateDir, [process.execPath, join(clone, 'dist/src/cli.js')]));
@@ -320,7 +312,7 @@ describe('as root, from a clone in a mode-700 directory (issue 14)', { timeout: 
       cluster.kill('SIGINT');
       const [code] = await exited;
       assert.equal(code, 0, output);
-      await waitFor('the postmaster to exit', 15_000, () => !alive(postmaster), 100);
+      await waitFor('the postmaster to exit', 15_000, () => !pidAlive(postmaster), 100);
       assert.doesNotMatch(output, /Unhandled 'error' event|EACCES/);
     } finally {
       if (cluster.exitCode === null) cluster.kill('SIGKILL');

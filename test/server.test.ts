@@ -11,6 +11,7 @@ import { describe, test } from 'node:test';
 
 import { DerpClient } from '../src/client/index.js';
 import { embeddedPostmasterPid, startServerProcess, type ServerProcess } from './helpers/server-process.js';
+import { pidAlive } from './helpers/tools.js';
 
 const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
 
@@ -54,7 +55,7 @@ describe('derpmesh server process', () => {
         const url = await server.url;
         const a = await DerpClient.connect({ url });
         const postmaster = embeddedPostmasterPid(server.stateDir);
-        assert.ok(postmaster !== undefined && alive(postmaster), 'the embedded Postgres runs');
+        assert.ok(postmaster !== undefined && pidAlive(postmaster), 'the embedded Postgres runs');
         const restarting = once(a, 'restarting');
         const exited = once(server.child, 'exit');
         server.child.kill('SIGTERM');
@@ -64,8 +65,8 @@ describe('derpmesh server process', () => {
         const [code] = (await exited) as [number];
         assert.equal(code, 0, server.output());
         assert.match(server.output(), /already stopping: the graceful stop goes on/);
-        for (let i = 0; i < 50 && alive(postmaster!); i++) await new Promise((r) => setTimeout(r, 100));
-        assert.ok(!alive(postmaster!), `the embedded Postgres (pid ${postmaster}) outlived the server:\n${server.output()}`);
+        for (let i = 0; i < 50 && pidAlive(postmaster!); i++) await new Promise((r) => setTimeout(r, 100));
+        assert.ok(!pidAlive(postmaster!), `the embedded Postgres (pid ${postmaster}) outlived the server:\n${server.output()}`);
         await a.close();
       } finally {
         server.child.kill('SIGKILL');
@@ -167,12 +168,3 @@ describe('derpmesh server process', () => {
     }
   });
 });
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}

@@ -13,3 +13,13 @@ export function hasCommand(command: string, args: string[]): boolean {
 
 export const goAvailable = () => hasCommand('go', ['version']);
 export const hasOpenssl = () => hasCommand('openssl', ['version']);
+
+/** Whether a process with this pid exists (one of another user counts too). */
+export function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
