@@ -3,6 +3,8 @@
 //! `Server::accept_connection` does with a descriptor). DERP over TLS with the meta certificate,
 //! probes answered in the core, other requests handed off over a socket pair, bad input counted.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use derpmesh_relay::tls;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -35,14 +37,7 @@ async fn fixture() -> Fixture {
     server.set_http_handoff(Some(Arc::new(move |fd, _remote| {
         let _ = tx.send(fd);
     })));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let front = server.front().clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, remote)) = listener.accept().await {
-            tokio::spawn(front.clone().serve(tcp, remote));
-        }
-    });
+    let addr = common::serve_front(&server).await;
     Fixture {
         server,
         addr,

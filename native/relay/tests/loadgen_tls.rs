@@ -3,6 +3,8 @@
 //! `Server::accept_connection` does with a descriptor). Trusting the certificate, packets flow;
 //! without it, the dial fails on the unknown issuer.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +13,6 @@ use derpmesh_relay::client::{ClientError, TlsOptions};
 use derpmesh_relay::loadgen::{self, LoadError, LoadOptions};
 use derpmesh_relay::server::{Server, ServerConfig};
 use derpmesh_relay::tls;
-use tokio::net::TcpListener;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -20,14 +21,7 @@ async fn tls_relay() -> (Arc<Server>, SocketAddr, String) {
     let server = Arc::new(Server::new(ServerConfig::default()).unwrap());
     let (cert_pem, key_pem) = tls::generate_self_signed(&["127.0.0.1".into()]).unwrap();
     server.set_certificate(cert_pem.as_bytes(), key_pem.as_bytes()).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let front = server.front().clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, remote)) = listener.accept().await {
-            tokio::spawn(front.clone().serve(tcp, remote));
-        }
-    });
+    let addr = common::serve_front(&server).await;
     (server, addr, cert_pem)
 }
 

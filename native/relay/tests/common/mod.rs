@@ -1,12 +1,18 @@
-//! Shared by the integration tests: the small HTTP front a test relay sits behind.
+//! Shared by the integration tests: the small HTTP front a test relay sits behind, and a relay
+//! served by the core's own front (TLS with a certificate set) on a loopback port.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use derpmesh_relay::server::Server;
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::TcpListener;
 
 /// Reads an HTTP request head (up to the blank line) and returns the bytes after it, which belong
 /// to the DERP stream; `None` if the head does not arrive within 5 s or exceeds 16 KiB.
+#[allow(dead_code)] // the mesh tests' HTTP fronts use it, the core-front tests do not
 pub async fn read_request_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Bytes> {
     let mut buf = Vec::new();
     loop {
@@ -22,4 +28,19 @@ pub async fn read_request_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<B
             _ => return None,
         }
     }
+}
+
+/// Serves `server`'s front (TLS when it has a certificate) on a loopback port, every accepted
+/// connection in a task of its own, for as long as the runtime runs; returns the address.
+#[allow(dead_code)] // not every test file that includes this module serves a front
+pub async fn serve_front(server: &Arc<Server>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let front = server.front().clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, remote)) = listener.accept().await {
+            tokio::spawn(front.clone().serve(tcp, remote));
+        }
+    });
+    addr
 }
