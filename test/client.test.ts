@@ -24,9 +24,6 @@ import { decodeServerFrame, formatIp } from '../src/client/messages.js';
 import { FrameParser } from '../src/client/parser.js';
 import { native } from '../src/native.js';
 import { discoPacket, frame, keyPair, waitUntil, withTimeout } from './helpers/frames.js';
-import { startHttpServer } from '../src/http/server.js';
-import { silentLogger } from '../src/log.js';
-import { Relay } from '../src/relay.js';
 import { startRelay } from './helpers/relay.js';
 import { makePrivateCa } from './helpers/certs.js';
 import { hasOpenssl } from './helpers/tools.js';
@@ -604,14 +601,7 @@ describe(
     test('DERP upgrade over TLS and WebSocket over TLS, verified against the relay certificate', async () => {
       const pki = makePrivateCa();
       const ca = readFileSync(pki.caFile);
-      const relay = new Relay();
-      const server = await startHttpServer({
-        relay,
-        host: '127.0.0.1',
-        port: 0,
-        logger: silentLogger,
-        tls: { cert: readFileSync(pki.certFile), key: readFileSync(pki.keyFile) },
-      });
+      const server = await startRelay({ tls: { cert: readFileSync(pki.certFile), key: readFileSync(pki.keyFile) } });
       try {
         assert.match(server.url, /^https:/);
         const a = await DerpClient.connect({ url: server.url, tls: { ca } });
@@ -631,7 +621,6 @@ describe(
         await Promise.all([a.close(), b.close(), c.close()]);
         await rejectsWithCode(DerpClient.connect({ url: server.url, connectTimeoutMs: 2000 }), 'DERP_ERR_CONNECTION');
       } finally {
-        await relay.close({ graceMs: 500 });
         await server.close();
         rmSync(pki.dir, { recursive: true, force: true });
       }

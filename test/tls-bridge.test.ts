@@ -6,10 +6,8 @@ import { readFileSync, rmSync } from 'node:fs';
 import { describe, test } from 'node:test';
 
 import { DerpClient } from '../src/client/index.js';
-import { startHttpServer } from '../src/http/server.js';
-import { silentLogger } from '../src/log.js';
-import { Relay } from '../src/relay.js';
 import { hasOpenssl, makePrivateCa } from './helpers/certs.js';
+import { startRelay } from './helpers/relay.js';
 
 describe('TLS byte bridge', { skip: hasOpenssl() ? false : 'no openssl to make a certificate', timeout: 60_000 }, () => {
   test('a bulk transfer through backpressured writes adds no listener per write (no MaxListenersExceededWarning)', async () => {
@@ -17,15 +15,11 @@ describe('TLS byte bridge', { skip: hasOpenssl() ? false : 'no openssl to make a
     const warnings: Error[] = [];
     const onWarning = (w: Error) => warnings.push(w);
     process.on('warning', onWarning);
-    const relay = new Relay();
-    const server = await startHttpServer({
-      relay,
-      host: '127.0.0.1',
-      port: 0,
-      logger: silentLogger,
+    const server = await startRelay({
       tls: { cert: readFileSync(ca.certFile), key: readFileSync(ca.keyFile) },
       tlsInNode: true, // the fallback (no relay core TLS: Windows, or a pair the core cannot use)
     });
+    const { relay } = server;
     const tls = { ca: readFileSync(ca.caFile) };
     try {
       const a = await DerpClient.connect({ url: server.url, tls });
@@ -54,7 +48,6 @@ describe('TLS byte bridge', { skip: hasOpenssl() ? false : 'no openssl to make a
       await Promise.all([a.close(), b.close()]);
     } finally {
       process.off('warning', onWarning);
-      await relay.close({ graceMs: 500 });
       await server.close();
       rmSync(ca.dir, { recursive: true, force: true });
     }

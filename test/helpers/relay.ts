@@ -1,10 +1,10 @@
 // Starts a real relay on a loopback port for a test.
-import { startHttpServer } from '../../src/http/server.js';
+import { startHttpServer, type HttpServerOptions } from '../../src/http/server.js';
 import { silentLogger } from '../../src/log.js';
 import { Relay, type RelayOptions } from '../../src/relay.js';
 
 export interface TestRelay {
-  /** http://127.0.0.1:PORT */
+  /** http://127.0.0.1:PORT (https with `tls`) */
   url: string;
   port: number;
   relay: Relay;
@@ -13,9 +13,12 @@ export interface TestRelay {
   close(): Promise<void>;
 }
 
-export async function startRelay(options: RelayOptions & { headerTimeoutMs?: number } = {}): Promise<TestRelay> {
-  const relay = new Relay(options);
-  const http = await startHttpServer({ relay, host: '127.0.0.1', port: 0, logger: silentLogger, headerTimeoutMs: options.headerTimeoutMs });
+export async function startRelay(
+  options: RelayOptions & Pick<HttpServerOptions, 'headerTimeoutMs' | 'tls' | 'tlsInNode'> = {},
+): Promise<TestRelay> {
+  const { headerTimeoutMs, tls, tlsInNode, ...relayOptions } = options;
+  const relay = new Relay(relayOptions);
+  const http = await startHttpServer({ relay, host: '127.0.0.1', port: 0, logger: silentLogger, headerTimeoutMs, tls, tlsInNode });
   let closed = false;
   return {
     url: http.url,
