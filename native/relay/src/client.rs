@@ -18,12 +18,12 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
 use crate::frame::{self, FrameType, HEADER_LEN, KEY_LEN, MAX_FRAME_SIZE, PING_LEN, RESTARTING_LEN};
 use crate::handshake::{client_handshake, ClientInfo, HandshakeError};
 use crate::io::{FrameReader, Reader, Writer};
 use crate::keys::{Key, KeyPair};
+use crate::tlsio;
 
 /// How long the TCP connect may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -340,6 +340,8 @@ impl TlsOptions {
         };
         // DERP is an HTTP/1.1 upgrade; never let a server pick h2.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // After the handshake the record layer is `tlsio`'s: rustls hands over the traffic keys.
+        config.enable_secret_extraction = true;
         Ok(Arc::new(config))
     }
 
@@ -500,7 +502,7 @@ pub async fn dial_url(
                 url: format!("https://{}", url.authority),
                 reason: "the host is not a valid TLS server name",
             })?;
-            Some((TlsConnector::from(tls.client_config()?), name))
+            Some((tls.client_config()?, name))
         }
     };
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((url.host.as_str(), url.port)))
@@ -523,18 +525,18 @@ pub async fn dial_url(
             let (r, w) = stream.into_split();
             (Box::new(r), Box::new(w))
         }
-        Some((connector, name)) => {
-            let stream = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, connector.connect(name, stream))
+        Some((config, name)) => {
+            let stream = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tlsio::connect(stream, config, name))
                 .await
                 .map_err(|_| ClientError::Timeout {
                     addr: addr.clone(),
                     step: "during the TLS handshake",
                 })?
-                .map_err(|source| ClientError::Tls {
+                .map_err(|e| ClientError::Tls {
                     addr: addr.clone(),
-                    source,
+                    source: e.into(),
                 })?;
-            let (r, w) = tokio::io::split(stream);
+            let (r, w) = stream.into_split();
             (Box::new(r), Box::new(w))
         }
     };

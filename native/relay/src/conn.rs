@@ -255,6 +255,8 @@ struct ReaderState {
     /// Packet counters, added to the shared atomics once per read batch instead of per packet
     /// (shared cache lines bouncing between cores cost more than the forwarding itself).
     counts: PacketCounts,
+    /// A receiver's queue was full for a packet of this reader: it yields before reading on.
+    congested: bool,
 }
 
 impl ReaderState {
@@ -310,6 +312,7 @@ async fn read_loop(
         last_recorded: None,
         head_arena: BytesMut::new(),
         counts: PacketCounts::default(),
+        congested: false,
     };
     let exit = loop {
         if !reader.has_header() {
@@ -329,6 +332,11 @@ async fn read_loop(
         };
         if let Err(exit) = result {
             break exit;
+        }
+        if std::mem::take(&mut state.congested) {
+            // A receiver is behind this sender: let its writer run before reading more, so an
+            // unpaced sender is slowed by TCP instead of having its packets read, then dropped.
+            tokio::task::yield_now().await;
         }
     };
     state.counts.flush(&relay.metrics);
@@ -453,6 +461,7 @@ fn send_packet(relay: &Arc<Relay>, conn: &Arc<Conn>, state: &mut ReaderState, mu
             let head = state.head_arena.split().freeze();
             if forwarder.forward(OutFrame { head, tail: body }) == Enqueued::DroppedOldest {
                 Metrics::inc(&m.packets_dropped_queue_full);
+                state.congested = true;
             }
             state.counts.forwarded_out += 1;
         }
@@ -513,6 +522,7 @@ fn enqueue_local(
         Enqueued::Queued => true,
         Enqueued::DroppedOldest => {
             Metrics::inc(&m.packets_dropped_queue_full);
+            state.congested = true;
             true
         }
         Enqueued::Closed => {

@@ -24,6 +24,7 @@ use crate::conn;
 use crate::metrics::Metrics;
 use crate::relay::Relay;
 use crate::tls::{self, CertResolver, TlsError};
+use crate::tlsio;
 use crate::upgrade::{Stream, Transport, Upgrade};
 
 /// A TLS handshake must complete within this time.
@@ -115,8 +116,7 @@ impl Front {
         let Some(config) = self.tls_config() else {
             return self.serve_http(tcp, remote).await;
         };
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tlsio::accept(tcp, config)).await {
             Err(_) => Metrics::inc(&self.metrics().tls_handshake_timeouts),
             Ok(Err(_)) => Metrics::inc(&self.metrics().tls_handshake_errors),
             Ok(Ok(stream)) => {
@@ -316,9 +316,9 @@ impl IntoTransport for TcpStream {
     }
 }
 
-impl IntoTransport for tokio_rustls::server::TlsStream<TcpStream> {
+impl IntoTransport for tlsio::TlsStream {
     fn into_transport(self) -> Transport {
-        Transport::Other(Box::new(self))
+        Transport::Tls(Box::new(self))
     }
 }
 

@@ -17,4 +17,5 @@ pub mod relay;
 pub mod server;
 pub mod stun;
 pub mod tls;
+pub mod tlsio;
 pub mod upgrade;

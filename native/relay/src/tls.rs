@@ -132,6 +132,8 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Result<Arc<rustls::ServerCo
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // The record layer after the handshake is `tlsio`'s: rustls hands over the traffic keys.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 

@@ -25,6 +25,8 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 pub enum Transport {
     /// A TCP socket (taken from Node by file descriptor): the fast path.
     Tcp(TcpStream),
+    /// TLS terminated in the core (`tlsio`): its halves share no lock.
+    Tls(Box<crate::tlsio::TlsStream>),
     /// Anything else, e.g. the stream bridge for TLS terminated in Node.
     Other(Box<dyn Stream>),
 }
@@ -171,6 +173,14 @@ pub async fn open(transport: Transport, upgrade: &Upgrade, head: &mut Bytes) -> 
             s.set_nodelay(true)?;
             let (r, w) = s.into_split();
             Ok((Box::new(r), Box::new(w)))
+        }
+        (Transport::Tls(s), Upgrade::Derp { .. }) => {
+            let (r, w) = (*s).into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
+        (Transport::Tls(mut s), Upgrade::WebSocket { accept }) => {
+            s.write_all(websocket_switching_protocols(accept).as_bytes()).await?;
+            Ok(websocket_pipe(s, std::mem::take(head)).await)
         }
         (Transport::Other(s), Upgrade::Derp { .. }) => {
             let (r, w) = tokio::io::split(s);

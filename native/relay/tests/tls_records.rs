@@ -1,0 +1,329 @@
+//! The record layer of `tlsio` against rustls' own (through tokio-rustls) on real TCP sockets:
+//! every cipher suite both ways, key updates from the peer and before our key's limit, and
+//! close_notify in both directions.
+
+use std::sync::Arc;
+
+use derpmesh_relay::tls::generate_self_signed;
+use derpmesh_relay::tlsio;
+use rustls::crypto::ring::{cipher_suite, default_provider};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ProtocolVersion, SupportedCipherSuite};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Identity {
+    cert: CertificateDer<'static>,
+    key_pem: String,
+}
+
+fn identity() -> Identity {
+    let (cert_pem, key_pem) = generate_self_signed(&["localhost".into()]).unwrap();
+    Identity {
+        cert: CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap(),
+        key_pem,
+    }
+}
+
+fn provider(suite: SupportedCipherSuite) -> Arc<CryptoProvider> {
+    let mut p = default_provider();
+    p.cipher_suites = vec![suite];
+    Arc::new(p)
+}
+
+fn version_of(suite: SupportedCipherSuite) -> &'static rustls::SupportedProtocolVersion {
+    match suite {
+        SupportedCipherSuite::Tls13(_) => &rustls::version::TLS13,
+        SupportedCipherSuite::Tls12(_) => &rustls::version::TLS12,
+    }
+}
+
+fn server_config(id: &Identity, suite: SupportedCipherSuite, extract: bool) -> Arc<rustls::ServerConfig> {
+    let mut c = rustls::ServerConfig::builder_with_provider(provider(suite))
+        .with_protocol_versions(&[version_of(suite)])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![id.cert.clone()],
+            PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    c.enable_secret_extraction = extract;
+    Arc::new(c)
+}
+
+fn client_config(id: &Identity, suite: SupportedCipherSuite, extract: bool) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(id.cert.clone()).unwrap();
+    let mut c = rustls::ClientConfig::builder_with_provider(provider(suite))
+        .with_protocol_versions(&[version_of(suite)])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.enable_secret_extraction = extract;
+    Arc::new(c)
+}
+
+const SUITES: [SupportedCipherSuite; 6] = [
+    cipher_suite::TLS13_AES_128_GCM_SHA256,
+    cipher_suite::TLS13_AES_256_GCM_SHA384,
+    cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    cipher_suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+];
+
+/// 1 MiB of bytes that differ from record to record.
+fn payload() -> Vec<u8> {
+    (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
+}
+
+/// Writes `data` in uneven pieces while reading the echo back; returns what came back.
+async fn echo_through<S>(stream: S, data: &[u8]) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut r, mut w) = tokio::io::split(stream);
+    let send = async {
+        let mut at = 0;
+        let mut step = 1;
+        while at < data.len() {
+            let n = step.min(data.len() - at);
+            w.write_all(&data[at..at + n]).await.unwrap();
+            at += n;
+            step = (step * 7 + 13) % 40_000 + 1;
+        }
+        w.flush().await.unwrap();
+    };
+    let receive = async {
+        let mut back = vec![0u8; data.len()];
+        r.read_exact(&mut back).await.unwrap();
+        back
+    };
+    let ((), back) = tokio::join!(send, receive);
+    back
+}
+
+/// Serves one `tlsio` connection: echoes everything through the split halves, then closes.
+async fn tlsio_echo(stream: tlsio::TlsStream) {
+    let (mut r, mut w) = stream.into_split();
+    tokio::io::copy(&mut r, &mut w).await.unwrap();
+    w.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_suite_both_ways_against_rustls() {
+    let id = identity();
+    let data = payload();
+    for suite in SUITES {
+        let name = format!("{:?}", suite.suite());
+        // Our server, rustls' client.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = server_config(&id, suite, true);
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let stream = tlsio::accept(tcp, config).await.unwrap();
+            tlsio_echo(stream).await;
+        });
+        let connector = tokio_rustls::TlsConnector::from(client_config(&id, suite, false));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut tls = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.negotiated_cipher_suite(), Some(suite), "{name}");
+        let back = echo_through(&mut tls, &data).await;
+        assert!(back == data, "{name}: echo through our server differs");
+        tls.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        // Our close_notify ends the client's stream cleanly (no UnexpectedEof).
+        tls.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{name}");
+        server.await.unwrap();
+
+        // rustls' server, our client.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&id, suite, false));
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = acceptor.accept(tcp).await.unwrap();
+            let (mut r, mut w) = tokio::io::split(tls);
+            tokio::io::copy(&mut r, &mut w).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let config = client_config(&id, suite, true);
+        let stream = tlsio::connect(tcp, config, ServerName::try_from("localhost").unwrap())
+            .await
+            .unwrap();
+        let expected_version = match suite {
+            SupportedCipherSuite::Tls13(_) => ProtocolVersion::TLSv1_3,
+            SupportedCipherSuite::Tls12(_) => ProtocolVersion::TLSv1_2,
+        };
+        assert_eq!(stream.protocol_version(), expected_version, "{name}");
+        let (mut r, mut w) = stream.into_split();
+        let send = async {
+            w.write_all(&data).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let receive = async {
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).await.unwrap();
+            back
+        };
+        let ((), back) = tokio::join!(send, receive);
+        assert!(back == data, "{name}: echo through rustls' server differs");
+        server.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_key_update_from_the_peer_keeps_the_connection_going() {
+    let id = identity();
+    let suite = cipher_suite::TLS13_AES_128_GCM_SHA256;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = server_config(&id, suite, true);
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        tlsio_echo(tlsio::accept(tcp, config).await.unwrap()).await;
+    });
+    let connector = tokio_rustls::TlsConnector::from(client_config(&id, suite, false));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let data = payload();
+    for round in 0..5 {
+        let chunk = &data[round * 100_000..(round + 1) * 100_000];
+        tls.write_all(chunk).await.unwrap();
+        tls.flush().await.unwrap();
+        let mut back = vec![0u8; chunk.len()];
+        tls.read_exact(&mut back).await.unwrap();
+        assert!(back == chunk, "round {round}: echo differs");
+        // New keys for the client's direction (rustls asks the server to update its own too).
+        tls.get_mut().1.refresh_traffic_keys().unwrap();
+    }
+    tls.shutdown().await.unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn our_write_keys_are_replaced_before_their_limit() {
+    let id = identity();
+    let suite = cipher_suite::TLS13_AES_256_GCM_SHA384;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = server_config(&id, suite, true);
+    let data = payload();
+    let sent = data.clone();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (_r, mut w) = tlsio::accept(tcp, config).await.unwrap().into_split();
+        // A new key every 10 records: 1 MiB in 1000-byte writes seals ~1 000 records, ~100 keys.
+        w.set_record_limit(10);
+        for piece in sent.chunks(1000) {
+            w.write_all(piece).await.unwrap();
+            w.flush().await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+        w.key_updates()
+    });
+    let connector = tokio_rustls::TlsConnector::from(client_config(&id, suite, false));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut back = Vec::new();
+    tls.read_to_end(&mut back).await.unwrap();
+    assert!(back == data, "data across ~100 key updates differs");
+    let updates = server.await.unwrap();
+    assert!((90..=1100).contains(&updates), "{updates} key updates");
+}
+
+#[tokio::test]
+async fn a_tampered_record_is_an_error_not_data() {
+    let id = identity();
+    let suite = cipher_suite::TLS13_AES_128_GCM_SHA256;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = server_config(&id, suite, true);
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (mut r, _w) = tlsio::accept(tcp, config).await.unwrap().into_split();
+        let mut got = Vec::new();
+        let result = r.read_to_end(&mut got).await;
+        (got, result.map_err(|e| e.to_string()))
+    });
+    // A client whose TCP bytes pass through this test: the handshake goes through unchanged,
+    // then one byte of the first application record is flipped.
+    let upstream = TcpStream::connect(addr).await.unwrap();
+    let proxy_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy_listener.local_addr().unwrap();
+    let proxy = tokio::spawn(async move {
+        let (client, _) = proxy_listener.accept().await.unwrap();
+        let (mut cr, mut cw) = client.into_split();
+        let (mut ur, mut uw) = upstream.into_split();
+        let down = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut ur, &mut cw).await;
+        });
+        let mut buf = vec![0u8; 64 << 10];
+        let mut records = 0;
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let n = cr.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            pending.extend_from_slice(&buf[..n]);
+            // Forward whole records; flip a byte inside the 3rd application-data record
+            // (after the client's ChangeCipherSpec and Finished records).
+            while pending.len() >= 5 {
+                let len = u16::from_be_bytes([pending[3], pending[4]]) as usize;
+                if pending.len() < 5 + len {
+                    break;
+                }
+                let mut rec: Vec<u8> = pending.drain(..5 + len).collect();
+                if rec[0] == 23 {
+                    records += 1;
+                    if records == 3 {
+                        rec[10] ^= 0x40;
+                    }
+                }
+                if uw.write_all(&rec).await.is_err() {
+                    break;
+                }
+            }
+        }
+        let _ = uw.shutdown().await;
+        down.abort();
+    });
+    let connector = tokio_rustls::TlsConnector::from(client_config(&id, suite, false));
+    let tcp = TcpStream::connect(proxy_addr).await.unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"first record ").await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let _ = tls.write_all(b"tampered record").await;
+    let _ = tls.flush().await;
+    let (got, result) = tokio::time::timeout(std::time::Duration::from_secs(5), server)
+        .await
+        .expect("server reader ends")
+        .unwrap();
+    assert_eq!(got, b"first record ", "only the untampered record is data");
+    let err = result.expect_err("the tampered record is an error");
+    assert!(err.contains("authentication"), "{err}");
+    drop(tls);
+    proxy.abort();
+}
