@@ -56,6 +56,12 @@ export declare class RelayCore {
    */
   onHttpConnection(callback: (fd: number, remoteAddress: string, remotePort: number) => void): void
   setMeshKey(meshKey?: string | undefined | null): void
+  /**
+   * Sets every client connection's receive limit in bytes/s with a bucket of `burst` bytes
+   * (raised to one largest frame); 0 bytes/s removes it. Connected clients get it with their
+   * next frame; mesh peers are exempt. Returns the limit in force (burst after raising).
+   */
+  setClientRateLimit(bytesPerSec: number, burst: number): Array<number>
   /** Sets the problem text sent to clients in a Health frame; "" means healthy. */
   setHealth(problem: string): void
   /**

@@ -13,6 +13,7 @@ Usage:
   derpmesh server [options]     run one node (see \`derpmesh server --help\`)
   derpmesh cluster --nodes N    run a local HA cluster of N node processes on an embedded Postgres
   derpmesh bench [options]      measure a DERP relay (see \`derpmesh bench --help\`)
+  derpmesh config list|get|set|unset   cluster settings in Postgres, applied live by every node
   derpmesh config-table         print the configuration table (Markdown)
   derpmesh --version
 `;
@@ -74,6 +75,10 @@ async function main(argv: string[]): Promise<void> {
     case 'cluster': {
       const { clusterCommand } = await import('./cluster/cluster.js');
       return clusterCommand(rest);
+    }
+    case 'config': {
+      const { settingsCommand } = await import('./settings-command.js');
+      return settingsCommand(rest);
     }
     case 'config-table':
       process.stdout.write(optionsMarkdownTable() + '\n');

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 
 import { configError, DerpmeshError } from './errors.js';
 import { relayBase, relayUrl, RelayUrlError, sameUrlKey } from './relay-url.js';
+import { parseBytes } from './settings.js';
 
 function defaultStateDir(): string {
   return process.getuid?.() === 0 ? '/var/lib/derpmesh' : join(homedir(), '.derpmesh');
@@ -126,6 +127,21 @@ export const options = {
     description:
       "As in Coder: other STUN servers (`host:port`, comma-separated) announced in `/derpmap` as STUN-only regions; `disable` turns STUN off entirely, this node's included.",
   },
+  clientRateLimit: {
+    flag: '--client-rate-limit',
+    env: ['DERPMESH_CLIENT_RATE_LIMIT'],
+    kind: 'string',
+    default: '0',
+    description:
+      "Bytes per second each client may send (e.g. `1MB`); 0 = no limit. Excess is slowed by TCP backpressure, never dropped; mesh peers are exempt. This node's default: `derpmesh config set client-rate-limit` sets it for the whole cluster, live.",
+  },
+  clientRateBurst: {
+    flag: '--client-rate-burst',
+    env: ['DERPMESH_CLIENT_RATE_BURST'],
+    kind: 'string',
+    default: '0',
+    description: 'Bytes a client may send at once above its rate (token bucket depth); raised to one largest frame (65,573 bytes).',
+  },
   hostname: {
     flag: '--hostname',
     env: ['DERPMESH_HOSTNAME'],
@@ -210,6 +226,9 @@ export interface ServerConfig {
   stun?: { host: string; port: number; explicit: boolean };
   /** Other STUN servers for the DERP map (Coder's CODER_DERP_SERVER_STUN_ADDRESSES). */
   stunServers: { host: string; port: number }[];
+  /** Per-client receive limit, bytes/s (0 = none) and burst bytes: defaults that Postgres settings override. */
+  clientRateLimit: number;
+  clientRateBurst: number;
   hostname?: string;
   stateDir: string;
   heartbeatIntervalMs: number;
@@ -373,6 +392,8 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     meshCaFile: raw.meshCaFile,
     meshWith: raw.meshWith !== undefined ? parseMeshWith(raw.meshWith) : [],
     ...stunConfig(raw.stunAddress, raw.stunAddresses, listenHost),
+    clientRateLimit: value('clientRateLimit', parseBytes, 'bytes per second, e.g. 1000000, 1.5MB or 0 (no limit)')!,
+    clientRateBurst: value('clientRateBurst', parseBytes, 'bytes, e.g. 131072 or 128KiB')!,
     hostname: raw.hostname,
     stateDir: raw.stateDir!,
     heartbeatIntervalMs: durationMs('heartbeatInterval'),

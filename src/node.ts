@@ -25,6 +25,7 @@ import { getOrCreateMeshKey } from './postgres/meshkey.js';
 import { migrate } from './postgres/migrations.js';
 import { createPool } from './postgres/pool.js';
 import { Pubsub } from './postgres/pubsub.js';
+import { LiveSettings } from './settings.js';
 import { ReplicaRegistry } from './replicas/registry.js';
 import { MeshTrust } from './mesh-trust.js';
 import { startStun } from './stun.js';
@@ -112,6 +113,19 @@ async function start(
   const pubsub = new Pubsub({ connectionString: databaseUrl, pool, logger: log });
   await pubsub.start();
   cleanups.push(() => pubsub.close());
+
+  // Limits and admission: this node's flags, overridden live by cluster settings in Postgres.
+  const liveSettings = new LiveSettings({
+    pool,
+    pubsub,
+    logger: log,
+    defaults: { 'client-rate-limit': config.clientRateLimit, 'client-rate-burst': config.clientRateBurst },
+    apply: (values) => {
+      relay?.setClientRateLimit(values['client-rate-limit'], values['client-rate-burst']);
+    },
+  });
+  await liveSettings.start();
+  cleanups.push(async () => liveSettings.stop());
 
   const registry = new ReplicaRegistry({
     pool,
@@ -237,7 +251,7 @@ async function start(
         res.writeHead(200, { 'Content-Type': 'text/plain' }).end(db ? 'OK (database unreachable: discovery paused)\n' : 'OK\n');
         return true;
       },
-      ...apiRoutes({ registry, health, warnings, derpMap: () => derpMap }),
+      ...apiRoutes({ registry, health, warnings, derpMap: () => derpMap, settings: () => liveSettings.state() }),
       statusPage(registry, config.latencyThresholdMs, warnings),
     ],
   });

@@ -242,6 +242,20 @@ export class Relay {
     this.#core.setMeshKey(meshKey);
   }
 
+  /**
+   * Limits what each client connection may send: `bytesPerSec` (0 = no limit) with a bucket of
+   * `burst` bytes (raised to one largest frame). Connected clients get it with their next frame, by
+   * TCP backpressure (nothing is dropped); mesh peers are exempt. Returns the limit in force.
+   */
+  setClientRateLimit(bytesPerSec: number, burst = 0): { bytesPerSec: number; burst: number } {
+    try {
+      const [rate, bucket] = this.#core.setClientRateLimit(bytesPerSec, burst);
+      return { bytesPerSec: rate!, burst: bucket! };
+    } catch (err) {
+      throw fromNative(err);
+    }
+  }
+
   /** Tells every client (now and on connect) that this node is degraded; "" = healthy again. */
   setHealth(problem: string): void {
     this.#core.setHealth(problem);

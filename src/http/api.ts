@@ -3,6 +3,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 
 import { worst, type HealthReport } from '../health.js';
 import type { ReplicaRegistry } from '../replicas/registry.js';
+import type { SettingState } from '../settings.js';
 import type { RouteHandler } from './server.js';
 
 export interface ApiSources {
@@ -12,6 +13,8 @@ export interface ApiSources {
   /** Cluster-level warnings (e.g. a relay URL missing in a multi-node cluster). */
   warnings: () => string[];
   derpMap: () => unknown;
+  /** The cluster settings in force on this node and where each comes from. */
+  settings: () => SettingState[];
 }
 
 function json(res: ServerResponse, status: number, body: unknown): true {
@@ -69,6 +72,11 @@ export function apiRoutes(s: ApiSources): RouteHandler[] {
       const nodes = [here, ...others];
       const severity = worst(nodes.map((n) => ((n as Partial<HealthReport>).severity ?? 'error') as HealthReport['severity']));
       return json(res, 200, { severity, reportedBy: here.hostname, nodes, warnings: s.warnings() });
+    },
+    (req, res) => {
+      // Read-only: settings are changed with `derpmesh config set` (which needs the database).
+      if (path(req) !== '/api/v2/settings') return false;
+      return json(res, 200, s.settings());
     },
     (req, res) => {
       if (path(req) !== '/derpmap') return false;

@@ -433,6 +433,23 @@ impl RelayCore {
         self.server.set_mesh_key(mesh_key);
     }
 
+    /// Sets every client connection's receive limit in bytes/s with a bucket of `burst` bytes
+    /// (raised to one largest frame); 0 bytes/s removes it. Connected clients get it with their
+    /// next frame; mesh peers are exempt. Returns the limit in force (burst after raising).
+    #[napi]
+    pub fn set_client_rate_limit(&self, bytes_per_sec: f64, burst: f64) -> Result<Vec<f64>, Code> {
+        let valid = |v: f64| v.is_finite() && v >= 0.0 && v <= 9_007_199_254_740_991.0;
+        if !valid(bytes_per_sec) || !valid(burst) {
+            return Err(coded(
+                Code::InvalidArgument,
+                format!("rate limit must be whole bytes >= 0, got {bytes_per_sec} bytes/s, burst {burst}"),
+            ));
+        }
+        let limit = derpmesh_relay::relay::RateLimit::new(bytes_per_sec as u64, burst as u64);
+        self.server.relay().set_rate_limit(limit);
+        Ok(vec![limit.bytes_per_sec as f64, limit.burst as f64])
+    }
+
     /// Sets the problem text sent to clients in a Health frame; "" means healthy.
     #[napi]
     pub fn set_health(&self, problem: String) {

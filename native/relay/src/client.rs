@@ -1055,7 +1055,7 @@ mod tests {
             let mut reader = FrameReader::new(Box::new(r), &buf[end..]);
             let mut writer: Writer = Box::new(w);
             let (client_key, _) = read_client_info(&mut reader, &server).await.unwrap();
-            crate::io::write_all(&mut writer, &server_info_frame(&server, &client_key))
+            crate::io::write_all(&mut writer, &server_info_frame(&server, &client_key, Default::default()))
                 .await
                 .unwrap();
             let (_, f) = reader.read_frame(MAX_FRAME_SIZE).await.unwrap();

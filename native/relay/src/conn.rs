@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::watch;
@@ -17,7 +17,7 @@ use crate::io::{self, FrameReader};
 use crate::keys::Key;
 use crate::metrics::Metrics;
 use crate::outbox::{run_writer, Enqueued, OutFrame, Outbox, WriterExit};
-use crate::relay::{Relay, Route};
+use crate::relay::{RateLimit, Relay, Route};
 use crate::upgrade::{self, Transport, Upgrade};
 
 pub struct Conn {
@@ -126,7 +126,7 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
     // Registered before ServerInfo goes out: a client may send to a peer the moment its peer's
     // handshake completes. Packets queued meanwhile are written after ServerInfo by the writer.
     relay.register(&conn);
-    let mut hello = handshake::server_info_frame(relay.key(), &key).to_vec();
+    let mut hello = handshake::server_info_frame(relay.key(), &key, relay.rate_limit()).to_vec();
     let health = relay.health();
     if !health.is_empty() {
         hello.extend_from_slice(&frame::health(&health));
@@ -209,6 +209,40 @@ fn count_handshake_failure(m: &Metrics, e: HandshakeError) {
     });
 }
 
+/// A client's receive limit: tokens are bytes, refilled at the limit's rate up to its burst. A
+/// frame takes its size even when that leaves the bucket in debt, and the reader then waits until
+/// the debt is paid (`golang.org/x/time/rate`'s reservations, as derper uses them).
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(limit: RateLimit) -> TokenBucket {
+        TokenBucket {
+            rate: limit.bytes_per_sec as f64,
+            burst: limit.burst as f64,
+            tokens: limit.burst as f64,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes `n` bytes (at most a burst); returns how long to wait before reading them.
+    fn take(&mut self, n: u64) -> Duration {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        self.tokens -= (n as f64).min(self.burst);
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
 /// Token bucket for PeerGone(not here) answers: 1 per second, burst 3.
 struct NotHereLimiter {
     tokens: f64,
@@ -257,6 +291,10 @@ struct ReaderState {
     counts: PacketCounts,
     /// A receiver's queue was full for a packet of this reader: it yields before reading on.
     congested: bool,
+    /// The receive limit in force (none for mesh peers), and the relay's limit generation it
+    /// was made from.
+    bucket: Option<TokenBucket>,
+    rate_generation: u64,
 }
 
 impl ReaderState {
@@ -313,6 +351,8 @@ async fn read_loop(
         head_arena: BytesMut::new(),
         counts: PacketCounts::default(),
         congested: false,
+        bucket: None,
+        rate_generation: u64::MAX,
     };
     let exit = loop {
         if !reader.has_header() {
@@ -325,6 +365,29 @@ async fn read_loop(
             _ = closed.wait_for(|c| *c) => break ReadExit::Closed,
         };
         let Ok((t, len)) = header else { break ReadExit::Eof };
+        if !conn.can_mesh {
+            let generation = relay.rate_generation();
+            if generation != state.rate_generation {
+                state.rate_generation = generation;
+                let limit = relay.rate_limit();
+                state.bucket = limit.is_set().then(|| TokenBucket::new(limit));
+            }
+            if let Some(bucket) = &mut state.bucket {
+                // Charged before the frame is read: while the client waits, its bytes stay in the
+                // socket and TCP slows it down (nothing is dropped, other clients are not touched).
+                let wait = bucket.take((HEADER_LEN + len) as u64);
+                if !wait.is_zero() {
+                    Metrics::inc(&relay.metrics.rate_limited_frames);
+                    Metrics::add(&relay.metrics.rate_limit_wait_micros, wait.as_micros() as u64);
+                    state.counts.flush(&relay.metrics);
+                    tokio::select! {
+                        biased;
+                        _ = closed.wait_for(|c| *c) => break ReadExit::Closed,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
         let result = tokio::select! {
             biased;
             r = handle_frame(relay, conn, reader, &mut state, t, len) => r,

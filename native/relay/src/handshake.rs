@@ -99,9 +99,18 @@ impl ClientInfo {
     }
 }
 
-/// The server's half of ServerInfo: `{"version":PROTOCOL_VERSION}` sealed to the client.
-pub fn server_info_frame(server: &KeyPair, client: &Key) -> Bytes {
-    let info = serde_json::json!({ "version": frame::PROTOCOL_VERSION });
+/// The server's half of ServerInfo: `{"version":PROTOCOL_VERSION}` sealed to the client, with the
+/// receive limit (derper's `tokenBucketBytesPerSecond` / `tokenBucketBytesBurst`) when one is set.
+pub fn server_info_frame(server: &KeyPair, client: &Key, limit: crate::relay::RateLimit) -> Bytes {
+    let info = if limit.is_set() {
+        serde_json::json!({
+            "version": frame::PROTOCOL_VERSION,
+            "tokenBucketBytesPerSecond": limit.bytes_per_sec,
+            "tokenBucketBytesBurst": limit.burst,
+        })
+    } else {
+        serde_json::json!({ "version": frame::PROTOCOL_VERSION })
+    };
     let sealed = server.seal(client, info.to_string().as_bytes());
     frame::encode(FrameType::ServerInfo, &[&sealed])
 }
@@ -241,7 +250,7 @@ mod tests {
                 .await
                 .unwrap();
             let (key, info) = read_client_info(&mut r, &server).await.unwrap();
-            crate::io::write_all(&mut w, &server_info_frame(&server, &key))
+            crate::io::write_all(&mut w, &server_info_frame(&server, &key, Default::default()))
                 .await
                 .unwrap();
             (key, info)

@@ -835,7 +835,7 @@ mod tests {
                         .await
                         .unwrap();
                     let (key, _) = read_client_info(&mut reader, &server).await.unwrap();
-                    crate::io::write_all(&mut writer, &server_info_frame(&server, &key))
+                    crate::io::write_all(&mut writer, &server_info_frame(&server, &key, Default::default()))
                         .await
                         .unwrap();
                     let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(256);

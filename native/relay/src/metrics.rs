@@ -67,6 +67,8 @@ metrics! {
     packets_dropped_gone: Counter, "Packets dropped because the receiving connection closed.";
     peer_gone_disconnected_sent: Counter, "PeerGone(disconnected) frames sent.";
     peer_gone_not_here_sent: Counter, "PeerGone(not here) frames sent in answer to disco packets.";
+    rate_limited_frames: Counter, "Frames from rate-limited clients that waited for tokens before being read.";
+    rate_limit_wait_micros: Counter, "Time rate-limited clients were made to wait, in microseconds.";
     pings_received: Counter, "Ping frames answered with Pong.";
     keepalives_sent: Counter, "KeepAlive frames sent.";
     restarting_sent: Counter, "Restarting frames sent on graceful shutdown.";

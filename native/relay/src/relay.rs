@@ -68,6 +68,33 @@ struct Registry {
     sent_to: HashMap<Key, HashMap<Key, u64>>,
 }
 
+/// A per-client receive limit: bytes/s and bucket depth (0 bytes/s = none). Mesh peers are exempt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    pub bytes_per_sec: u64,
+    pub burst: u64,
+}
+
+impl RateLimit {
+    /// The smallest bucket: one frame of the largest packet must fit (as derper clamps it).
+    pub const MIN_BURST: u64 = (frame::MAX_PACKET_SIZE + frame::KEY_LEN + frame::HEADER_LEN) as u64;
+
+    /// `burst` raised to [`RateLimit::MIN_BURST`]; none when `bytes_per_sec` is 0.
+    pub fn new(bytes_per_sec: u64, burst: u64) -> RateLimit {
+        if bytes_per_sec == 0 {
+            return RateLimit::default();
+        }
+        RateLimit {
+            bytes_per_sec,
+            burst: burst.max(Self::MIN_BURST),
+        }
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.bytes_per_sec > 0
+    }
+}
+
 pub struct Relay {
     key: KeyPair,
     pub(crate) config: RelayConfig,
@@ -81,6 +108,10 @@ pub struct Relay {
     next_id: AtomicU64,
     pub(crate) keepalive_frame: Bytes,
     pub metrics: Metrics,
+    rate_limit: RwLock<RateLimit>,
+    /// Bumped on every change of `rate_limit`: a reader compares it per frame (one relaxed load)
+    /// and picks the new limit up without a lock.
+    rate_generation: AtomicU64,
 }
 
 /// Where a packet for a destination key can go.
@@ -109,6 +140,8 @@ impl Relay {
             closing: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             keepalive_frame: frame::keep_alive(),
+            rate_limit: RwLock::new(RateLimit::default()),
+            rate_generation: AtomicU64::new(0),
             metrics: Metrics::default(),
         })
     }
@@ -145,6 +178,25 @@ impl Relay {
             Some(ours) => ours.len() == presented.len() && bool::from(ours.as_bytes().ct_eq(presented.as_bytes())),
             None => false,
         }
+    }
+
+    /// Sets the receive limit of every client connection, connected ones included (they pick it
+    /// up with their next frame); new clients see it in ServerInfo.
+    pub fn set_rate_limit(&self, limit: RateLimit) {
+        let mut current = self.rate_limit.write().unwrap_or_else(|p| p.into_inner());
+        if *current != limit {
+            *current = limit;
+            self.rate_generation.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn rate_limit(&self) -> RateLimit {
+        *self.rate_limit.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[inline]
+    pub(crate) fn rate_generation(&self) -> u64 {
+        self.rate_generation.load(Relaxed)
     }
 
     pub fn is_closing(&self) -> bool {
