@@ -14,8 +14,8 @@
 //! Invariants: the relay's output is its 101 (unless fast start), its ServerKey, ServerInfo and
 //! then only well-formed relay-to-client frames; with the harness's ClientInfo the handshake
 //! succeeds, every Ping is answered by one Pong with its data, in order (up to where the relay
-//! closed the connection), packets to itself come back unchanged and in order (some may be dropped
-//! and are then counted), packets to the mesh
+//! closed the connection), packets to itself come back unchanged and in order (disco and other
+//! packets each in their order; some may be dropped and are then counted), packets to the mesh
 //! peer reach its forwarder as the exact ForwardPacket, PeerGone goes only to disco packets for
 //! absent keys, a connection ends with a protocol error or a permission refusal exactly when the
 //! client's frames call for it, and every gauge is back to zero once the connection is gone.
@@ -284,10 +284,19 @@ fn check_against_model(relay: &Relay, m: &Model, frames: &[(u8, Bytes)], forward
         pings.starts_with(&pongs),
         "Pongs {pongs:?} do not answer Pings {pings:?}"
     );
-    assert!(
-        is_subsequence(&received, &to_self),
-        "RecvPackets are not the packets sent to self"
-    );
+    // Disco packets have their own queue, written before the others: the order holds within each.
+    for disco in [false, true] {
+        let class = |v: &[&[u8]]| -> Vec<Vec<u8>> {
+            v.iter()
+                .filter(|p| frame::is_disco(&p[KEY_LEN..]) == disco)
+                .map(|p| p.to_vec())
+                .collect()
+        };
+        assert!(
+            is_subsequence(&class(&received), &class(&to_self)),
+            "RecvPackets (disco: {disco}) are not the packets sent to self, in order"
+        );
+    }
     assert!(
         is_subsequence(&forwarded, &to_peer),
         "forwarded frames are not the packets sent to the peer"
