@@ -838,6 +838,7 @@ module.exports = nativeBinding
 module.exports.Bridge = nativeBinding.Bridge
 module.exports.RelayCore = nativeBinding.RelayCore
 module.exports.StunServer = nativeBinding.StunServer
+module.exports.AdmissionOutcome = nativeBinding.AdmissionOutcome
 module.exports.boxOpen = nativeBinding.boxOpen
 module.exports.boxSeal = nativeBinding.boxSeal
 module.exports.generatePrivateKey = nativeBinding.generatePrivateKey

@@ -55,6 +55,18 @@ export declare class RelayCore {
    * descriptor (the callee owns it) and the client's address. Does not keep Node running.
    */
   onHttpConnection(callback: (fd: number, remoteAddress: string, remotePort: number) => void): void
+  /**
+   * Client admission from now on (connections already admitted stay): with a `url`, every
+   * client but mesh peers is checked there during its handshake. Replaces the previous settings
+   * and empties the decision cache. Throws `DERPMESH_ERR_ADMISSION` for unusable settings (the
+   * current ones stay).
+   */
+  setAdmission(options: AdmissionOptions): void
+  /**
+   * Receives rejected clients and fail-open admissions, rate-limited (a burst of 5, then one a
+   * second; `suppressed` counts the rest). Does not keep Node running.
+   */
+  onAdmissionEvent(callback: (event: AdmissionEvent) => void): void
   setMeshKey(meshKey?: string | undefined | null): void
   /**
    * Sets every client connection's receive limit in bytes/s with a bucket of `burst` bytes
@@ -89,6 +101,49 @@ export declare class StunServer {
   stats(): StunStats
   stop(): void
 }
+
+/** A rejected client or a fail-open admission, for the log. */
+export interface AdmissionEvent {
+  outcome: AdmissionOutcome
+  /**
+   * `denied`, `status`, `endpoint_error`, `timeout` or `busy` (for a fail-open admission: what
+   * the rejection would have been).
+   */
+  reason: string
+  /** The first 8 hex characters of the client's key. */
+  keyPrefix: string
+  /** The client's IP address. */
+  source: string
+  /** What the URL did, e.g. `HTTP 503`. */
+  detail: string
+  /** Events dropped by the rate limit since the previous one. */
+  suppressed: number
+}
+
+/**
+ * Client admission settings (`setAdmission`). The TypeScript side fills in every default
+ * (`admissionDefaults` in `src/relay.ts`).
+ */
+export interface AdmissionOptions {
+  /** `http://` or `https://` URL the requests are POSTed to; absent or empty: admission is off. */
+  url?: string
+  /** Admit clients when the URL is unavailable (unreachable, timed out, unusable answer, busy). */
+  failOpen: boolean
+  /** Limit for one request. */
+  timeoutMs: number
+  /** How long an answer is reused for the same key from the same IP; 0: never. */
+  cacheTtlMs: number
+  /**
+   * Requests in flight at most; a check waits `queueWaitMs` for one, then the URL counts as
+   * unavailable.
+   */
+  maxConcurrent: number
+  queueWaitMs: number
+  /** PEM CA certificate(s) trusted for an `https://` URL, besides the public roots. */
+  caPem?: Buffer
+}
+
+export type AdmissionOutcome = 'rejected' | 'admitted-fail-open'
 
 /** Opens a box sealed by `peerPublicKey` to `privateKey`; `null` if it does not authenticate. */
 export declare function boxOpen(privateKey: Uint8Array, peerPublicKey: Uint8Array, sealed: Uint8Array): Buffer | null

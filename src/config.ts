@@ -127,6 +127,21 @@ export const options = {
     description:
       "As in Coder: other STUN servers (`host:port`, comma-separated) announced in `/derpmap` as STUN-only regions; `disable` turns STUN off entirely, this node's included.",
   },
+  verifyClientUrl: {
+    flag: '--verify-client-url',
+    env: ['DERPMESH_VERIFY_CLIENT_URL'],
+    kind: 'url',
+    description:
+      'Client admission, as derper\'s flag: during each client\'s handshake, POST `{"NodePublic":"nodekey:<hex>","Source":"<client IP>"}` to this URL and admit the client only on `{"Allow":true}` (Headscale\'s `/verify` answers this). Mesh peers are never checked. An https URL is verified against the public roots plus `--mesh-ca-file`.',
+  },
+  verifyClientUrlFailOpen: {
+    flag: '--verify-client-url-fail-open',
+    env: ['DERPMESH_VERIFY_CLIENT_URL_FAIL_OPEN'],
+    kind: 'bool',
+    default: 'true',
+    description:
+      'Admit clients while the verify URL is unavailable: unreachable, no answer in 5 s, 1xx/3xx/5xx, an answer that is not `{"Allow": bool}`, or too many checks waiting. A 4xx answer or `"Allow": false` refuses either way.',
+  },
   clientRateLimit: {
     flag: '--client-rate-limit',
     env: ['DERPMESH_CLIENT_RATE_LIMIT'],
@@ -222,6 +237,9 @@ export interface ServerConfig {
   meshCaFile?: string;
   /** Relay base URLs (no trailing slash, no `/derp`) meshed with in addition to the Postgres peers. */
   meshWith: string[];
+  /** Client admission: the URL asked about each client, and whether to admit while it is unavailable. */
+  verifyClientUrl?: URL;
+  verifyClientUrlFailOpen: boolean;
   /** Where to answer STUN; `explicit` when configured (a failure to bind stops the node), else the default. */
   stun?: { host: string; port: number; explicit: boolean };
   /** Other STUN servers for the DERP map (Coder's CODER_DERP_SERVER_STUN_ADDRESSES). */
@@ -391,6 +409,8 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     tlsSelfSigned,
     meshCaFile: raw.meshCaFile,
     meshWith: raw.meshWith !== undefined ? parseMeshWith(raw.meshWith) : [],
+    verifyClientUrl: raw.verifyClientUrl !== undefined ? parseVerifyClientUrl(raw.verifyClientUrl) : undefined,
+    verifyClientUrlFailOpen: value('verifyClientUrlFailOpen', parseBool, 'true or false')!,
     ...stunConfig(raw.stunAddress, raw.stunAddresses, listenHost),
     clientRateLimit: value('clientRateLimit', parseBytes, 'bytes per second, e.g. 1000000, 1.5MB or 0 (no limit)')!,
     clientRateBurst: value('clientRateBurst', parseBytes, 'bytes, e.g. 131072 or 128KiB')!,
@@ -437,6 +457,15 @@ function parseMeshWith(text: string): string[] {
     urls.push(relayBase(parseHttpUrl('meshWith', entry, true)));
   }
   return urls;
+}
+
+/** `--verify-client-url`: an http(s) URL, path and query kept, without user info. */
+function parseVerifyClientUrl(text: string): URL {
+  const url = parseHttpUrl('verifyClientUrl', text.trim());
+  if (url.username !== '' || url.password !== '')
+    throw configError(`${describe('verifyClientUrl')} must not carry user info (user:password@); the URL is not shown here`);
+  url.hash = '';
+  return url;
 }
 
 /** STUN: this node's listener (default: the listen host, port 3478) and the other servers announced. */

@@ -24,7 +24,9 @@ export type DerpmeshErrorCode =
   | 'DERPMESH_ERR_LOAD_OPTIONS'
   | 'DERPMESH_ERR_LOAD_DIAL'
   | 'DERPMESH_ERR_LOAD_RUN'
-  | 'DERPMESH_ERR_LOAD_TLS';
+  | 'DERPMESH_ERR_LOAD_TLS'
+  /** Unusable client admission settings (a verify URL that is not http(s), a CA without a certificate). */
+  | 'DERPMESH_ERR_ADMISSION';
 
 /** The codes the native relay sets on the errors it throws (`err.code`). */
 const nativeCodes: ReadonlySet<string> = new Set<DerpmeshErrorCode>([
@@ -38,6 +40,7 @@ const nativeCodes: ReadonlySet<string> = new Set<DerpmeshErrorCode>([
   'DERPMESH_ERR_LOAD_RUN',
   'DERPMESH_ERR_LOAD_TLS',
   'DERPMESH_ERR_LISTEN',
+  'DERPMESH_ERR_ADMISSION',
 ]);
 
 /** What an operator does about a native error: the settings are named here, never in Rust. */

@@ -1,5 +1,5 @@
 // The library API: embed a relay in your own Node server, run a node, speak DERP as a client.
-export { Relay, type RelayOptions, type ShutdownOptions } from './relay.js';
+export { Relay, type RelayOptions, type ShutdownOptions, type AdmissionOptions, type AdmissionEvent } from './relay.js';
 export { startHttpServer, type HttpServer, type HttpServerOptions } from './http/server.js';
 export { startNode, type DerpmeshNode } from './node.js';
 export { loadConfig, options as configOptions, type ServerConfig } from './config.js';

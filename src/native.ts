@@ -82,4 +82,6 @@ export type {
   LinkErrorCode,
   UpgradeKind,
   MetricKind,
+  AdmissionEvent,
+  AdmissionOutcome,
 } from '../native/binding.cjs';

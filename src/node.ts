@@ -109,6 +109,19 @@ async function start(
     );
   }
   if (relay) cleanups.push(() => relay.close({ graceMs: config.shutdownGraceMs }));
+  // Client admission (--verify-client-url), this node's flags applied at start. Refusals and
+  // fail-open admissions are logged (rate-limited in the core), naming the key by its prefix only.
+  if (relay) {
+    relay.onAdmissionEvent((e) => {
+      const fields = { client: `nodekey:${e.keyPrefix}…`, source: e.source, reason: e.reason, detail: e.detail };
+      const more = e.suppressed > 0 ? { notLoggedSincePrevious: e.suppressed } : {};
+      if (e.outcome === 'rejected') log.warn('client refused by the verify URL', { ...fields, ...more });
+      else log.warn('verify URL unavailable: client admitted (fail-open)', { ...fields, ...more });
+    });
+    const url = config.verifyClientUrl;
+    relay.setAdmission({ url: url?.href, failOpen: config.verifyClientUrlFailOpen, caPem: trust.caPem });
+    if (url) log.info('client admission on', { verifyClientUrl: url.origin + url.pathname, failOpen: config.verifyClientUrlFailOpen });
+  }
 
   const pubsub = new Pubsub({ connectionString: databaseUrl, pool, logger: log });
   await pubsub.start();

@@ -12,7 +12,9 @@ import { TLSSocket } from 'node:tls';
 
 import { formatPublicKey } from './client/keys.js';
 import { DerpmeshError, fromNative } from './errors.js';
-import { native, type LinkErrorCode, type MeshLinkStatus, type Metric, type UpgradeKind } from './native.js';
+import { native, type AdmissionEvent, type LinkErrorCode, type MeshLinkStatus, type Metric, type UpgradeKind } from './native.js';
+
+export type { AdmissionEvent };
 
 /** The WebSocket GUID of RFC 6455, used to compute Sec-WebSocket-Accept. */
 const WEBSOCKET_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
@@ -45,6 +47,41 @@ export const relayDefaults = {
   keepaliveMs: 60_000,
   keepaliveJitterMs: 5_000,
   meshTlsInsecure: false,
+} as const;
+
+/**
+ * Client admission, derper's `--verify-client-url`: during each client's handshake (mesh peers
+ * excepted) the relay core POSTs `{"NodePublic":"nodekey:<hex>","Source":"<client IP>"}` to `url`
+ * and admits the client only on `{"Allow":true}`.
+ */
+export interface AdmissionOptions {
+  /** `http://` or `https://` URL; absent or empty turns admission off. */
+  url?: string;
+  /**
+   * Admit clients while the URL is unavailable — unreachable, no answer in `timeoutMs`, 1xx/3xx/5xx,
+   * a body that is not `{"Allow": bool}`, or every request slot busy (default true, as derper). A
+   * 4xx answer or `Allow: false` refuses either way.
+   */
+  failOpen?: boolean;
+  /** Limit for one request (default 5000 ms, derper's). */
+  timeoutMs?: number;
+  /** How long an answer is reused for the same key from the same IP (default 5000 ms; 0 = never). */
+  cacheTtlMs?: number;
+  /** Requests in flight at most (default 32)… */
+  maxConcurrent?: number;
+  /** …for one of which a check waits this long before the URL counts as unavailable (default 1000 ms). */
+  queueWaitMs?: number;
+  /** PEM CA certificate(s) trusted for an https URL, besides the public roots. */
+  caPem?: Buffer;
+}
+
+/** The defaults of `AdmissionOptions`, chosen here once. */
+export const admissionDefaults = {
+  failOpen: true,
+  timeoutMs: 5_000,
+  cacheTtlMs: 5_000,
+  maxConcurrent: 32,
+  queueWaitMs: 1_000,
 } as const;
 
 /** What an operator does about a mesh link's last error, by its code (the core names no setting). */
@@ -254,6 +291,30 @@ export class Relay {
     } catch (err) {
       throw fromNative(err);
     }
+  }
+
+  /**
+   * Client admission from now on (see `AdmissionOptions`); connected clients stay. Replaces the
+   * previous settings, so it can follow a setting changed at run time, and empties the decision
+   * cache. Throws a `DerpmeshError` (`DERPMESH_ERR_ADMISSION`) for unusable settings; the current
+   * ones stay.
+   */
+  setAdmission(options: AdmissionOptions): void {
+    const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as AdmissionOptions;
+    try {
+      this.#core.setAdmission({ ...admissionDefaults, ...given });
+    } catch (err) {
+      throw fromNative(err);
+    }
+  }
+
+  /**
+   * Called for each client refused by admission and each one admitted only because the URL was
+   * unavailable (fail-open), rate-limited in the core: a burst of 5, then one a second, `suppressed`
+   * counting the events left out. The event names the key by its first 8 hex characters only.
+   */
+  onAdmissionEvent(handler: (event: AdmissionEvent) => void): void {
+    this.#core.onAdmissionEvent(handler);
   }
 
   /** Tells every client (now and on connect) that this node is degraded; "" = healthy again. */

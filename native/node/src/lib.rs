@@ -13,6 +13,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use derpmesh_relay::admission::{self, AdmissionSettings};
 use derpmesh_relay::client::{ClientError, TlsOptions};
 use derpmesh_relay::keys::{Key, KeyPair};
 use derpmesh_relay::loadgen;
@@ -60,6 +61,9 @@ pub enum Code {
     LoadTls,
     /// An address could not be bound (in use, not local, not allowed).
     Listen,
+    /// The admission settings are unusable (`admission::AdmissionError`): a URL that is not http(s),
+    /// a CA PEM without a certificate.
+    Admission,
 }
 
 impl AsRef<str> for Code {
@@ -75,6 +79,7 @@ impl AsRef<str> for Code {
             Code::LoadRun => "DERPMESH_ERR_LOAD_RUN",
             Code::LoadTls => "DERPMESH_ERR_LOAD_TLS",
             Code::Listen => "DERPMESH_ERR_LISTEN",
+            Code::Admission => "DERPMESH_ERR_ADMISSION",
         }
     }
 }
@@ -428,6 +433,43 @@ impl RelayCore {
         drop(callback);
     }
 
+    /// Client admission from now on (connections already admitted stay): with a `url`, every
+    /// client but mesh peers is checked there during its handshake. Replaces the previous settings
+    /// and empties the decision cache. Throws `DERPMESH_ERR_ADMISSION` for unusable settings (the
+    /// current ones stay).
+    #[napi]
+    pub fn set_admission(&self, options: AdmissionOptions) -> Result<(), Code> {
+        self.server
+            .relay()
+            .admission
+            .set(options.into())
+            .map_err(|e| coded(Code::Admission, e))
+    }
+
+    /// Receives rejected clients and fail-open admissions, rate-limited (a burst of 5, then one a
+    /// second; `suppressed` counts the rest). Does not keep Node running.
+    #[napi(ts_args_type = "callback: (event: AdmissionEvent) => void")]
+    pub fn on_admission_event(&self, callback: AdmissionEventCallback) {
+        let callback = std::sync::Arc::new(callback);
+        self.server
+            .relay()
+            .admission
+            .set_event_sink(Some(std::sync::Arc::new(move |e: admission::AdmissionEvent| {
+                let event = AdmissionEvent {
+                    outcome: match e.outcome {
+                        admission::Outcome::Rejected => AdmissionOutcome::Rejected,
+                        admission::Outcome::AdmittedFailOpen => AdmissionOutcome::AdmittedFailOpen,
+                    },
+                    reason: e.reason.code().to_string(),
+                    key_prefix: e.key_prefix,
+                    source: e.source.to_string(),
+                    detail: e.detail,
+                    suppressed: e.suppressed as f64,
+                };
+                let _ = callback.call(event, ThreadsafeFunctionCallMode::NonBlocking);
+            })));
+    }
+
     #[napi]
     pub fn set_mesh_key(&self, mesh_key: Option<String>) {
         self.server.set_mesh_key(mesh_key);
@@ -438,7 +480,7 @@ impl RelayCore {
     /// next frame; mesh peers are exempt. Returns the limit in force (burst after raising).
     #[napi]
     pub fn set_client_rate_limit(&self, bytes_per_sec: f64, burst: f64) -> Result<Vec<f64>, Code> {
-        let valid = |v: f64| v.is_finite() && v >= 0.0 && v <= 9_007_199_254_740_991.0;
+        let valid = |v: f64| v.is_finite() && (0.0..=9_007_199_254_740_991.0).contains(&v);
         if !valid(bytes_per_sec) || !valid(burst) {
             return Err(coded(
                 Code::InvalidArgument,
@@ -497,6 +539,71 @@ impl RelayCore {
             .await;
     }
 }
+
+/// Client admission settings (`setAdmission`). The TypeScript side fills in every default
+/// (`admissionDefaults` in `src/relay.ts`).
+#[napi(object)]
+pub struct AdmissionOptions {
+    /// `http://` or `https://` URL the requests are POSTed to; absent or empty: admission is off.
+    pub url: Option<String>,
+    /// Admit clients when the URL is unavailable (unreachable, timed out, unusable answer, busy).
+    pub fail_open: bool,
+    /// Limit for one request.
+    pub timeout_ms: u32,
+    /// How long an answer is reused for the same key from the same IP; 0: never.
+    pub cache_ttl_ms: u32,
+    /// Requests in flight at most; a check waits `queueWaitMs` for one, then the URL counts as
+    /// unavailable.
+    pub max_concurrent: u32,
+    pub queue_wait_ms: u32,
+    /// PEM CA certificate(s) trusted for an `https://` URL, besides the public roots.
+    pub ca_pem: Option<Buffer>,
+}
+
+impl From<AdmissionOptions> for AdmissionSettings {
+    fn from(o: AdmissionOptions) -> AdmissionSettings {
+        AdmissionSettings {
+            url: o.url,
+            fail_open: o.fail_open,
+            timeout: ms(o.timeout_ms),
+            cache_ttl: ms(o.cache_ttl_ms),
+            max_concurrent: o.max_concurrent as usize,
+            queue_wait: ms(o.queue_wait_ms),
+            tls: TlsOptions {
+                ca_pem: o.ca_pem.map(|b| b.to_vec()),
+                insecure_skip_verify: false,
+            },
+        }
+    }
+}
+
+#[napi(string_enum = "kebab-case")]
+pub enum AdmissionOutcome {
+    /// The client was closed during its handshake.
+    Rejected,
+    /// The URL was unavailable and fail-open admitted the client.
+    AdmittedFailOpen,
+}
+
+/// A rejected client or a fail-open admission, for the log.
+#[napi(object)]
+pub struct AdmissionEvent {
+    pub outcome: AdmissionOutcome,
+    /// `denied`, `status`, `endpoint_error`, `timeout` or `busy` (for a fail-open admission: what
+    /// the rejection would have been).
+    pub reason: String,
+    /// The first 8 hex characters of the client's key.
+    pub key_prefix: String,
+    /// The client's IP address.
+    pub source: String,
+    /// What the URL did, e.g. `HTTP 503`.
+    pub detail: String,
+    /// Events dropped by the rate limit since the previous one.
+    pub suppressed: f64,
+}
+
+/// Called without waiting and without keeping Node running.
+type AdmissionEventCallback = ThreadsafeFunction<AdmissionEvent, (), AdmissionEvent, Status, false, true>;
 
 /// `(fd, remoteAddress, remotePort)`, called without waiting and without keeping Node running.
 type HttpConnectionCallback =

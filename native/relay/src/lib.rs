@@ -1,6 +1,7 @@
 //! derpmesh relay core: a DERP v2 relay with mesh links and a load generator. No Node dependency;
 //! the napi-rs binding in `native/node` wraps it.
 
+pub mod admission;
 pub mod backoff;
 pub mod client;
 pub mod conn;

@@ -84,6 +84,18 @@ metrics! {
     http_requests_answered: Counter, "Requests the core answered itself (probes, /generate_204, refused upgrades).";
     connections_handed_to_node: Counter, "Connections handed to Node's HTTP server as a decrypted stream (operator API, metrics, ...).";
     http_handoff_failures: Counter, "Connections closed because no socket pair could be made to hand them to Node.";
+    admission_checks: Counter, "Client handshakes checked against the admission URL (mesh peers never are).";
+    admission_cache_hits: Counter, "Admission checks answered from the decision cache.";
+    admission_requests: Counter, "Requests sent to the admission URL.";
+    admission_in_flight: Gauge, "Requests to the admission URL awaiting their answer.";
+    admission_endpoint_errors: Counter, "Admission requests without a usable answer: unreachable, timed out, 1xx/3xx/5xx, or not {\"Allow\": bool}.";
+    admission_allowed: Counter, "Clients the admission URL allowed (cached answers included).";
+    admission_admitted_fail_open: Counter, "Clients admitted without an answer because the admission URL was unavailable or busy (fail-open).";
+    admission_rejected_denied: Counter, "Clients refused: the admission URL answered Allow: false (cached answers included).";
+    admission_rejected_status: Counter, "Clients refused: the admission URL answered 4xx.";
+    admission_rejected_endpoint_error: Counter, "Clients refused because the admission URL was unreachable or answered unusably (fail-closed).";
+    admission_rejected_timeout: Counter, "Clients refused because the admission URL did not answer in time (fail-closed).";
+    admission_rejected_busy: Counter, "Clients refused because every admission request slot stayed taken (fail-closed).";
 }
 
 impl Metrics {

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use subtle::ConstantTimeEq;
 
+use crate::admission::Admission;
 use crate::conn::Conn;
 use crate::frame::{self, PEER_GONE_DISCONNECTED};
 use crate::keys::{Key, KeyPair};
@@ -108,6 +109,8 @@ pub struct Relay {
     next_id: AtomicU64,
     pub(crate) keepalive_frame: Bytes,
     pub metrics: Metrics,
+    /// Client admission (the verify URL); off until set.
+    pub admission: Admission,
     rate_limit: RwLock<RateLimit>,
     /// Bumped on every change of `rate_limit`: a reader compares it per frame (one relaxed load)
     /// and picks the new limit up without a lock.
@@ -140,6 +143,7 @@ impl Relay {
             closing: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             keepalive_frame: frame::keep_alive(),
+            admission: Admission::default(),
             rate_limit: RwLock::new(RateLimit::default()),
             rate_generation: AtomicU64::new(0),
             metrics: Metrics::default(),
