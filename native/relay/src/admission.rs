@@ -429,6 +429,11 @@ impl Admission {
 
     /// Whether the client `key` connecting from `ip` may be registered. `Err` says why not; the
     /// counters and the event are taken care of.
+    /// Whether a verify URL is set (clients are checked).
+    pub fn is_enabled(&self) -> bool {
+        self.endpoint.read().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
     pub async fn check(&self, metrics: &Metrics, key: &Key, ip: IpAddr) -> Result<(), Rejection> {
         let Some(endpoint) = self.endpoint.read().unwrap().clone() else {
             return Ok(());

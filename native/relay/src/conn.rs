@@ -112,7 +112,14 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
     let can_mesh = info.mesh_key.as_deref().is_some_and(|k| relay.is_mesh_key(k));
     // Admission (the verify URL), as derper orders it: once ClientInfo told the key, before the
     // client is registered or sent ServerInfo. Mesh peers are not asked about. Refused: closed.
-    if !can_mesh && relay.admission.check(&relay.metrics, &key, remote.ip()).await.is_err() {
+    // Boxed: the check's future (an HTTP exchange) is large, and inline it would enlarge the
+    // state every connection's task keeps for its whole life.
+    if !can_mesh
+        && relay.admission.is_enabled()
+        && Box::pin(relay.admission.check(&relay.metrics, &key, remote.ip()))
+            .await
+            .is_err()
+    {
         return;
     }
     let (closed_tx, closed_rx) = watch::channel(false);
