@@ -118,10 +118,19 @@ async function start(
       if (e.outcome === 'rejected') log.warn('client refused by the verify URL', { ...fields, ...more });
       else log.warn('verify URL unavailable: client admitted (fail-open)', { ...fields, ...more });
     });
-    const url = config.verifyClientUrl;
-    relay.setAdmission({ url: url?.href, failOpen: config.verifyClientUrlFailOpen, caPem: trust.caPem });
-    if (url) log.info('client admission on', { verifyClientUrl: url.origin + url.pathname, failOpen: config.verifyClientUrlFailOpen });
   }
+  // Applied by the cluster settings below (this node's flags, or the values set in Postgres).
+  let admission = '';
+  const applyAdmission = (url: string, failOpen: boolean) => {
+    if (!relay || JSON.stringify([url, failOpen]) === admission) return;
+    admission = JSON.stringify([url, failOpen]);
+    relay.setAdmission({ url: url === '' ? undefined : url, failOpen, caPem: trust.caPem });
+    if (url === '') log.info('client admission off');
+    else {
+      const u = new URL(url);
+      log.info('client admission on', { verifyClientUrl: u.origin + u.pathname, failOpen });
+    }
+  };
 
   const pubsub = new Pubsub({ connectionString: databaseUrl, pool, logger: log });
   await pubsub.start();
@@ -132,9 +141,15 @@ async function start(
     pool,
     pubsub,
     logger: log,
-    defaults: { 'client-rate-limit': config.clientRateLimit, 'client-rate-burst': config.clientRateBurst },
+    defaults: {
+      'client-rate-limit': config.clientRateLimit,
+      'client-rate-burst': config.clientRateBurst,
+      'verify-client-url': config.verifyClientUrl?.href ?? '',
+      'verify-client-url-fail-open': config.verifyClientUrlFailOpen,
+    },
     apply: (values) => {
-      relay?.setClientRateLimit(values['client-rate-limit'], values['client-rate-burst']);
+      relay?.setClientRateLimit(values['client-rate-limit'] as number, values['client-rate-burst'] as number);
+      applyAdmission(values['verify-client-url'] as string, values['verify-client-url-fail-open'] as boolean);
     },
   });
   await liveSettings.start();

@@ -13,12 +13,14 @@ import type { Pubsub } from './postgres/pubsub.js';
 export const settingsChannel = 'derpmesh_settings';
 const keyPrefix = 'setting.';
 
+export type SettingValue = number | string | boolean;
+
 export interface SettingSpec {
   description: string;
   /** What a valid value looks like, for error messages. */
   expected: string;
   /** The value, or undefined when `text` is not one. */
-  parse(text: string): number | undefined;
+  parse(text: string): SettingValue | undefined;
 }
 
 const byteUnits: Record<string, number> = {
@@ -45,6 +47,26 @@ export function parseBytes(text: string): number | undefined {
   return Number.isSafeInteger(value) ? value : undefined;
 }
 
+/** An http(s) URL without user info or fragment, or `''`/`none`/`off` for none. */
+function parseOptionalUrl(text: string): string | undefined {
+  const t = text.trim();
+  if (t === '' || t === 'none' || t === 'off') return '';
+  try {
+    const url = new URL(t);
+    if (!['http:', 'https:'].includes(url.protocol) || url.username !== '' || url.password !== '' || url.hash !== '') return undefined;
+    return url.href;
+  } catch {
+    return undefined;
+  }
+}
+
+function parseBoolean(text: string): boolean | undefined {
+  const t = text.trim().toLowerCase();
+  if (['true', '1', 'yes', 'on'].includes(t)) return true;
+  if (['false', '0', 'no', 'off'].includes(t)) return false;
+  return undefined;
+}
+
 export const settings = {
   'client-rate-limit': {
     description:
@@ -57,17 +79,28 @@ export const settings = {
     expected: 'bytes, e.g. 131072 or 128KiB',
     parse: parseBytes,
   },
+  'verify-client-url': {
+    description:
+      "Client admission: the URL each client (not mesh peers) is POSTed to during its handshake, derper's --verify-client-url (Headscale's /verify works); `none` turns it off.",
+    expected: 'an http(s) URL such as https://headscale.example.com/verify, or none',
+    parse: parseOptionalUrl,
+  },
+  'verify-client-url-fail-open': {
+    description: 'Admit clients while the verify URL is unavailable (unreachable, slow, 5xx): true (as derper) or false.',
+    expected: 'true or false',
+    parse: parseBoolean,
+  },
 } as const satisfies Record<string, SettingSpec>;
 
 export type SettingName = keyof typeof settings;
-export type SettingValues = Partial<Record<SettingName, number>>;
+export type SettingValues = Partial<Record<SettingName, SettingValue>>;
 
 export function isSettingName(name: string): name is SettingName {
   return Object.hasOwn(settings, name);
 }
 
 /** Validates `text` for `name`; a clear error names what was wrong and what is expected. */
-export function parseSetting(name: string, text: string): number {
+export function parseSetting(name: string, text: string): SettingValue {
   if (!isSettingName(name)) {
     throw configError(`unknown setting ${JSON.stringify(name)}; settings: ${Object.keys(settings).join(', ')}`, name);
   }
@@ -98,7 +131,7 @@ export async function readSettings(pool: pg.Pool): Promise<{ values: SettingValu
 }
 
 /** Stores `value` for `name` (validated) and notifies every node, in one transaction. */
-export async function writeSetting(pool: pg.Pool, name: string, text: string): Promise<number> {
+export async function writeSetting(pool: pg.Pool, name: string, text: string): Promise<SettingValue> {
   const value = parseSetting(name, text);
   await inTransaction(pool, async (client) => {
     await client.query('INSERT INTO site_config (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value', [
@@ -140,7 +173,7 @@ async function inTransaction(pool: pg.Pool, work: (client: pg.PoolClient) => Pro
 
 export interface SettingState {
   name: SettingName;
-  value: number;
+  value: SettingValue;
   /** `postgres` when the cluster setting is in force, else `node` (this node's flag, env or default). */
   source: 'postgres' | 'node';
 }
@@ -150,9 +183,9 @@ export interface LiveSettingsOptions {
   pubsub: Pubsub;
   logger: Logger;
   /** This node's own values (flags, environment, defaults), in force where Postgres sets none. */
-  defaults: Record<SettingName, number>;
+  defaults: Record<SettingName, SettingValue>;
   /** Applies the values in force; called at start and after every change. */
-  apply(values: Record<SettingName, number>): void;
+  apply(values: Record<SettingName, SettingValue>): void;
 }
 
 /** Keeps a node's settings in step with Postgres (see the top of this file). */
@@ -173,7 +206,7 @@ export class LiveSettings {
   async start(): Promise<void> {
     // This node's own values first: they hold even if Postgres cannot be read now.
     this.#applied = JSON.stringify(this.#state);
-    this.#options.apply(Object.fromEntries(this.#state.map((s) => [s.name, s.value])) as Record<SettingName, number>);
+    this.#options.apply(Object.fromEntries(this.#state.map((s) => [s.name, s.value])) as Record<SettingName, SettingValue>);
     this.#unsubscribe = await this.#options.pubsub.subscribe(settingsChannel, {
       onMessage: () => void this.refresh(),
       onDropped: () => void this.refresh(),
@@ -226,7 +259,7 @@ export class LiveSettings {
     const before = new Map(this.#state.map((s) => [s.name, s]));
     this.#state = state;
     this.#applied = key;
-    this.#options.apply(Object.fromEntries(state.map((s) => [s.name, s.value])) as Record<SettingName, number>);
+    this.#options.apply(Object.fromEntries(state.map((s) => [s.name, s.value])) as Record<SettingName, SettingValue>);
     for (const s of state) {
       const old = before.get(s.name);
       if (old && (old.value !== s.value || old.source !== s.source)) {

@@ -1,8 +1,11 @@
-// Per-client rate limits as a cluster setting: `derpmesh config set` writes it to Postgres and every
-// node of a 3-node cluster applies it live. Real node processes, real Postgres, real traffic from
-// the native load generator; throughput is measured at the receivers.
+// Cluster settings: `derpmesh config set` writes a per-client rate limit or the admission URL to
+// Postgres and every node of a 3-node cluster applies it live. Real node processes, real Postgres,
+// a real HTTP admission endpoint, real traffic from the native load generator (throughput measured
+// at the receivers).
 import { strict as assert } from 'node:assert';
 import { execFile } from 'node:child_process';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { readFileSync, rmSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
@@ -10,6 +13,7 @@ import { after, before, describe, test } from 'node:test';
 
 import { runLoad } from '../src/bench.js';
 import { DerpClient } from '../src/client/index.js';
+import { generatePrivateKey, publicKeyOf } from '../src/client/keys.js';
 import { hasOpenssl, makePrivateCa, type PrivateCa } from './helpers/certs.js';
 import { getUrl, startNodeProcess, waitFor, type NodeProcess } from './helpers/cluster.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
@@ -23,11 +27,11 @@ const LIMIT = 400_000;
 
 interface SettingView {
   name: string;
-  value: number;
+  value: number | string | boolean;
   source: string;
 }
 
-describe('per-client rate limit, set for the cluster in Postgres', { timeout: 240_000 }, () => {
+describe('cluster settings in Postgres: per-client rate limit and admission, live on every node', { timeout: 240_000 }, () => {
   let pg: TestPostgres;
   let ca: PrivateCa | undefined;
   const nodes: NodeProcess[] = [];
@@ -139,5 +143,50 @@ describe('per-client rate limit, set for the cluster in Postgres', { timeout: 24
       assert.match(err.stderr ?? '', /unknown setting "client-speed"; settings: client-rate-limit, client-rate-burst/);
       return true;
     });
+  });
+
+  test('an admission URL set in Postgres: every node asks it about new clients; unset, none does', async () => {
+    const allowed = generatePrivateKey();
+    const denied = generatePrivateKey();
+    const asked: string[] = [];
+    const endpoint: Server = createServer((req, res) => {
+      let body = '';
+      req.on('data', (c: Buffer) => (body += c.toString()));
+      req.on('end', () => {
+        const { NodePublic } = JSON.parse(body) as { NodePublic: string };
+        asked.push(NodePublic);
+        const allow = NodePublic === `nodekey:${publicKeyOf(allowed).toString('hex')}`;
+        res.writeHead(200, { 'Content-Type': 'application/json' }).end(JSON.stringify({ Allow: allow }));
+      });
+    });
+    await new Promise<void>((resolve) => endpoint.listen(0, '127.0.0.1', resolve));
+    const url = `http://127.0.0.1:${(endpoint.address() as AddressInfo).port}/verify`;
+    const tls = ca ? { ca: readFileSync(ca.caFile) } : undefined;
+    const connect = (node: NodeProcess, privateKey: Buffer) =>
+      DerpClient.connect({ url: node.url, privateKey, connectTimeoutMs: 3_000, tls });
+    try {
+      await config('set', 'verify-client-url', url);
+      await waitFor('every node has the admission URL', 5_000, async () => {
+        const views = await Promise.all(nodes.map(settingsOf));
+        return views.every((v) => v.find((s) => s.name === 'verify-client-url')?.value === url);
+      });
+      for (const node of nodes) {
+        const ok = await connect(node, allowed);
+        await ok.close();
+        await assert.rejects(connect(node, denied), `${node.name} refuses the denied key`);
+      }
+      assert.ok(asked.length >= 2, `the endpoint was asked (${asked.length} requests)`);
+
+      await config('unset', 'verify-client-url');
+      await waitFor('every node is back to no admission', 5_000, async () => {
+        const views = await Promise.all(nodes.map(settingsOf));
+        return views.every((v) => v.find((s) => s.name === 'verify-client-url')?.source === 'node');
+      });
+      const before = asked.length;
+      for (const node of nodes) await (await connect(node, denied)).close();
+      assert.equal(asked.length, before, 'no node asked the endpoint once the setting was gone');
+    } finally {
+      await new Promise((r) => endpoint.close(r));
+    }
   });
 });
