@@ -847,6 +847,7 @@ module.exports.holdClients = nativeBinding.holdClients
 module.exports.LinkErrorCode = nativeBinding.LinkErrorCode
 module.exports.LinkState = nativeBinding.LinkState
 module.exports.MetricKind = nativeBinding.MetricKind
+module.exports.openFileLimit = nativeBinding.openFileLimit
 module.exports.publicKeyOf = nativeBinding.publicKeyOf
 module.exports.runLoad = nativeBinding.runLoad
 module.exports.UpgradeKind = nativeBinding.UpgradeKind

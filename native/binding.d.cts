@@ -42,6 +42,21 @@ export declare class RelayCore {
    */
   acceptConnection(fd: number, remoteAddress: string, remotePort: number): void
   /**
+   * Accept limits for connections taken from now on (`acceptConnection`, `acceptFd`,
+   * `openBridge`); open ones stay. A connection over a limit is closed at once and counted.
+   */
+  setAcceptLimits(limits: AcceptLimits): void
+  /**
+   * Source addresses (IPv4 or IPv6 text) the per-address connection cap does not apply to;
+   * replaces the previous list.
+   */
+  setAcceptExempt(addresses: Array<string>): void
+  /**
+   * Receives connections refused by an accept limit, at most one per reason every 10 s
+   * (`suppressed` counts the others). Does not keep Node running.
+   */
+  onAcceptRefused(callback: (refusal: AcceptRefusal) => void): void
+  /**
    * TLS for new `acceptConnection` sockets with this certificate chain (PEM, leaf first) and
    * key; live connections keep theirs. Throws `DERPMESH_ERR_TLS` for an unusable pair (the
    * current one stays).
@@ -100,6 +115,41 @@ export declare class StunServer {
   get port(): number
   stats(): StunStats
   stop(): void
+}
+
+/**
+ * Accept limits (`setAcceptLimits`): absent limits are none. The TypeScript side fills in the TCP
+ * timings (`acceptDefaults` in `src/relay.ts`).
+ */
+export interface AcceptLimits {
+  /** Connections accepted per second on average (a token bucket). */
+  acceptConnectionLimit?: number
+  /**
+   * Connections accepted at once before the rate applies; absent: one second's worth of the
+   * limit (at least 1).
+   */
+  acceptConnectionBurst?: number
+  /** Connections open at once on this relay. */
+  maxConnections?: number
+  /** Connections open at once from one source address (except the exempt ones). */
+  maxConnectionsPerIp?: number
+  /** Idle time before TCP keepalive probes start; 0: the system's setting. */
+  tcpKeepaliveMs: number
+  /**
+   * `TCP_USER_TIMEOUT` (Linux only): how long sent data may stay unacknowledged before the
+   * connection is dropped; 0: the system's setting.
+   */
+  tcpUserTimeoutMs: number
+}
+
+/** A connection refused by an accept limit, for the log. */
+export interface AcceptRefusal {
+  /** `rate-limit`, `max-connections` or `max-connections-per-ip`. */
+  reason: string
+  /** The source address. */
+  remoteAddress: string
+  /** Refusals of the same reason since the previous one reported, not reported themselves. */
+  suppressed: number
 }
 
 /** A rejected client or a fail-open admission, for the log. */
@@ -233,6 +283,12 @@ export interface Metric {
 }
 
 export type MetricKind = 'counter' | 'gauge'
+
+/**
+ * The process's soft limit on open files (`RLIMIT_NOFILE`, which Node raises to the hard limit at
+ * start); `null` when unlimited or unknown.
+ */
+export declare function openFileLimit(): number | null
 
 /** The public key of a private key. */
 export declare function publicKeyOf(privateKey: Uint8Array): Buffer

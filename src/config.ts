@@ -199,6 +199,51 @@ export const options = {
     default: '512',
     description: 'Packets queued per client before the oldest is dropped.',
   },
+  acceptConnectionLimit: {
+    flag: '--accept-connection-limit',
+    env: ['DERPMESH_ACCEPT_CONNECTION_LIMIT'],
+    kind: 'string',
+    description:
+      "Connections accepted per second, e.g. `50` or `0.5` (derper's flag: a token bucket on accepts). A connection over it is closed at once, before TLS, and counted. Default: unlimited.",
+  },
+  acceptConnectionBurst: {
+    flag: '--accept-connection-burst',
+    env: ['DERPMESH_ACCEPT_CONNECTION_BURST'],
+    kind: 'int',
+    description:
+      "Connections accepted at once before `--accept-connection-limit` applies (the bucket's size). Default: one second's worth of the limit (derper's default, unlimited, makes its limit a no-op).",
+  },
+  maxConnections: {
+    flag: '--max-connections',
+    env: ['DERPMESH_MAX_CONNECTIONS'],
+    kind: 'string',
+    default: 'auto',
+    description:
+      "Connections the relay holds at once (DERP clients and mesh peers; with TLS, every connection to the port); more are closed at once and counted. `auto`: 90 % of the process's open-file limit; `0`: unlimited.",
+  },
+  maxConnectionsPerIp: {
+    flag: '--max-connections-per-ip',
+    env: ['DERPMESH_MAX_CONNECTIONS_PER_IP'],
+    kind: 'int',
+    default: '0',
+    description:
+      "Connections the relay holds at once from one source address; `0`: unlimited (behind a load balancer or NAT, clients share an address). Loopback and the cluster's nodes (the addresses of their relay URLs) are exempt.",
+  },
+  tcpKeepaliveTime: {
+    flag: '--tcp-keepalive-time',
+    env: ['DERPMESH_TCP_KEEPALIVE_TIME'],
+    kind: 'duration',
+    default: '10m',
+    description: "Idle time before TCP keepalive probes on the relay's client connections (derper's default); `0`: the system's setting.",
+  },
+  tcpUserTimeout: {
+    flag: '--tcp-user-timeout',
+    env: ['DERPMESH_TCP_USER_TIMEOUT'],
+    kind: 'duration',
+    default: '15s',
+    description:
+      "How long sent data may stay unacknowledged before a client connection is dropped (`TCP_USER_TIMEOUT`, Linux; derper's default), so dead peers are found; `0`: the system's setting.",
+  },
   logFormat: {
     flag: '--log-format',
     env: ['DERPMESH_LOG_FORMAT'],
@@ -253,6 +298,8 @@ export interface ServerConfig {
   latencyThresholdMs: number;
   shutdownGraceMs: number;
   queueDepth: number;
+  /** Accept limits and TCP timeouts of the relay's connections (`src/accept-limits.ts` applies them). */
+  accept: AcceptConfig;
   logFormat: 'text' | 'json';
   logLevel: 'debug' | 'info' | 'warn' | 'error';
   /** Where each value came from, for the startup log (never values of secrets). */
@@ -420,6 +467,7 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     latencyThresholdMs: durationMs('latencyThreshold'),
     shutdownGraceMs: durationMs('shutdownGrace'),
     queueDepth: positiveInt('queueDepth'),
+    accept: acceptConfig(raw),
     logFormat: oneOf('logFormat'),
     logLevel: oneOf('logLevel'),
     sources,
@@ -535,4 +583,50 @@ export function optionsMarkdownTable(): string {
     return `| ${spec.env.map((e) => `\`${e}\``).join(', ')} | \`${spec.flag}\` | ${def} | ${spec.description} |`;
   });
   return ['| env | flag | default | meaning |', '|---|---|---|---|', ...rows].join('\n');
+}
+
+/** The relay's accept limits and TCP timeouts as configured; absent limits are none. */
+export interface AcceptConfig {
+  /** Connections accepted per second. */
+  connectionLimit?: number;
+  connectionBurst?: number;
+  /** `auto`: from the process's open-file limit. */
+  maxConnections?: number | 'auto';
+  maxConnectionsPerIp?: number;
+  /** 0: the system's setting. */
+  tcpKeepaliveMs: number;
+  tcpUserTimeoutMs: number;
+}
+
+/** The largest count or duration (ms) the relay core takes. */
+const MAX_U32 = 0xffff_ffff;
+
+function acceptConfig(raw: Partial<Record<OptionName, string>>): AcceptConfig {
+  const number = (name: OptionName, expected: string, valid: (n: number) => boolean): number | undefined => {
+    const text = raw[name];
+    if (text === undefined) return undefined;
+    const n = text.trim() === '' ? Number.NaN : Number(text);
+    if (!valid(n)) throw configError(`${describe(name)} must be ${expected}, got ${JSON.stringify(text)}`, text);
+    return n;
+  };
+  const whole = (n: number, min: number) => Number.isInteger(n) && n >= min && n <= MAX_U32;
+  const cap = (name: OptionName) => number(name, 'a whole number of connections, 0 for unlimited', (n) => whole(n, 0)) || undefined;
+  const durationMs = (name: OptionName) => {
+    const text = raw[name]!;
+    const ms = parseDuration(text);
+    if (ms === undefined)
+      throw configError(
+        `${describe(name)} must be a duration like 15s or 10m (0: the system's setting), got ${JSON.stringify(text)}`,
+        text,
+      );
+    return Math.min(Math.round(ms), MAX_U32);
+  };
+  return {
+    connectionLimit: number('acceptConnectionLimit', 'connections per second above 0, e.g. 50 or 0.5', (n) => Number.isFinite(n) && n > 0),
+    connectionBurst: number('acceptConnectionBurst', 'a whole number of connections, at least 1', (n) => whole(n, 1)),
+    maxConnections: raw.maxConnections?.trim().toLowerCase() === 'auto' ? 'auto' : cap('maxConnections'),
+    maxConnectionsPerIp: cap('maxConnectionsPerIp'),
+    tcpKeepaliveMs: durationMs('tcpKeepaliveTime'),
+    tcpUserTimeoutMs: durationMs('tcpUserTimeout'),
+  };
 }

@@ -82,6 +82,7 @@ export type {
   LinkErrorCode,
   UpgradeKind,
   MetricKind,
+  AcceptRefusal,
   AdmissionEvent,
   AdmissionOutcome,
 } from '../native/binding.cjs';

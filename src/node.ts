@@ -5,6 +5,7 @@ import { hostname as osHostname } from 'node:os';
 
 import type pg from 'pg';
 
+import { acceptLimitsOf, logAcceptLimits, PeerExemption } from './accept-limits.js';
 import type { ServerConfig } from './config.js';
 import { loadDerpMap } from './derpmap.js';
 import {
@@ -102,7 +103,8 @@ async function start(
   const relayUrl = customRelays || !config.relayUrl ? '' : relayBase(config.relayUrl);
   const trust = MeshTrust.fromFile(config.meshCaFile);
   // Custom relays: clients use the relays of the custom map, so this node runs none and meshes nothing.
-  const relay = customRelays ? undefined : new Relay({ queueDepth: config.queueDepth, meshKey, meshCaPem: trust.caPem });
+  const acceptLimits = acceptLimitsOf(config.accept);
+  const relay = customRelays ? undefined : new Relay({ queueDepth: config.queueDepth, meshKey, meshCaPem: trust.caPem, acceptLimits });
   if (!config.derpServerEnable && !config.derpConfigUrl && !config.derpConfigPath) {
     log.warn(
       'the embedded relay is disabled and no custom relay map is set (CODER_DERP_CONFIG_URL or CODER_DERP_CONFIG_PATH): /derpmap is empty and clients have no relay',
@@ -168,12 +170,22 @@ async function start(
 
   // The static peers (--mesh-with) are meshed from the start, with or without peers in Postgres.
   relay?.setMeshPeers(config.meshWith);
+  // Accept limits: this node's flags, given to the relay above; the peers' addresses exempt from
+  // the per-address cap, so their mesh links and latency probes are never refused by it.
+  if (relay) logAcceptLimits(relay, log, acceptLimits);
+  const exemption = relay && new PeerExemption(relay);
+  void exemption?.update(config.meshWith);
   registry.on('peers', () => {
     const discovered = registry
       .regionalPeers()
       .filter((p) => p.relayUrl !== '')
       .map((p) => p.relayUrl);
     relay?.setMeshPeers([...config.meshWith, ...discovered]);
+    const everyPeer = registry
+      .peers()
+      .filter((p) => p.relayUrl !== '')
+      .map((p) => p.relayUrl);
+    void exemption?.update([...config.meshWith, ...everyPeer]);
   });
 
   /** Cluster misconfigurations as this node sees them; each change is logged once. */

@@ -12,9 +12,17 @@ import { TLSSocket } from 'node:tls';
 
 import { formatPublicKey } from './client/keys.js';
 import { DerpmeshError, fromNative } from './errors.js';
-import { native, type AdmissionEvent, type LinkErrorCode, type MeshLinkStatus, type Metric, type UpgradeKind } from './native.js';
+import {
+  native,
+  type AcceptRefusal,
+  type AdmissionEvent,
+  type LinkErrorCode,
+  type MeshLinkStatus,
+  type Metric,
+  type UpgradeKind,
+} from './native.js';
 
-export type { AdmissionEvent };
+export type { AcceptRefusal, AdmissionEvent };
 
 /** The WebSocket GUID of RFC 6455, used to compute Sec-WebSocket-Accept. */
 const WEBSOCKET_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
@@ -37,6 +45,8 @@ export interface RelayOptions {
   meshCaPem?: Buffer;
   /** Skip certificate verification on mesh links (testing only). */
   meshTlsInsecure?: boolean;
+  /** Accept limits and TCP timeouts from the start (see `setAcceptLimits`). */
+  acceptLimits?: AcceptLimits;
 }
 
 /** The defaults of `RelayOptions`, chosen here once: the native binding is given every value. */
@@ -105,6 +115,32 @@ export interface ShutdownOptions {
   graceMs?: number;
 }
 
+/**
+ * What happens to a connection as the relay core takes it (`handleConnection`, `handleUpgrade`),
+ * before a byte of it is read. A connection over a limit is closed at once and counted
+ * (`accepts_refused_*` metrics); absent limits are none.
+ */
+export interface AcceptLimits {
+  /** Connections accepted per second on average (derper's `--accept-connection-limit`: a token bucket). */
+  acceptConnectionLimit?: number;
+  /** Connections accepted at once before the rate applies (default: one second's worth of the limit, at least 1). */
+  acceptConnectionBurst?: number;
+  /** Connections the core holds at once. */
+  maxConnections?: number;
+  /** Connections the core holds at once from one source address, except the exempt ones (`setAcceptExempt`). */
+  maxConnectionsPerIp?: number;
+  /** Idle time before TCP keepalive probes (default 600000 ms, derper's); 0 = the system's setting. */
+  tcpKeepaliveMs?: number;
+  /** `TCP_USER_TIMEOUT`, Linux only (default 15000 ms, derper's); 0 = the system's setting. */
+  tcpUserTimeoutMs?: number;
+}
+
+/** The defaults of `AcceptLimits`, chosen here once. */
+export const acceptDefaults = { tcpKeepaliveMs: 600_000, tcpUserTimeoutMs: 15_000 } as const;
+
+/** Always exempt from the per-address cap: local proxies and `derpmesh cluster`'s balancer connect from here. */
+export const loopbackAddresses = ['127.0.0.1', '::1'] as const;
+
 export class Relay {
   readonly #core: InstanceType<typeof native.RelayCore>;
   /** What Node decided before the relay core saw a connection. */
@@ -114,12 +150,15 @@ export class Relay {
 
   /** Throws a `DerpmeshError` (`DERPMESH_ERR_MESH_TLS`, `DERPMESH_ERR_INVALID_ARGUMENT`) for unusable options. */
   constructor(options: RelayOptions = {}) {
-    const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as RelayOptions;
+    const { acceptLimits, ...rest } = options;
+    const given = Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== undefined)) as RelayOptions;
     try {
       this.#core = new native.RelayCore({ ...relayDefaults, ...given });
     } catch (err) {
       throw fromNative(err);
     }
+    this.setAcceptLimits(acceptLimits ?? {});
+    this.setAcceptExempt([]);
   }
 
   /** The relay's public key as `nodekey:<64 hex>`. */
@@ -204,6 +243,41 @@ export class Relay {
   /** Connections given to `handleConnection` from now on are served without TLS. */
   clearCertificate(): void {
     this.#core.clearCertificate();
+  }
+
+  /**
+   * Accept limits for connections taken from now on (see `AcceptLimits`); open ones stay, a lower
+   * cap refusing new ones until enough have closed. Replaces the previous limits, so it can follow
+   * a setting changed at run time. Throws a `DerpmeshError` (`DERPMESH_ERR_INVALID_ARGUMENT`) for a
+   * limit that is not a positive number; the current ones stay.
+   */
+  setAcceptLimits(limits: AcceptLimits): void {
+    const given = Object.fromEntries(Object.entries(limits).filter(([, v]) => v !== undefined)) as AcceptLimits;
+    try {
+      this.#core.setAcceptLimits({ ...acceptDefaults, ...given });
+    } catch (err) {
+      throw fromNative(err);
+    }
+  }
+
+  /**
+   * Source addresses the per-address cap does not apply to (the cluster's own nodes), besides
+   * loopback, which always is; replaces the previous list.
+   */
+  setAcceptExempt(addresses: string[]): void {
+    try {
+      this.#core.setAcceptExempt([...new Set([...loopbackAddresses, ...addresses])]);
+    } catch (err) {
+      throw fromNative(err);
+    }
+  }
+
+  /**
+   * Called for connections refused by an accept limit, at most once per reason every 10 s
+   * (`suppressed` counts the refusals left out), with the source address.
+   */
+  onAcceptRefused(handler: (refusal: AcceptRefusal) => void): void {
+    this.#core.onAcceptRefused(handler);
   }
 
   /**

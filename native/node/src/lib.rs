@@ -16,6 +16,7 @@ use bytes::Bytes;
 use derpmesh_relay::admission::{self, AdmissionSettings};
 use derpmesh_relay::client::{ClientError, TlsOptions};
 use derpmesh_relay::keys::{Key, KeyPair};
+use derpmesh_relay::limits;
 use derpmesh_relay::loadgen;
 use derpmesh_relay::mesh::{self, LinkError, MeshError};
 use derpmesh_relay::metrics;
@@ -393,6 +394,45 @@ impl RelayCore {
         within_runtime_if_available(|| self.server.accept_connection(fd, remote)).map_err(upgrade_error)
     }
 
+    /// Accept limits for connections taken from now on (`acceptConnection`, `acceptFd`,
+    /// `openBridge`); open ones stay. A connection over a limit is closed at once and counted.
+    #[napi]
+    pub fn set_accept_limits(&self, limits: AcceptLimits) -> Result<(), Code> {
+        self.server.set_accept_limits(limits.try_into()?);
+        Ok(())
+    }
+
+    /// Source addresses (IPv4 or IPv6 text) the per-address connection cap does not apply to;
+    /// replaces the previous list.
+    #[napi]
+    pub fn set_accept_exempt(&self, addresses: Vec<String>) -> Result<(), Code> {
+        let parsed = addresses
+            .iter()
+            .map(|a| {
+                a.parse::<std::net::IpAddr>()
+                    .map_err(|_| coded(Code::InvalidArgument, format!("{a:?} is not an IP address")))
+            })
+            .collect::<Coded<Vec<_>>>()?;
+        self.server.set_accept_exempt(parsed);
+        Ok(())
+    }
+
+    /// Receives connections refused by an accept limit, at most one per reason every 10 s
+    /// (`suppressed` counts the others). Does not keep Node running.
+    #[napi(ts_args_type = "callback: (refusal: AcceptRefusal) => void")]
+    pub fn on_accept_refused(&self, callback: AcceptRefusalCallback) {
+        let callback = std::sync::Arc::new(callback);
+        self.server
+            .set_refusal_log(Some(std::sync::Arc::new(move |n: limits::RefusalNotice| {
+                let refusal = AcceptRefusal {
+                    reason: n.reason.code().to_string(),
+                    remote_address: n.ip.to_string(),
+                    suppressed: n.suppressed as f64,
+                };
+                let _ = callback.call(refusal, ThreadsafeFunctionCallMode::NonBlocking);
+            })));
+    }
+
     /// TLS for new `acceptConnection` sockets with this certificate chain (PEM, leaf first) and
     /// key; live connections keep theirs. Throws `DERPMESH_ERR_TLS` for an unusable pair (the
     /// current one stays).
@@ -605,6 +645,8 @@ pub struct AdmissionEvent {
 /// Called without waiting and without keeping Node running.
 type AdmissionEventCallback = ThreadsafeFunction<AdmissionEvent, (), AdmissionEvent, Status, false, true>;
 
+type AcceptRefusalCallback = ThreadsafeFunction<AcceptRefusal, (), AcceptRefusal, Status, false, true>;
+
 /// `(fd, remoteAddress, remotePort)`, called without waiting and without keeping Node running.
 type HttpConnectionCallback =
     ThreadsafeFunction<FnArgs<(i32, String, u32)>, (), FnArgs<(i32, String, u32)>, Status, false, true>;
@@ -623,6 +665,78 @@ pub struct SelfSignedCertificate {
 pub fn generate_self_signed(hosts: Vec<String>) -> Result<SelfSignedCertificate, Code> {
     let (cert_pem, key_pem) = tls::generate_self_signed(&hosts).map_err(|e| coded(Code::Tls, e))?;
     Ok(SelfSignedCertificate { cert_pem, key_pem })
+}
+
+/// Accept limits (`setAcceptLimits`): absent limits are none. The TypeScript side fills in the TCP
+/// timings (`acceptDefaults` in `src/relay.ts`).
+#[napi(object)]
+pub struct AcceptLimits {
+    /// Connections accepted per second on average (a token bucket).
+    pub accept_connection_limit: Option<f64>,
+    /// Connections accepted at once before the rate applies; absent: one second's worth of the
+    /// limit (at least 1).
+    pub accept_connection_burst: Option<u32>,
+    /// Connections open at once on this relay.
+    pub max_connections: Option<u32>,
+    /// Connections open at once from one source address (except the exempt ones).
+    pub max_connections_per_ip: Option<u32>,
+    /// Idle time before TCP keepalive probes start; 0: the system's setting.
+    pub tcp_keepalive_ms: u32,
+    /// `TCP_USER_TIMEOUT` (Linux only): how long sent data may stay unacknowledged before the
+    /// connection is dropped; 0: the system's setting.
+    pub tcp_user_timeout_ms: u32,
+}
+
+impl TryFrom<AcceptLimits> for limits::AcceptLimits {
+    type Error = Error<Code>;
+
+    fn try_from(o: AcceptLimits) -> Coded<limits::AcceptLimits> {
+        if let Some(rate) = o.accept_connection_limit.filter(|r| !(r.is_finite() && *r > 0.0)) {
+            return Err(coded(
+                Code::InvalidArgument,
+                format!("acceptConnectionLimit must be a number of connections per second above 0 (absent: no limit), got {rate}"),
+            ));
+        }
+        for (what, value) in [
+            ("acceptConnectionBurst", o.accept_connection_burst),
+            ("maxConnections", o.max_connections),
+            ("maxConnectionsPerIp", o.max_connections_per_ip),
+        ] {
+            if value == Some(0) {
+                return Err(coded(
+                    Code::InvalidArgument,
+                    format!("{what} must be at least 1 (absent: no limit), got 0"),
+                ));
+            }
+        }
+        let duration = |v: u32| (v > 0).then(|| ms(v));
+        Ok(limits::AcceptLimits {
+            rate: o.accept_connection_limit,
+            burst: o.accept_connection_burst,
+            max_connections: o.max_connections.map(u64::from),
+            max_connections_per_ip: o.max_connections_per_ip.map(u64::from),
+            tcp_keepalive: duration(o.tcp_keepalive_ms),
+            tcp_user_timeout: duration(o.tcp_user_timeout_ms),
+        })
+    }
+}
+
+/// A connection refused by an accept limit, for the log.
+#[napi(object)]
+pub struct AcceptRefusal {
+    /// `rate-limit`, `max-connections` or `max-connections-per-ip`.
+    pub reason: String,
+    /// The source address.
+    pub remote_address: String,
+    /// Refusals of the same reason since the previous one reported, not reported themselves.
+    pub suppressed: f64,
+}
+
+/// The process's soft limit on open files (`RLIMIT_NOFILE`, which Node raises to the hard limit at
+/// start); `null` when unlimited or unknown.
+#[napi]
+pub fn open_file_limit() -> Option<f64> {
+    limits::open_file_limit().map(|n| n as f64)
 }
 
 /// The caller's end of a bridged connection (the core's `upgrade::Bridge`).

@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::conn;
+use crate::limits::Slot;
 use crate::metrics::Metrics;
 use crate::relay::Relay;
 use crate::tls::{self, CertResolver, TlsError};
@@ -111,22 +112,28 @@ impl Front {
 
     /// Serves one raw TCP connection to its end.
     pub async fn serve(self: Arc<Front>, tcp: TcpStream, remote: SocketAddr) {
+        self.serve_admitted(tcp, remote, None).await
+    }
+
+    /// [`Front::serve`], holding the connection's place under the accept limits until it ends (a
+    /// DERP connection takes it along).
+    pub async fn serve_admitted(self: Arc<Front>, tcp: TcpStream, remote: SocketAddr, slot: Option<Slot>) {
         Metrics::inc(&self.metrics().front_connections);
         let _ = tcp.set_nodelay(true);
         let Some(config) = self.tls_config() else {
-            return self.serve_http(tcp, remote).await;
+            return self.serve_http(tcp, remote, slot).await;
         };
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, tlsio::accept(tcp, config)).await {
             Err(_) => Metrics::inc(&self.metrics().tls_handshake_timeouts),
             Ok(Err(_)) => Metrics::inc(&self.metrics().tls_handshake_errors),
             Ok(Ok(stream)) => {
                 Metrics::inc(&self.metrics().tls_handshakes);
-                self.serve_http(stream, remote).await
+                self.serve_http(stream, remote, slot).await
             }
         }
     }
 
-    async fn serve_http<S: IntoTransport>(&self, mut stream: S, remote: SocketAddr) {
+    async fn serve_http<S: IntoTransport>(&self, mut stream: S, remote: SocketAddr, slot: Option<Slot>) {
         let m = self.metrics();
         let mut buf = BytesMut::with_capacity(4 << 10);
         let mut first = true;
@@ -148,13 +155,11 @@ impl Front {
                     let transport = stream.into_transport();
                     // A task of its own: this one (sized for the TLS handshake and the head reads)
                     // ends here instead of being held for the connection's life.
-                    tokio::spawn(conn::serve(
-                        self.relay.clone(),
-                        transport,
-                        buf.freeze(),
-                        upgrade,
-                        remote,
-                    ));
+                    let relay = self.relay.clone();
+                    tokio::spawn(async move {
+                        let _slot = slot;
+                        conn::serve(relay, transport, buf.freeze(), upgrade, remote).await
+                    });
                     return;
                 }
                 Route::Answer(response, keep_alive) => {

@@ -10,6 +10,7 @@ pub mod front;
 pub mod handshake;
 pub mod io;
 pub mod keys;
+pub mod limits;
 pub mod loadgen;
 pub mod mesh;
 pub mod metrics;

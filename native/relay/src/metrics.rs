@@ -84,6 +84,11 @@ metrics! {
     http_requests_answered: Counter, "Requests the core answered itself (probes, /generate_204, refused upgrades).";
     connections_handed_to_node: Counter, "Connections handed to Node's HTTP server as a decrypted stream (operator API, metrics, ...).";
     http_handoff_failures: Counter, "Connections closed because no socket pair could be made to hand them to Node.";
+    accepted_open: Gauge, "Connections taken by the core and open now, under the accept limits (the per-relay cap counts these).";
+    accepts_refused: Counter, "Connections closed as they were accepted, over an accept limit (see the accepts_refused_* counters).";
+    accepts_refused_rate_limit: Counter, "Accept refused: over the accept rate (token bucket empty).";
+    accepts_refused_max_connections: Counter, "Accept refused: the relay had its maximum of connections open.";
+    accepts_refused_max_connections_per_ip: Counter, "Accept refused: the source address had its maximum of connections open.";
     admission_checks: Counter, "Client handshakes checked against the admission URL (mesh peers never are).";
     admission_cache_hits: Counter, "Admission checks answered from the decision cache.";
     admission_requests: Counter, "Requests sent to the admission URL.";

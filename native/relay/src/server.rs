@@ -11,6 +11,7 @@ use crate::client::TlsOptions;
 use crate::conn;
 use crate::front::{Front, HttpHandoff};
 use crate::keys::{Key, KeyPair};
+use crate::limits::{AcceptLimits, Limiter, RefusalLog};
 use crate::mesh::{LinkStatus, MeshError, MeshLinks};
 use crate::metrics::Metrics;
 use crate::relay::{Relay, RelayConfig};
@@ -38,6 +39,7 @@ pub struct Server {
     relay: Arc<Relay>,
     links: MeshLinks,
     front: Arc<Front>,
+    limiter: Arc<Limiter>,
 }
 
 impl Server {
@@ -48,7 +50,13 @@ impl Server {
         relay.set_mesh_key(config.mesh_key);
         let links = MeshLinks::new(&relay, config.mesh_tls)?;
         let front = Arc::new(Front::new(relay.clone()));
-        Ok(Server { relay, links, front })
+        let limiter = Limiter::new(relay.clone());
+        Ok(Server {
+            relay,
+            links,
+            front,
+            limiter,
+        })
     }
 
     pub fn relay(&self) -> &Arc<Relay> {
@@ -78,6 +86,27 @@ impl Server {
         &self.front
     }
 
+    /// The accept limits every connection handed over (`accept_*`, `open_bridge`) passes first.
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
+    }
+
+    /// Replaces the accept limits (see [`Limiter::set_limits`]); open connections stay.
+    pub fn set_accept_limits(&self, limits: AcceptLimits) {
+        self.limiter.set_limits(limits)
+    }
+
+    /// Addresses exempt from the per-address connection cap.
+    pub fn set_accept_exempt(&self, addresses: Vec<std::net::IpAddr>) {
+        self.limiter.set_exempt(addresses)
+    }
+
+    /// Where refused connections are reported, at most once per reason per
+    /// [`crate::limits::REFUSAL_LOG_INTERVAL`].
+    pub fn set_refusal_log(&self, log: Option<RefusalLog>) {
+        self.limiter.set_refusal_log(log)
+    }
+
     /// The mesh links: peers, TLS settings, status.
     pub fn links(&self) -> &MeshLinks {
         &self.links
@@ -99,12 +128,18 @@ impl Server {
     }
 
     /// Takes over a connected TCP socket by descriptor (duplicated: the caller closes its own
-    /// handle afterwards) and serves it on the calling thread's runtime.
+    /// handle afterwards) and serves it on the calling thread's runtime. A connection over an
+    /// accept limit is not taken: closing the caller's handle closes it.
     pub fn accept_fd(&self, fd: i32, head: Bytes, upgrade: Upgrade, remote: SocketAddr) -> Result<(), UpgradeError> {
         let runtime = upgrade::runtime()?;
+        let Ok(slot) = self.limiter.admit(remote.ip()) else {
+            return Ok(());
+        };
         let stream = upgrade::dup_tcp_stream(fd)?;
+        self.tune(&stream);
         let relay = self.relay.clone();
         runtime.spawn(async move {
+            let _slot = slot;
             match tokio::net::TcpStream::from_std(stream) {
                 Ok(s) => conn::serve(relay, Transport::Tcp(s), head, upgrade, remote).await,
                 Err(_) => Metrics::inc(&relay.metrics.handshake_failure_io),
@@ -113,16 +148,29 @@ impl Server {
         Ok(())
     }
 
+    /// TCP keepalive and user timeout on a socket taken over.
+    fn tune(&self, stream: &std::net::TcpStream) {
+        #[cfg(unix)]
+        self.limiter.tune(std::os::fd::AsRawFd::as_raw_fd(stream));
+        #[cfg(not(unix))]
+        let _ = stream;
+    }
+
     /// Takes over a raw accepted TCP socket by descriptor (duplicated, as in [`Server::accept_fd`])
     /// before anything was read from it: TLS if a certificate is set, then HTTP (see
-    /// [`crate::front`]). Serves it on the calling thread's runtime.
+    /// [`crate::front`]). Serves it on the calling thread's runtime. A connection over an accept
+    /// limit is not taken (nothing read, no task): closing the caller's handle closes it.
     pub fn accept_connection(&self, fd: i32, remote: SocketAddr) -> Result<(), UpgradeError> {
         let runtime = upgrade::runtime()?;
+        let Ok(slot) = self.limiter.admit(remote.ip()) else {
+            return Ok(());
+        };
         let stream = upgrade::dup_tcp_stream(fd)?;
+        self.tune(&stream);
         let front = self.front.clone();
         runtime.spawn(async move {
             match tokio::net::TcpStream::from_std(stream) {
-                Ok(s) => front.serve(s, remote).await,
+                Ok(s) => front.serve_admitted(s, remote, Some(slot)).await,
                 Err(_) => Metrics::inc(&front.metrics().handshake_failure_io),
             }
         });
@@ -146,11 +194,19 @@ impl Server {
         self.front.set_http_handoff(handoff)
     }
 
-    /// Serves a connection whose bytes the caller carries through the returned [`Bridge`].
+    /// Serves a connection whose bytes the caller carries through the returned [`Bridge`]. Over
+    /// an accept limit, the bridge is closed at once (its first `read` yields nothing).
     pub fn open_bridge(&self, head: Bytes, upgrade: Upgrade, remote: SocketAddr) -> Result<Bridge, UpgradeError> {
         let runtime = upgrade::runtime()?;
         let (bridge, transport) = Bridge::open(&runtime);
-        runtime.spawn(conn::serve(self.relay.clone(), transport, head, upgrade, remote));
+        let Ok(slot) = self.limiter.admit(remote.ip()) else {
+            return Ok(bridge);
+        };
+        let relay = self.relay.clone();
+        runtime.spawn(async move {
+            let _slot = slot;
+            conn::serve(relay, transport, head, upgrade, remote).await
+        });
         Ok(bridge)
     }
 
