@@ -32,7 +32,7 @@ import { MeshTrust } from './mesh-trust.js';
 import { startStun } from './stun.js';
 import { CertificateFiles, selfSignedCertificate } from './tls-certs.js';
 import { relayBase } from './relay-url.js';
-import { Relay } from './relay.js';
+import { Relay, type AcceptLimits } from './relay.js';
 import { version } from './version.js';
 
 export interface DerpmeshNode {
@@ -123,6 +123,7 @@ async function start(
   }
   // Applied by the cluster settings below (this node's flags, or the values set in Postgres).
   let admission = '';
+  let appliedAcceptLimits = JSON.stringify(acceptLimits);
   const applyAdmission = (url: string, failOpen: boolean) => {
     if (!relay || JSON.stringify([url, failOpen]) === admission) return;
     admission = JSON.stringify([url, failOpen]);
@@ -146,12 +147,26 @@ async function start(
     defaults: {
       'client-rate-limit': config.clientRateLimit,
       'client-rate-burst': config.clientRateBurst,
+      'accept-connection-limit': acceptLimits.acceptConnectionLimit ?? 0,
+      'accept-connection-burst': acceptLimits.acceptConnectionBurst ?? 0,
+      'max-connections-per-ip': acceptLimits.maxConnectionsPerIp ?? 0,
       'verify-client-url': config.verifyClientUrl?.href ?? '',
       'verify-client-url-fail-open': config.verifyClientUrlFailOpen,
     },
     apply: (values) => {
       relay?.setClientRateLimit(values['client-rate-limit'] as number, values['client-rate-burst'] as number);
       applyAdmission(values['verify-client-url'] as string, values['verify-client-url-fail-open'] as boolean);
+      const positive = (v: unknown) => ((v as number) > 0 ? (v as number) : undefined);
+      const limits: AcceptLimits = {
+        ...acceptLimits,
+        acceptConnectionLimit: positive(values['accept-connection-limit']),
+        acceptConnectionBurst: positive(values['accept-connection-burst']),
+        maxConnectionsPerIp: positive(values['max-connections-per-ip']),
+      };
+      if (relay && JSON.stringify(limits) !== appliedAcceptLimits) {
+        appliedAcceptLimits = JSON.stringify(limits);
+        relay.setAcceptLimits(limits);
+      }
     },
   });
   await liveSettings.start();

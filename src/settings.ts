@@ -67,6 +67,16 @@ function parseBoolean(text: string): boolean | undefined {
   return undefined;
 }
 
+/** A number at least 0 (whole when `whole`); `0` means none / the default. */
+function parseCount(whole: boolean): (text: string) => number | undefined {
+  return (text) => {
+    const t = text.trim();
+    if (!/^\d+(\.\d+)?$/.test(t)) return undefined;
+    const n = Number(t);
+    return Number.isFinite(n) && (!whole || Number.isSafeInteger(n)) ? n : undefined;
+  };
+}
+
 export const settings = {
   'client-rate-limit': {
     description:
@@ -78,6 +88,21 @@ export const settings = {
     description: 'Bytes a client may send at once above its rate (the token bucket depth); raised to one largest frame (65,573 bytes).',
     expected: 'bytes, e.g. 131072 or 128KiB',
     parse: parseBytes,
+  },
+  'accept-connection-limit': {
+    description: "Connections each node accepts per second (a token bucket, derper's --accept-connection-limit); 0 = unlimited.",
+    expected: 'connections per second, e.g. 50 or 0.5, or 0 (unlimited)',
+    parse: parseCount(false),
+  },
+  'accept-connection-burst': {
+    description: "Connections accepted at once before accept-connection-limit applies; 0 = one second's worth.",
+    expected: 'a whole number of connections, or 0',
+    parse: parseCount(true),
+  },
+  'max-connections-per-ip': {
+    description: "Connections each node holds from one source address (loopback and the cluster's own nodes exempt); 0 = unlimited.",
+    expected: 'a whole number of connections, or 0 (unlimited)',
+    parse: parseCount(true),
   },
   'verify-client-url': {
     description:

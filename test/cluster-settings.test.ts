@@ -5,7 +5,7 @@
 import { strict as assert } from 'node:assert';
 import { execFile } from 'node:child_process';
 import { createServer, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import { connect, type AddressInfo } from 'node:net';
 import { readFileSync, rmSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
@@ -189,4 +189,59 @@ describe('cluster settings in Postgres: per-client rate limit and admission, liv
       await new Promise((r) => endpoint.close(r));
     }
   });
+
+  test(
+    'an accept limit set in Postgres is enforced at once; unset, the burst goes through',
+    { skip: hasOpenssl() ? false : 'no openssl for the TLS node' },
+    async () => {
+      // The TLS node: there every connection to the port passes the core's accept limits.
+      const node = nodes[2]!;
+      const refused = async () => {
+        const text = await (await getUrl(`${node.url}/metrics`, readFileSync(ca!.caFile))).text();
+        return Number(/^derpmesh_accepts_refused_rate_limit (\d+)/m.exec(text)?.[1] ?? NaN);
+      };
+      const burst = async (n: number) => {
+        const port = Number(new URL(node.url).port);
+        await Promise.all(
+          Array.from(
+            { length: n },
+            () =>
+              new Promise<void>((resolve) => {
+                const socket = connect(port, '127.0.0.1');
+                const done = () => {
+                  socket.destroy();
+                  resolve();
+                };
+                socket.once('close', done);
+                socket.once('error', done);
+                setTimeout(done, 500);
+              }),
+          ),
+        );
+      };
+      await config('set', 'accept-connection-limit', '1');
+      await config('set', 'accept-connection-burst', '2');
+      await waitFor('the TLS node has the accept limit', 5_000, async () => {
+        const v = await settingsOf(node);
+        return (
+          v.find((s) => s.name === 'accept-connection-limit')?.value === 1 &&
+          v.find((s) => s.name === 'accept-connection-burst')?.value === 2
+        );
+      });
+      const before = await refused();
+      await burst(20);
+      const during = await refused();
+      assert.ok(during - before >= 15, `${during - before} of 20 connections refused at 1/s with a burst of 2`);
+
+      await config('unset', 'accept-connection-limit');
+      await config('unset', 'accept-connection-burst');
+      await waitFor('the TLS node is back to no accept limit', 5_000, async () =>
+        (await settingsOf(node)).every((s) => !s.name.startsWith('accept-') || s.source === 'node'),
+      );
+      // (The peers' probes and mesh links are refused too while the limit holds: count from here.)
+      const after = await refused();
+      await burst(20);
+      assert.equal(await refused(), after, 'no refusal once the limit is unset');
+    },
+  );
 });
