@@ -29,7 +29,11 @@ pub fn run(d: &[u8]) {
             assert_eq!(usize::from(u16::from_be_bytes([d[2], d[3]])), d.len() - HEADER_LEN);
             assert_eq!(Some(got), tx);
             // SOFTWARE (4 + 8) and FINGERPRINT (4 + 4) at least, every attribute padded to 4.
-            assert!(d.len() >= stun::REQUEST_LEN && d.len().is_multiple_of(4), "{} bytes", d.len());
+            assert!(
+                d.len() >= stun::REQUEST_LEN && d.len().is_multiple_of(4),
+                "{} bytes",
+                d.len()
+            );
             let fp = &d[d.len() - 8..];
             assert_eq!(fp[..4], [0x80, 0x28, 0, 4], "not ending in a FINGERPRINT");
             for from in senders(d) {
