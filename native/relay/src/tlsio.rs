@@ -48,6 +48,8 @@ const HS_KEY_UPDATE: u8 = 24;
 const MAX_WRITE_BATCH: usize = 4 * MAX_PLAINTEXT;
 /// Ciphertext read buffer of an idle connection (grown to a whole record while one arrives).
 const IDLE_READ: usize = 2 << 10;
+/// Sealed bytes a writer keeps allocated once they are written (about one record); more is freed.
+const KEEP_WRITE_BUF: usize = 32 << 10;
 /// Records sealed with one AES-GCM key before it is replaced (RFC 8446 §5.5 allows 2^24.5).
 const GCM_RECORD_LIMIT: u64 = 1 << 24;
 
@@ -592,7 +594,7 @@ impl AsyncRead for TlsReader {
             } else {
                 HEADER - this.buf.len()
             };
-            if this.buf.is_empty() && this.buf.capacity() > 4 * MAX_RECORD_BODY {
+            if this.buf.is_empty() && this.buf.capacity() > HEADER + MAX_RECORD_BODY {
                 // Idle again after a burst: hand the big buffer back.
                 this.buf = BytesMut::with_capacity(IDLE_READ);
             }
@@ -638,7 +640,9 @@ impl TlsWriter {
         }
         self.out.clear();
         self.written = 0;
-        if self.out.capacity() > 2 * (MAX_WRITE_BATCH + 8 * (HEADER + 2 * TAG)) {
+        if self.out.capacity() > KEEP_WRITE_BUF {
+            // A burst is written: hand its buffer back, so a connection idle after a burst costs
+            // no more than one that never had one (the next burst allocates again).
             self.out = Vec::new();
         }
         Poll::Ready(Ok(()))
