@@ -11,8 +11,10 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ProtocolVersion, SupportedCipherSuite};
+use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 
 struct Identity {
     cert: CertificateDer<'static>,
@@ -108,6 +110,38 @@ where
     back
 }
 
+/// Accepts one connection with `tlsio` on a loopback port and hands it to `serve`.
+async fn serve_one<T, F>(
+    config: Arc<rustls::ServerConfig>,
+    serve: impl FnOnce(tlsio::TlsStream) -> F + Send + 'static,
+) -> (SocketAddr, JoinHandle<T>)
+where
+    F: std::future::Future<Output = T> + Send,
+    T: Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        serve(tlsio::accept(tcp, config).await.unwrap()).await
+    });
+    (addr, task)
+}
+
+/// rustls' own client (tokio-rustls) for `suite`, connected to `addr`.
+async fn rustls_client(
+    id: &Identity,
+    suite: SupportedCipherSuite,
+    addr: SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let connector = tokio_rustls::TlsConnector::from(client_config(id, suite, false));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
 /// Serves one `tlsio` connection: echoes everything through the split halves, then closes.
 async fn tlsio_echo(stream: tlsio::TlsStream) {
     let (mut r, mut w) = stream.into_split();
@@ -122,20 +156,8 @@ async fn every_suite_both_ways_against_rustls() {
     for suite in SUITES {
         let name = format!("{:?}", suite.suite());
         // Our server, rustls' client.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let config = server_config(&id, suite, true);
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let stream = tlsio::accept(tcp, config).await.unwrap();
-            tlsio_echo(stream).await;
-        });
-        let connector = tokio_rustls::TlsConnector::from(client_config(&id, suite, false));
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut tls = connector
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .unwrap();
+        let (addr, server) = serve_one(server_config(&id, suite, true), tlsio_echo).await;
+        let mut tls = rustls_client(&id, suite, addr).await;
         assert_eq!(tls.get_ref().1.negotiated_cipher_suite(), Some(suite), "{name}");
         let back = echo_through(&mut tls, &data).await;
         assert!(back == data, "{name}: echo through our server differs");
@@ -187,19 +209,8 @@ async fn every_suite_both_ways_against_rustls() {
 async fn a_key_update_from_the_peer_keeps_the_connection_going() {
     let id = identity();
     let suite = cipher_suite::TLS13_AES_128_GCM_SHA256;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = server_config(&id, suite, true);
-    let server = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        tlsio_echo(tlsio::accept(tcp, config).await.unwrap()).await;
-    });
-    let connector = tokio_rustls::TlsConnector::from(client_config(&id, suite, false));
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let mut tls = connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
+    let (addr, server) = serve_one(server_config(&id, suite, true), tlsio_echo).await;
+    let mut tls = rustls_client(&id, suite, addr).await;
     let data = payload();
     for round in 0..5 {
         let chunk = &data[round * 100_000..(round + 1) * 100_000];
@@ -219,14 +230,10 @@ async fn a_key_update_from_the_peer_keeps_the_connection_going() {
 async fn our_write_keys_are_replaced_before_their_limit() {
     let id = identity();
     let suite = cipher_suite::TLS13_AES_256_GCM_SHA384;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = server_config(&id, suite, true);
     let data = payload();
     let sent = data.clone();
-    let server = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let (_r, mut w) = tlsio::accept(tcp, config).await.unwrap().into_split();
+    let (addr, server) = serve_one(server_config(&id, suite, true), |stream| async move {
+        let (_r, mut w) = stream.into_split();
         // A new key every 10 records: 1 MiB in 1000-byte writes seals ~1 000 records, ~100 keys.
         w.set_record_limit(10);
         for piece in sent.chunks(1000) {
@@ -235,13 +242,9 @@ async fn our_write_keys_are_replaced_before_their_limit() {
         }
         w.shutdown().await.unwrap();
         w.key_updates()
-    });
-    let connector = tokio_rustls::TlsConnector::from(client_config(&id, suite, false));
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let mut tls = connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
+    })
+    .await;
+    let mut tls = rustls_client(&id, suite, addr).await;
     let mut back = Vec::new();
     tls.read_to_end(&mut back).await.unwrap();
     assert!(back == data, "data across ~100 key updates differs");
@@ -253,16 +256,13 @@ async fn our_write_keys_are_replaced_before_their_limit() {
 async fn a_tampered_record_is_an_error_not_data() {
     let id = identity();
     let suite = cipher_suite::TLS13_AES_128_GCM_SHA256;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = server_config(&id, suite, true);
-    let server = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let (mut r, _w) = tlsio::accept(tcp, config).await.unwrap().into_split();
+    let (addr, server) = serve_one(server_config(&id, suite, true), |stream| async move {
+        let (mut r, _w) = stream.into_split();
         let mut got = Vec::new();
         let result = r.read_to_end(&mut got).await;
         (got, result.map_err(|e| e.to_string()))
-    });
+    })
+    .await;
     // A client whose TCP bytes pass through this test: the handshake goes through unchanged,
     // then one byte of the first application record is flipped.
     let upstream = TcpStream::connect(addr).await.unwrap();
@@ -306,12 +306,7 @@ async fn a_tampered_record_is_an_error_not_data() {
         let _ = uw.shutdown().await;
         down.abort();
     });
-    let connector = tokio_rustls::TlsConnector::from(client_config(&id, suite, false));
-    let tcp = TcpStream::connect(proxy_addr).await.unwrap();
-    let mut tls = connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
+    let mut tls = rustls_client(&id, suite, proxy_addr).await;
     tls.write_all(b"first record ").await.unwrap();
     tls.flush().await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
