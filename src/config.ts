@@ -6,7 +6,7 @@ import { join } from 'node:path';
 
 import { configError, DerpmeshError } from './errors.js';
 import { relayBase, relayUrl, RelayUrlError, sameUrlKey } from './relay-url.js';
-import { parseBytes } from './settings.js';
+import { parseBool, parseBytes } from './settings.js';
 
 function defaultStateDir(): string {
   return process.getuid?.() === 0 ? '/var/lib/derpmesh' : join(homedir(), '.derpmesh');
@@ -333,13 +333,6 @@ export function parseDuration(text: string): number | undefined {
   if (!m) return undefined;
   const unit = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m[2] ?? 'ms') as 'ms' | 's' | 'm' | 'h'];
   return Number(m[1]) * unit;
-}
-
-function parseBool(text: string): boolean | undefined {
-  const t = text.trim().toLowerCase();
-  if (['true', '1', 'yes', 'on'].includes(t)) return true;
-  if (['false', '0', 'no', 'off'].includes(t)) return false;
-  return undefined;
 }
 
 function describe(name: OptionName): string {

@@ -60,7 +60,8 @@ function parseOptionalUrl(text: string): string | undefined {
   }
 }
 
-function parseBoolean(text: string): boolean | undefined {
+/** `true`/`1`/`yes`/`on` or `false`/`0`/`no`/`off` (flags and settings alike). */
+export function parseBool(text: string): boolean | undefined {
   const t = text.trim().toLowerCase();
   if (['true', '1', 'yes', 'on'].includes(t)) return true;
   if (['false', '0', 'no', 'off'].includes(t)) return false;
@@ -113,7 +114,7 @@ export const settings = {
   'verify-client-url-fail-open': {
     description: 'Admit clients while the verify URL is unavailable (unreachable, slow, 5xx): true (as derper) or false.',
     expected: 'true or false',
-    parse: parseBoolean,
+    parse: parseBool,
   },
 } as const satisfies Record<string, SettingSpec>;
 

@@ -34,7 +34,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-use crate::client::TlsOptions;
+use crate::client::{split_http_url, TlsOptions, UrlProblem};
 use crate::io::{Reader, Writer};
 use crate::keys::Key;
 use crate::metrics::Metrics;
@@ -197,57 +197,12 @@ impl Target {
             url: url.to_string(),
             reason,
         };
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| invalid("expected http:// or https://"))?;
-        let tls = match scheme.to_ascii_lowercase().as_str() {
-            "http" => false,
-            "https" => true,
-            _ => return Err(invalid("the scheme must be http or https")),
-        };
-        let rest = rest.split('#').next().unwrap_or("");
-        let split = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(split);
-        if authority.contains('@') {
-            return Err(invalid("user info in the URL is not supported"));
-        }
-        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
-            let (host, after) = bracketed
-                .split_once(']')
-                .ok_or_else(|| invalid("unterminated IPv6 address"))?;
-            match after {
-                "" => (host, None),
-                _ => (
-                    host,
-                    Some(
-                        after
-                            .strip_prefix(':')
-                            .ok_or_else(|| invalid("unexpected text after the IPv6 address"))?,
-                    ),
-                ),
-            }
-        } else {
-            match authority.split_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (authority, None),
-            }
-        };
-        if host.is_empty() {
-            return Err(invalid("missing host"));
-        }
-        let port = match port {
-            None => {
-                if tls {
-                    443
-                } else {
-                    80
-                }
-            }
-            Some(p) => p
-                .parse()
-                .map_err(|_| invalid("the port must be a number from 0 to 65535"))?,
-        };
-        let path = match tail {
+        let parts = split_http_url(url).map_err(|problem| match problem {
+            UrlProblem::NoScheme => invalid("expected http:// or https://"),
+            UrlProblem::Scheme(_) => invalid("the scheme must be http or https"),
+            UrlProblem::Invalid(reason) => invalid(reason),
+        })?;
+        let path = match parts.tail {
             "" => "/".to_string(),
             t if t.starts_with('?') => format!("/{t}"),
             t => t.to_string(),
@@ -256,10 +211,10 @@ impl Target {
             return Err(invalid("the path must not contain spaces or control characters"));
         }
         Ok(Target {
-            tls,
-            host: host.to_string(),
-            port,
-            authority: authority.to_string(),
+            tls: parts.tls,
+            host: parts.host.to_string(),
+            port: parts.port,
+            authority: parts.authority.to_string(),
             path,
         })
     }

@@ -173,60 +173,99 @@ pub struct RelayUrl {
     pub path: String,
 }
 
+/// An `http(s)://` URL taken apart: what [`RelayUrl`] and the admission URL share.
+pub(crate) struct HttpUrlParts<'a> {
+    pub tls: bool,
+    /// Host name or IP address, IPv6 without brackets.
+    pub host: &'a str,
+    /// The given port, else 80 or 443.
+    pub port: u16,
+    /// The authority as written, for the `Host` header.
+    pub authority: &'a str,
+    /// Path and query as written (no fragment); empty when the URL has none.
+    pub tail: &'a str,
+}
+
+pub(crate) enum UrlProblem {
+    /// No `scheme://`.
+    NoScheme,
+    /// A scheme other than http and https (lowercased).
+    Scheme(String),
+    Invalid(&'static str),
+}
+
+/// Splits `http://host[:port][/path][?query][#fragment]` (or https); user info is refused.
+pub(crate) fn split_http_url(url: &str) -> Result<HttpUrlParts<'_>, UrlProblem> {
+    let invalid = UrlProblem::Invalid;
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(UrlProblem::NoScheme);
+    };
+    let tls = if scheme.eq_ignore_ascii_case("http") {
+        false
+    } else if scheme.eq_ignore_ascii_case("https") {
+        true
+    } else {
+        return Err(UrlProblem::Scheme(scheme.to_ascii_lowercase()));
+    };
+    let split = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(split);
+    let tail = tail.split('#').next().unwrap_or("");
+    if authority.contains('@') {
+        return Err(invalid("user info is not allowed"));
+    }
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        let (host, after) = bracketed.split_once(']').ok_or(invalid("unterminated IPv6 address"))?;
+        match after {
+            "" => (host, None),
+            _ => match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return Err(invalid("unexpected text after IPv6 address")),
+            },
+        }
+    } else {
+        match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(invalid("missing host"));
+    }
+    let port = match port {
+        None if tls => 443,
+        None => 80,
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| invalid("port is not a number from 0 to 65535"))?,
+    };
+    Ok(HttpUrlParts {
+        tls,
+        host,
+        port,
+        authority,
+        tail,
+    })
+}
+
 impl RelayUrl {
     /// Parses `http://host[:port][/path]` or `https://host[:port][/path]` (default ports 80 and 443).
     /// `ws` and `wss` are reported as unsupported.
     pub fn parse(url: &str) -> Result<RelayUrl, ClientError> {
-        let invalid = |reason| ClientError::InvalidUrl {
-            url: url.to_string(),
-            reason,
-        };
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return Err(invalid("expected http://host:port"));
-        };
-        let tls = if scheme.eq_ignore_ascii_case("http") {
-            false
-        } else if scheme.eq_ignore_ascii_case("https") {
-            true
-        } else {
-            return Err(ClientError::UnsupportedScheme {
+        let parts = split_http_url(url).map_err(|problem| match problem {
+            UrlProblem::NoScheme => ClientError::InvalidUrl {
                 url: url.to_string(),
-                scheme: scheme.to_ascii_lowercase(),
-            });
-        };
-        let split = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(split);
-        let tail = tail.split('#').next().unwrap_or("");
-        if authority.contains('@') {
-            return Err(invalid("user info is not allowed"));
-        }
-        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
-            let (host, after) = bracketed
-                .split_once(']')
-                .ok_or_else(|| invalid("unterminated IPv6 address"))?;
-            match after {
-                "" => (host, None),
-                _ => match after.strip_prefix(':') {
-                    Some(port) => (host, Some(port)),
-                    None => return Err(invalid("unexpected text after IPv6 address")),
-                },
-            }
-        } else {
-            match authority.split_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (authority, None),
-            }
-        };
-        if host.is_empty() {
-            return Err(invalid("missing host"));
-        }
-        let port = match port {
-            None if tls => 443,
-            None => 80,
-            Some(p) => p
-                .parse::<u16>()
-                .map_err(|_| invalid("port is not a number from 0 to 65535"))?,
-        };
+                reason: "expected http://host:port",
+            },
+            UrlProblem::Scheme(scheme) => ClientError::UnsupportedScheme {
+                url: url.to_string(),
+                scheme,
+            },
+            UrlProblem::Invalid(reason) => ClientError::InvalidUrl {
+                url: url.to_string(),
+                reason,
+            },
+        })?;
+        let tail = parts.tail;
         let path = if tail.is_empty() || tail == "/" {
             DERP_PATH.to_string()
         } else if tail.starts_with('?') {
@@ -235,10 +274,10 @@ impl RelayUrl {
             tail.to_string()
         };
         Ok(RelayUrl {
-            tls,
-            host: host.to_string(),
-            port,
-            authority: authority.to_string(),
+            tls: parts.tls,
+            host: parts.host.to_string(),
+            port: parts.port,
+            authority: parts.authority.to_string(),
             path,
         })
     }

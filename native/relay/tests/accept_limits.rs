@@ -4,12 +4,14 @@
 //! places as connections close and spares exempt addresses; the per-relay cap; TCP keepalive and
 //! `TCP_USER_TIMEOUT` read back from accepted sockets.
 
+mod common;
+
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use derpmesh_relay::client::{self, DerpConn, DialOptions, ServerFrame, TlsOptions};
+use derpmesh_relay::client::{self, DerpConn, DialOptions, TlsOptions};
 use derpmesh_relay::handshake::ClientInfo;
 use derpmesh_relay::keys::{Key, KeyPair};
 use derpmesh_relay::limits::{AcceptLimits, Refusal, RefusalNotice};
@@ -109,23 +111,6 @@ impl Fixture {
     }
 }
 
-async fn exchange(a: &mut DerpConn, b_key: &Key, b: &mut DerpConn) {
-    a.send_packet(b_key, b"through the limits").await.unwrap();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), b.recv())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            ServerFrame::Packet { data, .. } => {
-                assert_eq!(&data[..], b"through the limits");
-                return;
-            }
-            _ => continue,
-        }
-    }
-}
-
 /// A probe on a fresh plain connection: whether it was answered (else it was closed unanswered).
 async fn probe(addr: SocketAddr) -> bool {
     let Ok(mut tcp) = TcpStream::connect(addr).await else {
@@ -181,8 +166,8 @@ async fn a_burst_over_the_accept_rate_is_closed_at_once_and_counted_while_a_pair
         assert_eq!(f.metric("accepts_refused"), refused);
         assert_eq!(f.metric("accepts_refused_max_connections"), 0);
 
-        exchange(&mut a, &b_key, &mut b).await;
-        exchange(&mut b, &a_key, &mut a).await;
+        common::exchange(&mut a, &b_key, &mut b, b"through the limits").await;
+        common::exchange(&mut b, &a_key, &mut a, b"through the limits").await;
         let notices = f.notices.lock().unwrap().clone();
         assert_eq!(
             notices,
@@ -216,14 +201,14 @@ async fn the_per_address_cap_over_tls_refuses_the_next_connection_and_frees_plac
         assert_eq!(f.metric("accepts_refused_max_connections_per_ip"), 1);
         assert_eq!(f.metric("tls_handshakes"), 2, "closed before its TLS handshake");
         assert_eq!(f.server.limiter().open_from(LOOPBACK), 2);
-        exchange(&mut a, &b_key, &mut b).await;
-        exchange(&mut b, &a_key, &mut a).await;
+        common::exchange(&mut a, &b_key, &mut b, b"through the limits").await;
+        common::exchange(&mut b, &a_key, &mut a, b"through the limits").await;
 
         // A connection's place is given back when it closes.
         b.close().await.unwrap();
         f.settle("accepted_open", 1).await;
         let (c_key, mut c) = f.dial().await.unwrap();
-        exchange(&mut c, &a_key, &mut a).await;
+        common::exchange(&mut c, &a_key, &mut a, b"through the limits").await;
 
         // Exempt addresses (the cluster's own nodes, local proxies) are not capped, still counted.
         f.server.set_accept_exempt(vec![LOOPBACK]);
@@ -239,7 +224,7 @@ async fn the_per_address_cap_over_tls_refuses_the_next_connection_and_frees_plac
         assert!(f.dial().await.is_err(), "a fifth connection to the relay is closed");
         assert_eq!(f.metric("accepts_refused_max_connections"), 1);
         assert_eq!(f.metric("accepts_refused"), 2);
-        exchange(&mut a, &c_key, &mut c).await;
+        common::exchange(&mut a, &c_key, &mut c, b"through the limits").await;
         let reasons: Vec<_> = f.notices.lock().unwrap().iter().map(|n| n.reason).collect();
         assert_eq!(reasons, [Refusal::MaxConnectionsPerIp, Refusal::MaxConnections]);
     })

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use derpmesh_relay::client::{self, DerpConn, DialOptions, ServerFrame, TlsOptions};
+use derpmesh_relay::client::{self, DerpConn, DialOptions, TlsOptions};
 use derpmesh_relay::handshake::ClientInfo;
 use derpmesh_relay::keys::{Key, KeyPair};
 use derpmesh_relay::server::{Server, ServerConfig};
@@ -99,23 +99,6 @@ impl Fixture {
     }
 }
 
-async fn exchange(a: &mut DerpConn, b_key: &Key, b: &mut DerpConn) {
-    a.send_packet(b_key, b"hello over tls").await.unwrap();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), b.recv())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            ServerFrame::Packet { data, .. } => {
-                assert_eq!(&data[..], b"hello over tls");
-                return;
-            }
-            _ => continue,
-        }
-    }
-}
-
 async fn read_to_end_or_close<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
@@ -132,8 +115,8 @@ async fn derp_over_tls_with_the_meta_certificate_and_fast_start() {
         assert!(chain[1].windows(cn.len()).any(|w| w == cn.as_bytes()));
         let (a_key, mut a) = f.client(false).await;
         let (b_key, mut b) = f.client(true).await;
-        exchange(&mut a, &b_key, &mut b).await;
-        exchange(&mut b, &a_key, &mut a).await;
+        common::exchange(&mut a, &b_key, &mut b, b"hello over tls").await;
+        common::exchange(&mut b, &a_key, &mut a, b"hello over tls").await;
         assert_eq!(f.metric("upgrades_fast_start"), 1);
         assert!(f.metric("tls_handshakes") >= 3);
     })
@@ -218,8 +201,8 @@ async fn bad_input_is_closed_and_counted() {
         let _ = s.write_all(big.as_bytes()).await;
         read_to_end_or_close(&mut s).await;
 
-        exchange(&mut a, &b_key, &mut b).await;
-        exchange(&mut b, &a_key, &mut a).await;
+        common::exchange(&mut a, &b_key, &mut b, b"hello over tls").await;
+        common::exchange(&mut b, &a_key, &mut a, b"hello over tls").await;
         assert_eq!(f.metric("tls_handshake_errors"), 2);
         assert_eq!(f.metric("http_bad_requests"), 2);
         assert_eq!(f.server.metrics().connections.load(Relaxed), 2);
@@ -259,9 +242,9 @@ async fn a_new_certificate_serves_new_handshakes_and_bad_pairs_are_refused() {
         f.server.set_certificate(cert2.as_bytes(), key2.as_bytes()).unwrap();
         f.cert_pem = cert2;
         let (c_key, mut c) = f.client(false).await;
-        exchange(&mut a, &b_key, &mut b).await;
-        exchange(&mut c, &a_key, &mut a).await;
-        exchange(&mut b, &c_key, &mut c).await;
+        common::exchange(&mut a, &b_key, &mut b, b"hello over tls").await;
+        common::exchange(&mut c, &a_key, &mut a, b"hello over tls").await;
+        common::exchange(&mut b, &c_key, &mut c, b"hello over tls").await;
     })
     .await
     .unwrap();

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use derpmesh_relay::client::{DerpConn, ServerFrame};
+use derpmesh_relay::keys::Key;
 use derpmesh_relay::server::Server;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpListener;
@@ -43,4 +45,23 @@ pub async fn serve_front(server: &Arc<Server>) -> SocketAddr {
         }
     });
     addr
+}
+
+/// Sends `payload` from `a` to `b` (whose key is `b_key`) and waits up to 5 s for it to arrive.
+#[allow(dead_code)] // the tests that exchange packets through a relay use it
+pub async fn exchange(a: &mut DerpConn, b_key: &Key, b: &mut DerpConn, payload: &[u8]) {
+    a.send_packet(b_key, payload).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), b.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            ServerFrame::Packet { data, .. } => {
+                assert_eq!(&data[..], payload);
+                return;
+            }
+            _ => continue,
+        }
+    }
 }
