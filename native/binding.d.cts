@@ -65,6 +65,11 @@ export declare class RelayCore {
   /** New `acceptConnection` sockets are served without TLS. */
   clearCertificate(): void
   /**
+   * How long `acceptConnection` sockets from now on may take to send a request head (default
+   * 10 s); slower ones are closed and counted (`http_head_timeouts`).
+   */
+  setHeadTimeout(ms: number): void
+  /**
    * Receives the requests the core does not answer (anything but `/derp` and the probes) as a
    * connected stream socket carrying the decrypted bytes, from the request head on: its
    * descriptor (the callee owns it) and the client's address. Does not keep Node running.

@@ -4,10 +4,12 @@
 #
 #   npm run fuzz                               every target, 60 s each
 #   npm run fuzz -- --time 300 relay_conn stun these two, 5 minutes each
+#   npm run fuzz -- --runs 10000000 stun       10 million executions (libFuzzer mode only)
 #   scripts/fuzz.sh --ci                       CI's budget: 20 s each, build dir in the cache
 #
 # Options:
 #   --time S     seconds per target (default 60; 20 with --ci)
+#   --runs N     executions per target instead (no time limit unless --time is given too)
 #   --mode M     auto (default), libfuzzer or stable (see below)
 #   --ci         CI settings: 20 s per target unless --time, cargo target dir in the cache dir
 #   --list       print the targets and exit
@@ -49,6 +51,7 @@ die() { echo "fuzz: error: $*" >&2; exit 2; }
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0" >&2; exit "${1:-2}"; }
 
 TIME=""
+RUNS=""
 MODE=auto
 CI_MODE=0
 TARGETS=()
@@ -56,6 +59,8 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --time) TIME="${2:-}"; shift 2 ;;
     --time=*) TIME="${1#--time=}"; shift ;;
+    --runs) RUNS="${2:-}"; shift 2 ;;
+    --runs=*) RUNS="${1#--runs=}"; shift ;;
     --mode) MODE="${2:-}"; shift 2 ;;
     --mode=*) MODE="${1#--mode=}"; shift ;;
     --ci) CI_MODE=1; shift ;;
@@ -65,8 +70,15 @@ while [[ $# -gt 0 ]]; do
     *) TARGETS+=("$1"); shift ;;
   esac
 done
-[[ -n "$TIME" ]] || TIME=$([[ $CI_MODE == 1 ]] && echo 20 || echo 60)
-[[ "$TIME" =~ ^[1-9][0-9]*$ ]] || die "--time $TIME is not a whole number of seconds"
+[[ -z "$RUNS" || "$RUNS" =~ ^[1-9][0-9]*$ ]] || die "--runs $RUNS is not a whole number of executions"
+[[ -n "$TIME" || -n "$RUNS" ]] || TIME=$([[ $CI_MODE == 1 ]] && echo 20 || echo 60)
+[[ -z "$TIME" || "$TIME" =~ ^[1-9][0-9]*$ ]] || die "--time $TIME is not a whole number of seconds"
+[[ -z "$RUNS" || "$MODE" != stable ]] || die "--runs needs libFuzzer (the stable harness runs for a time)"
+# What each target runs for, in libFuzzer's terms and in words.
+LIMIT_ARGS=()
+[[ -n "$TIME" ]] && LIMIT_ARGS+=(-max_total_time="$TIME")
+[[ -n "$RUNS" ]] && LIMIT_ARGS+=(-runs="$RUNS")
+BUDGET="${TIME:+$TIME s}${TIME:+${RUNS:+, at most }}${RUNS:+$RUNS executions}"
 [[ "$MODE" =~ ^(auto|libfuzzer|stable)$ ]] || die "--mode $MODE: auto, libfuzzer or stable"
 [[ ${#TARGETS[@]} -gt 0 ]] || TARGETS=("${TARGETS_ALL[@]}")
 for t in "${TARGETS[@]}"; do
@@ -158,6 +170,7 @@ case "$MODE" in
   stable) WHY="--mode stable" ;;
   auto)
     if pick_libfuzzer; then MODE=libfuzzer; else MODE=stable; fi
+    [[ -z "$RUNS" || "$MODE" == libfuzzer ]] || die "--runs needs libFuzzer, which cannot run: $WHY"
     ;;
 esac
 
@@ -167,26 +180,28 @@ SUMMARY=()
 FAILED=()
 if [[ "$MODE" == libfuzzer ]]; then
   SAN=$([[ ${#FUZZ_SANITIZER[@]} == 0 ]] && echo "AddressSanitizer" || echo "no sanitizer")
-  say "MODE: libFuzzer (coverage-guided) — cargo-fuzz $CARGO_FUZZ_VERSION, toolchain $FUZZ_TOOLCHAIN, $SAN; ${TIME} s per target: ${TARGETS[*]}"
+  say "MODE: libFuzzer (coverage-guided) — cargo-fuzz $CARGO_FUZZ_VERSION, toolchain $FUZZ_TOOLCHAIN, $SAN; $BUDGET per target: ${TARGETS[*]}"
   for t in "${TARGETS[@]}"; do
     mkdir -p "$FUZZ/work/$t" "$FUZZ/artifacts/$t"
     dirs=("work/$t" "corpus/$t")
     [[ -d "$FUZZ/regressions/$t" ]] && dirs+=("regressions/$t")
     log="$FUZZ/work/logs/$t.log"
-    say "$t: ${TIME} s"
+    say "$t: $BUDGET"
     # One process (no -jobs/-workers); a 10 s input is a hang; 1 GiB is an unbounded allocation.
+    started=$SECONDS
     set +e
     (cd "$FUZZ" && PATH="$CACHE/bin:$PATH" cargo "+$FUZZ_TOOLCHAIN" fuzz run -O "${FUZZ_SANITIZER[@]}" \
       --target-dir "$TARGET_DIR" "$t" "${dirs[@]}" -- \
-      -max_total_time="$TIME" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=1024 -max_len=8192 \
+      "${LIMIT_ARGS[@]}" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=1024 -max_len=8192 \
       -print_final_stats=1) >"$log" 2>&1
     rc=$?
     set -e
+    took=$((SECONDS - started))
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
     corpus=$(find "$FUZZ/work/$t" -type f | wc -l)
     if [[ $rc == 0 ]]; then
-      SUMMARY+=("$t: ${runs:-?} executions in ${TIME} s, coverage ${cov:-?} edges, $corpus new inputs in work/$t")
+      SUMMARY+=("$t: ${runs:-?} executions in $took s, coverage ${cov:-?} edges, $corpus new inputs in work/$t")
     else
       FAILED+=("$t")
       SUMMARY+=("$t: FAILED (exit $rc) after ${runs:-?} executions; artifacts/$t/, log work/logs/$t.log")

@@ -246,6 +246,16 @@ export class Relay {
   }
 
   /**
+   * How long a connection given to `handleConnection` from now on may take to send its request
+   * head (default 10 s); a slower one is closed and counted (`http_head_timeouts`).
+   */
+  setHeadTimeout(ms: number): void {
+    if (!Number.isInteger(ms) || ms < 1 || ms > 0xffff_ffff)
+      throw new DerpmeshError('DERPMESH_ERR_INVALID_ARGUMENT', `head timeout ${ms} ms: a whole number of milliseconds, at least 1`);
+    this.#core.setHeadTimeout(ms);
+  }
+
+  /**
    * Accept limits for connections taken from now on (see `AcceptLimits`); open ones stay, a lower
    * cap refusing new ones until enough have closed. Replaces the previous limits, so it can follow
    * a setting changed at run time. Throws a `DerpmeshError` (`DERPMESH_ERR_INVALID_ARGUMENT`) for a

@@ -17,7 +17,7 @@ describe('TLS byte bridge', { skip: hasOpenssl() ? false : 'no openssl to make a
     process.on('warning', onWarning);
     const server = await startRelay({
       tls: { cert: readFileSync(ca.certFile), key: readFileSync(ca.keyFile) },
-      tlsInNode: true, // the fallback (no relay core TLS: Windows, or a pair the core cannot use)
+      nodeFront: true, // the fallback (no relay core TLS: Windows, or a pair the core cannot use)
     });
     const { relay } = server;
     const tls = { ca: readFileSync(ca.caFile) };

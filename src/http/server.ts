@@ -1,10 +1,12 @@
 // The node's HTTP server: relay endpoints, DERP upgrades, health and metrics, with bounded
 // request heads so a client that never finishes its headers cannot hold a connection.
 //
-// With TLS and a relay (Linux, macOS), a plain `net` server accepts and gives every raw connection
-// to the relay core, which terminates TLS, serves DERP and the probes, and hands the other requests
-// back decrypted to the HTTP server here (which then listens on nothing itself). Without a relay,
-// or on Windows, Node terminates TLS (`https`) and DERP goes through the byte bridge.
+// With a relay (Linux, macOS), a plain `net` server accepts and gives every raw connection to the
+// relay core, which terminates TLS (with a certificate), applies the accept limits, reads the
+// request head, serves DERP and the probes, and hands the other requests back (decrypted) to the
+// HTTP server here, which then listens on nothing itself. Without a relay, on Windows, or with
+// `nodeFront`, Node's own server accepts (`https` terminating TLS) and DERP goes through
+// `handleUpgrade` (with TLS: the byte bridge).
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createTlsServer, type ServerOptions as HttpsOptions } from 'node:https';
 import { createServer as createNetServer, type AddressInfo, type Server as NetServer, type Socket } from 'node:net';
@@ -27,8 +29,12 @@ export interface HttpServerOptions {
    * (not on Windows), otherwise in Node (DERP then goes through the byte bridge).
    */
   tls?: HttpsOptions;
-  /** Terminate TLS in Node even where the relay core could (the byte bridge path, for comparison). */
-  tlsInNode?: boolean;
+  /**
+   * Accept and read request heads in Node even where the relay core could: the `handleUpgrade`
+   * path (with TLS, the byte bridge), kept for comparison and for platforms without it. Accept
+   * limits then cover DERP upgrades only.
+   */
+  nodeFront?: boolean;
   /** A request head must be complete within this time (default 10000 ms). */
   headerTimeoutMs?: number;
   /** Extra routes tried before the 404 (the HA API adds its own). */
@@ -86,18 +92,23 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     }
   };
 
-  let coreTls = options.tls && relay?.takesConnections && !options.tlsInNode ? pemPair(options.tls) : undefined;
-  try {
-    if (coreTls) relay!.setCertificate(coreTls);
-  } catch (err) {
-    // A pair Node accepts but the core's TLS library cannot use (e.g. a P-521 key): Node serves it.
-    logger.warn('TLS terminated in Node (slower): the relay core cannot use this certificate', { err: (err as Error).message });
-    coreTls = undefined;
+  let coreFront = !!relay?.takesConnections && !options.nodeFront;
+  const coreTls = options.tls && coreFront ? pemPair(options.tls) : undefined;
+  if (options.tls && coreFront) {
+    try {
+      if (!coreTls) throw new Error('only a certificate and a key (no other TLS option) can be served by the core');
+      relay!.setCertificate(coreTls);
+    } catch (err) {
+      // A pair Node accepts but the core's TLS library cannot use (e.g. a P-521 key): Node serves it.
+      logger.warn('TLS terminated in Node (slower): the relay core cannot use this certificate', { err: (err as Error).message });
+      coreFront = false;
+    }
   }
-  // With TLS in the core, `server` listens on nothing: `listener` accepts.
-  const server: Server = options.tls && !coreTls ? createTlsServer(options.tls) : createServer();
-  const listener: NetServer = coreTls ? createNetServer({ pauseOnConnect: true }) : server;
-  if (coreTls) {
+  // With the core in front, `server` listens on nothing: `listener` accepts.
+  const server: Server = options.tls && !coreFront ? createTlsServer(options.tls) : createServer();
+  const listener: NetServer = coreFront ? createNetServer({ pauseOnConnect: true }) : server;
+  if (coreFront) {
+    relay!.setHeadTimeout(headerTimeoutMs);
     listener.on('connection', (socket: Socket) => {
       if (!relay!.handleConnection(socket)) socket.destroy();
     });
@@ -122,7 +133,7 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     socket.once('close', () => sockets.delete(socket));
   });
   // Our own head timer: Node's headersTimeout is only checked every connectionsCheckingInterval.
-  const connectionEvent = options.tls && !coreTls ? 'secureConnection' : 'connection';
+  const connectionEvent = options.tls && !coreFront ? 'secureConnection' : 'connection';
   server.on(connectionEvent, (socket: Socket) => {
     const timer = setTimeout(() => {
       counters.inc('http_header_timeouts');
@@ -184,7 +195,7 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     setCertificate: (pair) => {
       if (!options.tls)
         throw new DerpmeshError('DERPMESH_ERR_CONFIG', 'this server does not serve TLS: there is no certificate to replace');
-      if (coreTls) relay!.setCertificate(pair);
+      if (coreFront) relay!.setCertificate(pair);
       else (server as unknown as import('node:tls').Server).setSecureContext({ ...options.tls, cert: pair.cert, key: pair.key });
     },
     close: () => {

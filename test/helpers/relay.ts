@@ -14,11 +14,11 @@ export interface TestRelay {
 }
 
 export async function startRelay(
-  options: RelayOptions & Pick<HttpServerOptions, 'headerTimeoutMs' | 'tls' | 'tlsInNode'> = {},
+  options: RelayOptions & Pick<HttpServerOptions, 'headerTimeoutMs' | 'tls' | 'nodeFront'> = {},
 ): Promise<TestRelay> {
-  const { headerTimeoutMs, tls, tlsInNode, ...relayOptions } = options;
+  const { headerTimeoutMs, tls, nodeFront, ...relayOptions } = options;
   const relay = new Relay(relayOptions);
-  const http = await startHttpServer({ relay, host: '127.0.0.1', port: 0, logger: silentLogger, headerTimeoutMs, tls, tlsInNode });
+  const http = await startHttpServer({ relay, host: '127.0.0.1', port: 0, logger: silentLogger, headerTimeoutMs, tls, nodeFront });
   let closed = false;
   return {
     url: http.url,

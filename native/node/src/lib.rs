@@ -449,6 +449,15 @@ impl RelayCore {
         self.server.clear_certificate();
     }
 
+    /// How long `acceptConnection` sockets from now on may take to send a request head (default
+    /// 10 s); slower ones are closed and counted (`http_head_timeouts`).
+    #[napi]
+    pub fn set_head_timeout(&self, ms: u32) {
+        self.server
+            .front()
+            .set_head_timeout(std::time::Duration::from_millis(ms.into()));
+    }
+
     /// Receives the requests the core does not answer (anything but `/derp` and the probes) as a
     /// connected stream socket carrying the decrypted bytes, from the request head on: its
     /// descriptor (the callee owns it) and the client's address. Does not keep Node running.

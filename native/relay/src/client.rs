@@ -1093,13 +1093,10 @@ mod tests {
             let (r, w) = stream.into_split();
             let mut reader = FrameReader::new(Box::new(r), &buf[end..]);
             let mut writer: Writer = Box::new(w);
-            let (client_key, _) = read_client_info(&mut reader, &server).await.unwrap();
-            crate::io::write_all(
-                &mut writer,
-                &server_info_frame(&server, &client_key, Default::default()),
-            )
-            .await
-            .unwrap();
+            let (client_key, _, shared) = read_client_info(&mut reader, &server).await.unwrap();
+            crate::io::write_all(&mut writer, &server_info_frame(&shared, Default::default()))
+                .await
+                .unwrap();
             let (_, f) = reader.read_frame(MAX_FRAME_SIZE).await.unwrap();
             let packet = &f[HEADER_LEN + KEY_LEN..];
             crate::io::write_all(&mut writer, &frame::recv_packet(&client_key, packet))

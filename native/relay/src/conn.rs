@@ -102,7 +102,7 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
             .map_err(|_| HandshakeError::Io)?;
         handshake::read_client_info(&mut reader, relay.key()).await
     };
-    let (key, info) = match handshake.await {
+    let (key, info, shared) = match handshake.await {
         Ok(v) => v,
         Err(e) => {
             count_handshake_failure(&relay.metrics, e);
@@ -138,7 +138,7 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
     // Registered before ServerInfo goes out: a client may send to a peer the moment its peer's
     // handshake completes. Packets queued meanwhile are written after ServerInfo by the writer.
     relay.register(&conn);
-    let mut hello = handshake::server_info_frame(relay.key(), &key, relay.rate_limit()).to_vec();
+    let mut hello = handshake::server_info_frame(&shared, relay.rate_limit()).to_vec();
     let health = relay.health();
     if !health.is_empty() {
         hello.extend_from_slice(&frame::health(&health));

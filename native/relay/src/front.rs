@@ -12,6 +12,7 @@
 //! Nothing a client sends can panic this code; every way a connection ends early is counted.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -57,6 +58,8 @@ pub struct Front {
     /// Made with the first certificate (the meta certificate is generated then).
     tls: RwLock<Option<TlsState>>,
     handoff: RwLock<Option<HttpHandoff>>,
+    /// How long a request head may take, in milliseconds ([`HEAD_TIMEOUT`] unless set).
+    head_timeout_ms: AtomicU64,
 }
 
 impl Front {
@@ -65,7 +68,14 @@ impl Front {
             relay,
             tls: RwLock::new(None),
             handoff: RwLock::new(None),
+            head_timeout_ms: AtomicU64::new(HEAD_TIMEOUT.as_millis() as u64),
         }
+    }
+
+    /// How long a request head may take on connections from now on (at least 1 ms).
+    pub fn set_head_timeout(&self, timeout: Duration) {
+        let ms = (timeout.as_millis() as u64).max(1);
+        self.head_timeout_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Serves new connections with TLS and this pair (PEM chain, leaf first, and its key); live
@@ -137,8 +147,9 @@ impl Front {
         let m = self.metrics();
         let mut buf = BytesMut::with_capacity(4 << 10);
         let mut first = true;
+        let head_timeout = Duration::from_millis(self.head_timeout_ms.load(Ordering::Relaxed));
         loop {
-            let head = match read_head(&mut stream, &mut buf, first).await {
+            let head = match read_head(&mut stream, &mut buf, first, head_timeout).await {
                 Ok(head) => head,
                 Err(HeadError::Closed) => return,
                 Err(HeadError::Timeout) => return Metrics::inc(&m.http_head_timeouts),
@@ -471,10 +482,15 @@ enum HeadError {
 }
 
 /// Reads until `buf` holds a whole request head (bytes past it stay in `buf`). The first head of a
-/// connection must be complete within [`HEAD_TIMEOUT`]; a later one may wait [`IDLE_TIMEOUT`] for
-/// its first byte, then gets [`HEAD_TIMEOUT`].
-async fn read_head<S: Stream>(stream: &mut S, buf: &mut BytesMut, first: bool) -> Result<Head, HeadError> {
-    let mut deadline = (first || !buf.is_empty()).then(|| Instant::now() + HEAD_TIMEOUT);
+/// connection must be complete within `head_timeout`; a later one may wait [`IDLE_TIMEOUT`] for
+/// its first byte, then gets `head_timeout`.
+async fn read_head<S: Stream>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    first: bool,
+    head_timeout: Duration,
+) -> Result<Head, HeadError> {
+    let mut deadline = (first || !buf.is_empty()).then(|| Instant::now() + head_timeout);
     loop {
         if !buf.is_empty() {
             if let Some(head) = parse_head(buf)? {
@@ -502,7 +518,7 @@ async fn read_head<S: Stream>(stream: &mut S, buf: &mut BytesMut, first: bool) -
             // A head cut short: nothing to answer.
             Ok(Ok(0)) | Ok(Err(_)) => return Err(HeadError::Closed),
             Ok(Ok(_)) => {
-                deadline.get_or_insert_with(|| Instant::now() + HEAD_TIMEOUT);
+                deadline.get_or_insert_with(|| Instant::now() + head_timeout);
             }
         }
     }

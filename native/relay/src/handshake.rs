@@ -6,9 +6,9 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::Value;
 
-use crate::frame::{self, FrameType, CLIENT_INFO_MAX, CLIENT_INFO_MIN, HEADER_LEN, KEY_LEN, MAX_FRAME_SIZE};
+use crate::frame::{self, FrameType, CLIENT_INFO_MAX, CLIENT_INFO_MIN, HEADER_LEN, KEY_LEN, MAX_FRAME_SIZE, NONCE_LEN};
 use crate::io::{FrameReader, Writer};
-use crate::keys::{is_zero, Key, KeyPair};
+use crate::keys::{is_zero, Key, KeyPair, SharedBox, BOX_OVERHEAD};
 
 /// How long each side waits for the other's handshake frame.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -101,7 +101,7 @@ impl ClientInfo {
 
 /// The server's half of ServerInfo: `{"version":PROTOCOL_VERSION}` sealed to the client, with the
 /// receive limit (derper's `tokenBucketBytesPerSecond` / `tokenBucketBytesBurst`) when one is set.
-pub fn server_info_frame(server: &KeyPair, client: &Key, limit: crate::relay::RateLimit) -> Bytes {
+pub fn server_info_frame(shared: &SharedBox, limit: crate::relay::RateLimit) -> Bytes {
     let info = if limit.is_set() {
         serde_json::json!({
             "version": frame::PROTOCOL_VERSION,
@@ -111,22 +111,30 @@ pub fn server_info_frame(server: &KeyPair, client: &Key, limit: crate::relay::Ra
     } else {
         serde_json::json!({ "version": frame::PROTOCOL_VERSION })
     };
-    let sealed = server.seal(client, info.to_string().as_bytes());
+    let sealed = shared.seal(info.to_string().as_bytes());
     frame::encode(FrameType::ServerInfo, &[&sealed])
 }
 
 /// A ClientInfo frame: client public key ‖ box(JSON) sealed to the server.
 pub fn client_info_frame(client: &KeyPair, server: &Key, info: &ClientInfo) -> Bytes {
-    let sealed = client.seal(server, &info.to_json());
+    client_info_frame_with(client.public(), &client.shared(server), info)
+}
+
+fn client_info_frame_with(client: &Key, shared: &SharedBox, info: &ClientInfo) -> Bytes {
+    let sealed = shared.seal(&info.to_json());
     let mut out = BytesMut::with_capacity(HEADER_LEN + KEY_LEN + sealed.len());
     frame::put_header(&mut out, FrameType::ClientInfo, KEY_LEN + sealed.len());
-    out.put_slice(client.public());
+    out.put_slice(client);
     out.put_slice(&sealed);
     out.freeze()
 }
 
 /// Server side: reads and checks ClientInfo (the ServerKey frame has already been written).
-pub async fn read_client_info(reader: &mut FrameReader, server: &KeyPair) -> Result<(Key, ClientInfo), HandshakeError> {
+/// Returns the client's key, its ClientInfo, and the box to seal ServerInfo with.
+pub async fn read_client_info(
+    reader: &mut FrameReader,
+    server: &KeyPair,
+) -> Result<(Key, ClientInfo, SharedBox), HandshakeError> {
     let read = async {
         let (t, len) = reader.next_header().await.map_err(|_| HandshakeError::Io)?;
         if t != FrameType::ClientInfo as u8 {
@@ -145,10 +153,13 @@ pub async fn read_client_info(reader: &mut FrameReader, server: &KeyPair) -> Res
     if is_zero(&client_key) {
         return Err(HandshakeError::ZeroKey);
     }
-    let json = server
-        .open(&client_key, &payload[KEY_LEN..])
-        .ok_or(HandshakeError::BoxOpen)?;
-    Ok((client_key, ClientInfo::from_json(&json)?))
+    let sealed = &payload[KEY_LEN..];
+    if sealed.len() < NONCE_LEN + BOX_OVERHEAD {
+        return Err(HandshakeError::BoxOpen);
+    }
+    let shared = server.shared(&client_key);
+    let json = shared.open(sealed).ok_or(HandshakeError::BoxOpen)?;
+    Ok((client_key, ClientInfo::from_json(&json)?, shared))
 }
 
 /// Client side, after the HTTP upgrade: reads ServerKey, sends ClientInfo, reads ServerInfo.
@@ -171,7 +182,8 @@ pub async fn client_handshake(
             return Err(HandshakeError::BadServerKey);
         }
         let server_key = frame::key_at(&f, HEADER_LEN + 8);
-        crate::io::write_all(writer, &client_info_frame(client, &server_key, info))
+        let shared = client.shared(&server_key);
+        crate::io::write_all(writer, &client_info_frame_with(client.public(), &shared, info))
             .await
             .map_err(|_| HandshakeError::Io)?;
         let (t, f) = reader
@@ -181,9 +193,7 @@ pub async fn client_handshake(
         if t != FrameType::ServerInfo as u8 {
             return Err(HandshakeError::BadServerInfo);
         }
-        client
-            .open(&server_key, &f[HEADER_LEN..])
-            .ok_or(HandshakeError::BadServerInfo)?;
+        shared.open(&f[HEADER_LEN..]).ok_or(HandshakeError::BadServerInfo)?;
         Ok(server_key)
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, steps)
@@ -249,8 +259,8 @@ mod tests {
             crate::io::write_all(&mut w, &frame::server_key(server.public()))
                 .await
                 .unwrap();
-            let (key, info) = read_client_info(&mut r, &server).await.unwrap();
-            crate::io::write_all(&mut w, &server_info_frame(&server, &key, Default::default()))
+            let (key, info, shared) = read_client_info(&mut r, &server).await.unwrap();
+            crate::io::write_all(&mut w, &server_info_frame(&shared, Default::default()))
                 .await
                 .unwrap();
             (key, info)
@@ -276,22 +286,31 @@ mod tests {
         let ping = frame::ping(&[0; 8]);
         let mut r = FrameReader::new(Box::new(tokio::io::empty()), &ping);
         assert_eq!(
-            read_client_info(&mut r, &server).await,
-            Err(HandshakeError::BadFirstFrame)
+            read_client_info(&mut r, &server).await.err(),
+            Some(HandshakeError::BadFirstFrame)
         );
 
         let stranger = KeyPair::generate();
         let bad = client_info_frame(&KeyPair::generate(), stranger.public(), &ClientInfo::default());
         let mut r = FrameReader::new(Box::new(tokio::io::empty()), &bad);
-        assert_eq!(read_client_info(&mut r, &server).await, Err(HandshakeError::BoxOpen));
+        assert_eq!(
+            read_client_info(&mut r, &server).await.err(),
+            Some(HandshakeError::BoxOpen)
+        );
 
         let mut zero = bad.to_vec();
         zero[HEADER_LEN..HEADER_LEN + 32].fill(0);
         let mut r = FrameReader::new(Box::new(tokio::io::empty()), &zero);
-        assert_eq!(read_client_info(&mut r, &server).await, Err(HandshakeError::ZeroKey));
+        assert_eq!(
+            read_client_info(&mut r, &server).await.err(),
+            Some(HandshakeError::ZeroKey)
+        );
 
         let tiny = frame::encode(FrameType::ClientInfo, &[&[1; 10]]);
         let mut r = FrameReader::new(Box::new(tokio::io::empty()), &tiny);
-        assert_eq!(read_client_info(&mut r, &server).await, Err(HandshakeError::BadSize));
+        assert_eq!(
+            read_client_info(&mut r, &server).await.err(),
+            Some(HandshakeError::BadSize)
+        );
     }
 }

@@ -43,11 +43,54 @@ impl KeyPair {
         self.secret.to_bytes()
     }
 
+    /// The box between this key and `peer`. The X25519 agreement (most of a handshake's CPU) is
+    /// made here, once; a handshake opens ClientInfo and seals ServerInfo with the same box.
+    pub fn shared(&self, peer: &Key) -> SharedBox {
+        #[cfg(fuzzing)]
+        if let Some(shared) = fuzz_memo::get(&self.public, peer) {
+            return shared;
+        }
+        #[allow(clippy::useless_conversion)]
+        let shared = SharedBox(SalsaBox::new(&BoxPublic::from(*peer), &self.secret).into());
+        #[cfg(fuzzing)]
+        fuzz_memo::put(&self.public, peer, &shared);
+        shared
+    }
+
     /// Seals `msg` to `peer`: nonce(24) ‖ tag(16) ‖ ciphertext.
     pub fn seal(&self, peer: &Key, msg: &[u8]) -> Vec<u8> {
-        let salsa = SalsaBox::new(&BoxPublic::from(*peer), &self.secret);
+        self.shared(peer).seal(msg)
+    }
+
+    /// Opens nonce(24) ‖ tag(16) ‖ ciphertext from `peer`; `None` when it does not authenticate.
+    pub fn open(&self, peer: &Key, sealed: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < NONCE_LEN + BOX_OVERHEAD {
+            return None;
+        }
+        self.shared(peer).open(sealed)
+    }
+}
+
+/// A NaCl box between two keys, agreed once (`KeyPair::shared`).
+#[cfg(not(fuzzing))]
+pub struct SharedBox(SalsaBox);
+/// Shared, so that `fuzz_memo` can hand out the same box again (a `SalsaBox` cannot be cloned).
+#[cfg(fuzzing)]
+#[derive(Clone)]
+pub struct SharedBox(std::sync::Arc<SalsaBox>);
+
+impl std::fmt::Debug for SharedBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedBox(..)")
+    }
+}
+
+impl SharedBox {
+    /// nonce(24) ‖ tag(16) ‖ ciphertext, with a fresh random nonce.
+    pub fn seal(&self, msg: &[u8]) -> Vec<u8> {
         let nonce = SalsaBox::generate_nonce(&mut OsRng);
-        let sealed = salsa
+        let sealed = self
+            .0
             .encrypt(&nonce, msg)
             .expect("xsalsa20poly1305 encryption cannot fail for in-memory input");
         let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
@@ -56,14 +99,46 @@ impl KeyPair {
         out
     }
 
-    /// Opens nonce(24) ‖ tag(16) ‖ ciphertext from `peer`; `None` when it does not authenticate.
-    pub fn open(&self, peer: &Key, sealed: &[u8]) -> Option<Vec<u8>> {
+    /// The plaintext of nonce(24) ‖ tag(16) ‖ ciphertext; `None` when it does not authenticate.
+    pub fn open(&self, sealed: &[u8]) -> Option<Vec<u8>> {
         if sealed.len() < NONCE_LEN + BOX_OVERHEAD {
             return None;
         }
-        let salsa = SalsaBox::new(&BoxPublic::from(*peer), &self.secret);
         let (nonce, body) = sealed.split_at(NONCE_LEN);
-        salsa.decrypt(nonce.into(), body).ok()
+        self.0.decrypt(nonce.into(), body).ok()
+    }
+}
+
+/// Fuzz builds only (`--cfg fuzzing`, set by cargo-fuzz): the fuzz targets' keys are fixed, and
+/// under coverage instrumentation the X25519 agreement costs about a millisecond, most of an
+/// input's time. The boxes agreed are remembered (a few, per thread), so an input costs what its
+/// parsing costs. The box is the one `SalsaBox::new` makes, so nothing else changes.
+#[cfg(fuzzing)]
+mod fuzz_memo {
+    use super::{Key, SharedBox};
+    use std::cell::RefCell;
+
+    thread_local! {
+        static MEMO: RefCell<Vec<(Key, Key, SharedBox)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn get(ours: &Key, peer: &Key) -> Option<SharedBox> {
+        MEMO.with(|m| {
+            m.borrow()
+                .iter()
+                .find(|(o, p, _)| o == ours && p == peer)
+                .map(|(_, _, b)| b.clone())
+        })
+    }
+
+    pub fn put(ours: &Key, peer: &Key, shared: &SharedBox) {
+        MEMO.with(|m| {
+            let mut m = m.borrow_mut();
+            if m.len() >= 16 {
+                m.remove(0);
+            }
+            m.push((*ours, *peer, shared.clone()));
+        });
     }
 }
 

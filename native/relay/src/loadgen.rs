@@ -834,8 +834,8 @@ mod tests {
                     crate::io::write_all(&mut writer, &frame::server_key(server.public()))
                         .await
                         .unwrap();
-                    let (key, _) = read_client_info(&mut reader, &server).await.unwrap();
-                    crate::io::write_all(&mut writer, &server_info_frame(&server, &key, Default::default()))
+                    let (key, _, shared) = read_client_info(&mut reader, &server).await.unwrap();
+                    crate::io::write_all(&mut writer, &server_info_frame(&shared, Default::default()))
                         .await
                         .unwrap();
                     let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(256);

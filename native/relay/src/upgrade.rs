@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -201,6 +201,9 @@ pub async fn open(transport: Transport, upgrade: &Upgrade, head: &mut Bytes) -> 
 /// Go clients (coder/websocket with its default read limit) reject messages over 32 KiB.
 const MAX_WEBSOCKET_MESSAGE: usize = 32 << 10;
 
+/// What tungstenite reads from a WebSocket connection at once.
+const WEBSOCKET_READ_BUFFER: usize = 16 << 10;
+
 /// Bridges WebSocket messages to a byte stream: incoming binary messages are concatenated, outgoing
 /// bytes are sent as binary messages as they come (a frame may span messages, a message may hold
 /// several frames).
@@ -208,6 +211,9 @@ async fn websocket_pipe<S: Stream>(stream: S, head: Bytes) -> (Reader, Writer) {
     let mut config = WebSocketConfig::default();
     config.max_message_size = Some(4 * MAX_PACKET_SIZE);
     config.max_frame_size = Some(4 * MAX_PACKET_SIZE);
+    // tungstenite's default (128 KiB) is a buffer per connection that it zero-fills up to its
+    // capacity before every read: 16 KiB holds a TLS record's worth of messages.
+    config.read_buffer_size = WEBSOCKET_READ_BUFFER;
     let ws = WebSocketStream::from_partially_read(stream, head.to_vec(), Role::Server, Some(config)).await;
     let (relay_side, ws_side) = tokio::io::duplex(64 << 10);
     tokio::spawn(async move {
@@ -224,16 +230,16 @@ async fn websocket_pipe<S: Stream>(stream: S, head: Bytes) -> (Reader, Writer) {
             let _ = to_relay.shutdown().await;
         };
         let outbound = async {
-            let mut buf = vec![0u8; MAX_WEBSOCKET_MESSAGE];
+            // Read straight into the message's buffer (not zero-filled, not copied again); once
+            // tungstenite has written a message, its memory is reused for the next.
+            let mut buf = BytesMut::new();
             loop {
-                match from_relay.read(&mut buf).await {
+                buf.reserve(MAX_WEBSOCKET_MESSAGE);
+                let mut chunk = (&mut from_relay).take(MAX_WEBSOCKET_MESSAGE as u64);
+                match chunk.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if sink
-                            .send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
-                            .await
-                            .is_err()
-                        {
+                    Ok(_) => {
+                        if sink.send(Message::Binary(buf.split().freeze())).await.is_err() {
                             break;
                         }
                     }
