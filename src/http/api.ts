@@ -46,7 +46,7 @@ export function apiRoutes(s: ApiSources): RouteHandler[] {
           updated_at: r.updatedAt,
           stopped_at: r.stoppedAt,
           version: r.version,
-          state: r.stoppedAt ? 'stopped' : registry.isStale(r) ? 'stale' : 'live',
+          state: r.stoppedAt ? 'stopped' : registry.isLive(r) ? 'live' : 'stale',
           self,
           // Round trips this replica measured to its peers (µs), keyed by peer id.
           peer_latencies: r.peerLatenciesUs,

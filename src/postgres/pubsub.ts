@@ -216,21 +216,36 @@ export class Pubsub {
     this.#logger.warn(why, { error, retryInMs: delay });
     this.#reconnectTimer = setTimeout(() => {
       this.#reconnectTimer = undefined;
-      this.#establish().then(
-        () => {
-          if (this.#closed) return;
-          this.#backoff.reset();
-          this.#reconnects += 1;
-          this.#lastReconnectAt = new Date();
-          this.#logger.info('pubsub reconnected; subscribers will re-sync', { reconnects: this.#reconnects });
-          this.#notifyDropped();
-        },
-        (error: unknown) => {
-          this.#lastError = error instanceof Error ? error.message : String(error);
-          this.#scheduleReconnect('pubsub reconnect failed', this.#lastError);
-        },
-      );
+      this.#reconnect();
     }, delay);
+  }
+
+  /**
+   * The database answers again (another connection got through): the LISTEN connection tries now
+   * instead of at its backoff's next attempt, which after a long outage can be many seconds away.
+   */
+  reconnectNow(): void {
+    if (this.#closed || this.#connected || !this.#reconnectTimer) return;
+    clearTimeout(this.#reconnectTimer);
+    this.#reconnectTimer = undefined;
+    this.#reconnect();
+  }
+
+  #reconnect(): void {
+    this.#establish().then(
+      () => {
+        if (this.#closed) return;
+        this.#backoff.reset();
+        this.#reconnects += 1;
+        this.#lastReconnectAt = new Date();
+        this.#logger.info('pubsub reconnected; subscribers will re-sync', { reconnects: this.#reconnects });
+        this.#notifyDropped();
+      },
+      (error: unknown) => {
+        this.#lastError = error instanceof Error ? error.message : String(error);
+        this.#scheduleReconnect('pubsub reconnect failed', this.#lastError);
+      },
+    );
   }
 
   #notifyDropped(): void {

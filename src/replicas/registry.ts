@@ -82,6 +82,8 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
   #slowWarned = new Set<string>();
   #slowStreak = new Map<string, number>();
   #heartbeats = 0;
+  /** Peers whose probe is under way (by id). */
+  #probing = new Set<string>();
 
   constructor(options: ReplicaRegistryOptions) {
     super();
@@ -100,7 +102,7 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
 
   /** Live peers (not this node, not stopped, heartbeating). */
   peers(): Replica[] {
-    return this.#replicas.filter((r) => r.id !== this.#options.self.id && this.#isLive(r));
+    return this.#replicas.filter((r) => r.id !== this.#options.self.id && this.isLive(r));
   }
 
   /** Live peers of this node's region (the ones its relay meshes with), as of the last sync. */
@@ -232,7 +234,11 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
     this.#staleTimer.unref();
   }
 
-  #isLive(r: Replica): boolean {
+  /**
+   * Live: not stopped, and heartbeating — or, for a while after this node's own database outage,
+   * given a full window to heartbeat again (the state /api/v2/replicas shows, and whom the relay meshes with).
+   */
+  isLive(r: Replica): boolean {
     if (r.stoppedAt !== null) return false;
     if (!this.isStale(r)) return true;
     // After our own database outage everyone's heartbeats look old: give peers a full window to
@@ -252,8 +258,13 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
 
   async #heartbeat(): Promise<void> {
     this.#heartbeats++;
-    const [database, probes] = await Promise.all([this.#probeDatabase(), this.#probePeers()]);
+    // Peer probes run beside the heartbeat, never in its way: a peer that does not answer (frozen,
+    // partitioned) must not delay this node's own heartbeat, or every peer would see this node go
+    // stale too. The heartbeat stores the latest finished probe of each peer.
+    this.#probePeers();
+    const database = await this.#probeDatabase();
     if (!database) return;
+    const probes = this.peerLatencies();
     const errors = probes.filter((p) => p.error).map((p) => `failed to reach relay ${p.hostname} (${p.relayUrl}): ${p.error}`);
     const error = errors.join('; ');
     const peerLatencies = Object.fromEntries(
@@ -299,6 +310,7 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
         this.#log.info('database reachable again', { rttMs: round(this.#databaseLatencyMs) });
         this.#databaseError = undefined;
         this.#databaseHealthySince = Date.now();
+        this.#options.pubsub.reconnectNow();
       }
       if (this.#databaseLatencyMs > this.#options.latencyThresholdMs) {
         this.#log.warn('database round trip above threshold', {
@@ -322,16 +334,28 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
     this.#databaseHealthySince = undefined;
   }
 
-  async #probePeers(): Promise<PeerLatency[]> {
+  /**
+   * Starts a probe of every regional peer not already being probed; each result replaces that
+   * peer's entry when it arrives. Peers no longer listed lose theirs.
+   */
+  #probePeers(): void {
     if (!this.#options.probePeers) {
       this.#peerLatency.clear();
-      return [];
+      return;
     }
     const peers = this.#regionalPeers.filter((p) => p.relayUrl !== '');
-    const results = await Promise.all(peers.map(async (p) => [p, await probeRelay(p.relayUrl, this.#options.trust)] as const));
-    const latencies = results.map(([p, r]: readonly [Replica, ProbeResult]) => this.#notePeerLatency(p, r));
-    this.#peerLatency = new Map(latencies.map((l) => [l.replicaId, l]));
-    return latencies;
+    const current = new Set(peers.map((p) => p.id));
+    for (const id of this.#peerLatency.keys()) if (!current.has(id)) this.#peerLatency.delete(id);
+    for (const peer of peers) {
+      if (this.#probing.has(peer.id)) continue;
+      this.#probing.add(peer.id);
+      void probeRelay(peer.relayUrl, this.#options.trust)
+        .then((result: ProbeResult) => {
+          if (this.#stopped || !this.#regionalPeers.some((p) => p.id === peer.id)) return;
+          this.#peerLatency.set(peer.id, this.#notePeerLatency(peer, result));
+        })
+        .finally(() => this.#probing.delete(peer.id));
+    }
   }
 
   #notePeerLatency(peer: Replica, result: ProbeResult): PeerLatency {

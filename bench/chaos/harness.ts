@@ -1,0 +1,488 @@
+// The chaos harness (issue 12): a cluster of real derpmesh node processes on one Postgres, behind an
+// access URL (the TCP balancer of `derpmesh cluster`), K clients that connect through it and send
+// sequence-numbered paced packets along random pairs, faults on a schedule, and per-flow accounting
+// of what was sent, delivered, lost, duplicated and reordered, and of how fast each client of a
+// failed node delivered again. Used by bench/chaos.ts (the full scenarios) and test/chaos.test.ts
+// (short ones with assertions).
+//
+// A flow is one client's packets to its peer: the clients form one random cycle, so every client
+// sends one flow and receives one. Each packet carries its flow, its sequence number and when it was
+// sent. The node a client is on is the relay key its handshake saw (each node has its own key).
+import { performance } from 'node:perf_hooks';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+import { DerpClient } from '../../src/client/index.js';
+import { startBalancer, type Balancer } from '../../src/cluster/balancer.js';
+import { startNodeProcess, waitFor, livePeers, type NodeProcess } from '../../test/helpers/cluster.js';
+import { startPostgres, type TestPostgres } from '../../test/helpers/postgres.js';
+import { quantile } from '../report.js';
+
+export interface ChaosOptions {
+  /** Nodes in the cluster (default 3). */
+  nodes?: number;
+  /** Clients connected through the access URL (default 300). */
+  clients?: number;
+  /** Packets per second each client sends to its peer (default 10). */
+  rate?: number;
+  /** Bytes per packet (default 120; at least 16). */
+  packetBytes?: number;
+  /** The nodes' heartbeat (default 1000 ms). */
+  heartbeatMs?: number;
+  /** Progress lines (default: none). */
+  log?: (line: string) => void;
+}
+
+/** One client's packets to its peer. */
+export class Flow {
+  sent = 0;
+  /** Sends skipped because the sender was between connections (its client would drop them). */
+  notSent = 0;
+  delivered = 0;
+  duplicated = 0;
+  reordered = 0;
+  #seen = new Uint8Array(1024);
+  #maxSeq = -1;
+  /** Receive times (performance.now()) of deliveries after `markFrom`, the first one only. */
+  #firstAfter: number | undefined;
+  #mark = Infinity;
+
+  constructor(
+    readonly id: number,
+    readonly from: number,
+    readonly to: number,
+  ) {}
+
+  get lost(): number {
+    return this.sent - this.delivered;
+  }
+
+  received(seq: number, at: number): void {
+    if (seq >= this.#seen.length * 8) {
+      const grown = new Uint8Array(Math.max(this.#seen.length * 2, (seq >> 3) + 1));
+      grown.set(this.#seen);
+      this.#seen = grown;
+    }
+    const bit = 1 << (seq & 7);
+    if (this.#seen[seq >> 3]! & bit) {
+      this.duplicated++;
+      return;
+    }
+    this.#seen[seq >> 3]! |= bit;
+    this.delivered++;
+    if (seq < this.#maxSeq) this.reordered++;
+    else this.#maxSeq = seq;
+    if (at > this.#mark && this.#firstAfter === undefined) this.#firstAfter = at;
+  }
+
+  /** From now on, remember the first delivery after `at`. */
+  markFrom(at: number): void {
+    this.#mark = at;
+    this.#firstAfter = undefined;
+  }
+
+  /** The first delivery after the mark, if any. */
+  get firstAfterMark(): number | undefined {
+    return this.#firstAfter;
+  }
+}
+
+interface ChaosClient {
+  index: number;
+  client: DerpClient;
+  /** Between connections (after `disconnected`, before `reconnected`). */
+  down: boolean;
+  disconnects: number;
+}
+
+export interface FaultWindow {
+  /** performance.now() when the fault began. */
+  at: number;
+  /** The node that failed, if one did. */
+  node?: number;
+  /** Node of each client when the fault began. */
+  placement: number[];
+}
+
+export interface ScenarioResult {
+  scenario: string;
+  flows: number;
+  unaffected: { flows: number; sent: number; lost: number; duplicated: number; reordered: number };
+  affected: { flows: number; sent: number; lost: number; notSent: number; duplicated: number; reordered: number };
+  /** Per client of the failed node: ms from the fault until both its flows delivered again. */
+  heal: { clients: number; p50: number; p99: number; max: number; neverHealed: number };
+  /** Clients per node when the fault began, and at the end. */
+  placementBefore: number[];
+  placementAfter: number[];
+  /** What the surviving nodes' /api/v2/replicas said during and after the fault. */
+  replicasDuring: string;
+  replicasAfter: string;
+  healthAfter: string;
+}
+
+const HEADER = 16;
+
+export class ChaosCluster {
+  readonly nodes: (NodeProcess | undefined)[] = [];
+  readonly clients: ChaosClient[] = [];
+  readonly flows: Flow[] = [];
+  #nodeKeys = new Map<string, number>();
+  #sendTimer: NodeJS.Timeout | undefined;
+  #sendStart = 0;
+  #log: (line: string) => void;
+  #heartbeatMs: number;
+  #observations: { at: number; text: string }[] = [];
+  #observeTimer: NodeJS.Timeout | undefined;
+
+  private constructor(
+    readonly pg: TestPostgres,
+    readonly balancer: Balancer,
+    readonly options: Required<Omit<ChaosOptions, 'log'>>,
+    log: (line: string) => void,
+  ) {
+    this.#log = log;
+    this.#heartbeatMs = options.heartbeatMs;
+  }
+
+  get accessUrl(): string {
+    return `http://127.0.0.1:${this.balancer.port}`;
+  }
+
+  static async start(options: ChaosOptions = {}): Promise<ChaosCluster> {
+    const o = {
+      nodes: options.nodes ?? 3,
+      clients: options.clients ?? 300,
+      rate: options.rate ?? 10,
+      packetBytes: Math.max(HEADER, options.packetBytes ?? 120),
+      heartbeatMs: options.heartbeatMs ?? 1000,
+    };
+    const log = options.log ?? (() => {});
+    const pg = await startPostgres();
+    const balancer = await startBalancer('127.0.0.1', 0, []);
+    const cluster = new ChaosCluster(pg, balancer, o, log);
+    try {
+      for (let i = 0; i < o.nodes; i++) cluster.nodes.push(await cluster.#startNode(i));
+      balancer.setBackends(cluster.nodes.map((n) => n!.port));
+      await cluster.#waitMeshed();
+      await cluster.#learnKeys();
+      await cluster.#connectClients();
+    } catch (err) {
+      await cluster.close();
+      throw err;
+    }
+    return cluster;
+  }
+
+  async #startNode(i: number): Promise<NodeProcess> {
+    const node = await startNodeProcess({
+      name: `node-${i}`,
+      postgresUrl: this.pg.url,
+      heartbeatMs: this.#heartbeatMs,
+      env: { CODER_ACCESS_URL: this.accessUrl },
+    });
+    await node.started;
+    return node;
+  }
+
+  /** Every live node lists every other live node as live. */
+  async #waitMeshed(timeoutMs = 30_000): Promise<void> {
+    const alive = this.nodes.flatMap((n) => (n && n.child.exitCode === null && n.child.signalCode === null ? [n] : []));
+    const names = alive.map((n) => n.name).sort();
+    await waitFor('every node to list every other as live', timeoutMs, async () => {
+      for (const n of alive) {
+        const peers = await livePeers(n);
+        if (peers.join() !== names.filter((x) => x !== n.name).join()) return false;
+      }
+      return true;
+    });
+  }
+
+  /** Each node's relay key, by connecting to it directly once. */
+  async #learnKeys(): Promise<void> {
+    for (const [i, node] of this.nodes.entries()) {
+      if (!node) continue;
+      const probe = await DerpClient.connect({ url: node.url });
+      this.#nodeKeys.set(probe.serverPublicKey.toString('hex'), i);
+      await probe.close();
+    }
+  }
+
+  async #connectClients(): Promise<void> {
+    const n = this.options.clients;
+    // One random cycle: client order[k] sends to order[k+1].
+    const order = [...Array(n).keys()];
+    for (let i = n - 1; i > 0; i--) {
+      const j = Math.floor(Math.random() * (i + 1));
+      [order[i], order[j]] = [order[j]!, order[i]!];
+    }
+    for (let k = 0; k < n; k++) this.flows.push(new Flow(k, order[k]!, order[(k + 1) % n]!));
+    const inbound = new Map<number, Flow>();
+    for (const f of this.flows) inbound.set(f.to, f);
+    const batch = 25;
+    for (let start = 0; start < n; start += batch) {
+      await Promise.all(
+        [...Array(Math.min(batch, n - start)).keys()].map(async (k) => {
+          const index = start + k;
+          const client = new DerpClient({ url: this.accessUrl, reconnect: true, connectTimeoutMs: 5_000 });
+          const entry: ChaosClient = { index, client, down: false, disconnects: 0 };
+          client.on('packet', (_source, data) => this.#receive(data));
+          client.on('disconnected', () => {
+            entry.down = true;
+            entry.disconnects++;
+          });
+          client.on('reconnected', () => (entry.down = false));
+          await client.connect();
+          this.clients[index] = entry;
+        }),
+      );
+    }
+    this.#log(`${n} clients connected through ${this.accessUrl}: ${this.placement().join(' / ')} per node`);
+  }
+
+  #receive(data: Buffer): void {
+    if (data.length < HEADER) return;
+    const flow = this.flows[data.readUInt32BE(0)];
+    flow?.received(data.readUInt32BE(4), performance.now());
+  }
+
+  /** Clients per node (by the relay key each one's current connection saw). */
+  placement(): number[] {
+    const counts = this.nodes.map(() => 0);
+    for (const c of this.clients) {
+      const node = this.nodeOf(c.index);
+      if (node !== undefined) counts[node]!++;
+    }
+    return counts;
+  }
+
+  /** The node client `index` is on (undefined while it is between connections). */
+  nodeOf(index: number): number | undefined {
+    const c = this.clients[index];
+    if (!c || c.down) return undefined;
+    try {
+      return this.#nodeKeys.get(c.client.serverPublicKey.toString('hex'));
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Starts the paced senders: every flow sends `rate` packets per second, spread over time. */
+  startTraffic(): void {
+    const { rate, packetBytes } = this.options;
+    this.#sendStart = performance.now();
+    const phase = this.flows.map(() => Math.random());
+    const packet = Buffer.alloc(packetBytes);
+    this.#sendTimer = setInterval(() => {
+      const elapsed = (performance.now() - this.#sendStart) / 1000;
+      for (const flow of this.flows) {
+        const due = Math.floor(elapsed * rate + phase[flow.id]!);
+        const from = this.clients[flow.from]!;
+        const to = this.clients[flow.to]!;
+        while (flow.sent + flow.notSent < due) {
+          if (from.down) {
+            flow.notSent++;
+            continue;
+          }
+          const seq = flow.sent;
+          packet.writeUInt32BE(flow.id, 0);
+          packet.writeUInt32BE(seq, 4);
+          packet.writeDoubleBE(performance.now(), 8);
+          flow.sent++;
+          try {
+            from.client.send(to.client.publicKey, packet);
+          } catch {
+            // Closed: counted as sent and lost.
+          }
+        }
+      }
+    }, 10);
+  }
+
+  /** Stops sending and waits `drainMs` for packets in flight. */
+  async stopTraffic(drainMs = 2_000): Promise<void> {
+    clearInterval(this.#sendTimer);
+    this.#sendTimer = undefined;
+    await sleep(drainMs);
+  }
+
+  /** Marks the start of a fault: heal times are measured from here. */
+  beginFault(node?: number): FaultWindow {
+    const at = performance.now();
+    const placement = this.clients.map((c) => this.nodeOf(c.index) ?? -1);
+    for (const f of this.flows) f.markFrom(at);
+    this.#observations = [];
+    return { at, node, placement };
+  }
+
+  /** Samples the surviving nodes' view of the replicas every `everyMs` until `stopObserving`. */
+  observe(everyMs = 500): void {
+    const sample = async () => {
+      const node = this.nodes.find((n) => n && n.child.exitCode === null && n.child.signalCode === null && !this.#frozen.has(n));
+      if (!node) return;
+      try {
+        const replicas = await node.replicas();
+        const text = replicas
+          .filter((r) => !r.self)
+          .map((r) => `${r.hostname}=${r.state}`)
+          .sort()
+          .join(' ');
+        const last = this.#observations.at(-1);
+        if (last?.text !== `${node.name}: ${text}`) this.#observations.push({ at: performance.now(), text: `${node.name}: ${text}` });
+      } catch {
+        // The node is busy or going away: the next sample tells.
+      }
+    };
+    this.#observeTimer = setInterval(() => void sample(), everyMs);
+  }
+
+  stopObserving(): void {
+    clearInterval(this.#observeTimer);
+  }
+
+  #frozen = new Set<NodeProcess>();
+
+  // ---- faults --------------------------------------------------------------------------------
+
+  async kill9(i: number): Promise<void> {
+    await this.nodes[i]!.kill9();
+  }
+
+  /** SIGTERM, waiting for the node's exit (its graceful drain sends clients Restarting). */
+  async stop(i: number): Promise<number | null> {
+    return this.nodes[i]!.stop();
+  }
+
+  freeze(i: number): void {
+    this.#frozen.add(this.nodes[i]!);
+    this.nodes[i]!.child.kill('SIGSTOP');
+  }
+
+  thaw(i: number): void {
+    this.nodes[i]!.child.kill('SIGCONT');
+    this.#frozen.delete(this.nodes[i]!);
+  }
+
+  /** Starts node `i` again (after a kill or stop) and waits until the cluster is meshed. */
+  async restart(i: number): Promise<void> {
+    const old = this.nodes[i];
+    if (old && old.child.exitCode === null && old.child.signalCode === null) await old.kill9();
+    const node = await startNodeProcess({
+      name: `node-${i}`,
+      postgresUrl: this.pg.url,
+      heartbeatMs: this.#heartbeatMs,
+      port: old?.port,
+      env: { CODER_ACCESS_URL: this.accessUrl },
+    });
+    await node.started;
+    this.nodes[i] = node;
+    await this.#waitMeshed();
+    await this.#learnKeys();
+  }
+
+  /** Waits until every live node lists the others (`ms` it took), e.g. after a node resumed. */
+  async waitMeshed(timeoutMs = 30_000): Promise<number> {
+    const start = performance.now();
+    await this.#waitMeshed(timeoutMs);
+    return performance.now() - start;
+  }
+
+  /**
+   * Waits until discovery works again everywhere (`ms` it took), e.g. after Postgres returned: every
+   * live node lists the others as live, and reports its own database and LISTEN connection healthy
+   * (pushed changes reach it again, not only the heartbeat's polling).
+   */
+  async waitDiscovery(timeoutMs = 30_000): Promise<number> {
+    const start = performance.now();
+    await this.#waitMeshed(timeoutMs);
+    const alive = this.nodes.flatMap((n) => (n && n.child.exitCode === null && n.child.signalCode === null ? [n] : []));
+    await waitFor('every node to report its database and LISTEN connection healthy', timeoutMs, async () => {
+      for (const n of alive) {
+        const own = (await n.health()).nodes.find((x) => x.hostname === n.name);
+        const sections = own?.sections ?? {};
+        if (sections.database?.severity !== 'ok' || sections.pubsub?.severity !== 'ok') return false;
+      }
+      return true;
+    });
+    return performance.now() - start;
+  }
+
+  // ---- results -------------------------------------------------------------------------------
+
+  result(scenario: string, fault: FaultWindow): ScenarioResult {
+    const failed = fault.node;
+    const touches = (f: Flow) => failed !== undefined && (fault.placement[f.from] === failed || fault.placement[f.to] === failed);
+    const unaffected = this.flows.filter((f) => !touches(f));
+    const affected = this.flows.filter(touches);
+    const sum = (flows: Flow[], key: 'sent' | 'lost' | 'notSent' | 'duplicated' | 'reordered') => flows.reduce((s, f) => s + f[key], 0);
+    // A client of the failed node has healed once its outbound and its inbound flow delivered again.
+    const outbound = new Map(this.flows.map((f) => [f.from, f]));
+    const inbound = new Map(this.flows.map((f) => [f.to, f]));
+    const heals: number[] = [];
+    let neverHealed = 0;
+    if (failed !== undefined) {
+      for (const [index, node] of fault.placement.entries()) {
+        if (node !== failed) continue;
+        const a = outbound.get(index)?.firstAfterMark;
+        const b = inbound.get(index)?.firstAfterMark;
+        if (a === undefined || b === undefined) neverHealed++;
+        else heals.push(Math.max(a, b) - fault.at);
+      }
+    }
+    heals.sort((x, y) => x - y);
+    const q = (p: number) => quantile(heals, p) ?? NaN;
+    const rel = (at: number) => `${((at - fault.at) / 1000).toFixed(1)} s`;
+    const during = this.#observations.map((o) => `+${rel(o.at)} ${o.text}`);
+    return {
+      scenario,
+      flows: this.flows.length,
+      unaffected: {
+        flows: unaffected.length,
+        sent: sum(unaffected, 'sent'),
+        lost: sum(unaffected, 'lost'),
+        duplicated: sum(unaffected, 'duplicated'),
+        reordered: sum(unaffected, 'reordered'),
+      },
+      affected: {
+        flows: affected.length,
+        sent: sum(affected, 'sent'),
+        lost: sum(affected, 'lost'),
+        notSent: sum(affected, 'notSent'),
+        duplicated: sum(affected, 'duplicated'),
+        reordered: sum(affected, 'reordered'),
+      },
+      heal: { clients: heals.length + neverHealed, p50: q(0.5), p99: q(0.99), max: heals.at(-1) ?? NaN, neverHealed },
+      placementBefore: this.nodes.map((_, i) => fault.placement.filter((p) => p === i).length),
+      placementAfter: this.placement(),
+      replicasDuring: during.slice(0, -1).join('; ') || '(no change seen)',
+      replicasAfter: during.at(-1) ?? '(no sample)',
+      healthAfter: '',
+    };
+  }
+
+  /** The health severity every live node reports, e.g. `node-0 ok, node-1 ok`. */
+  async healthSummary(): Promise<string> {
+    const parts: string[] = [];
+    for (const node of this.nodes) {
+      if (!node || node.child.exitCode !== null || node.child.signalCode !== null) continue;
+      try {
+        const h = await node.health();
+        parts.push(`${node.name} ${h.severity}`);
+      } catch (err) {
+        parts.push(`${node.name} unreachable (${(err as Error).message})`);
+      }
+    }
+    return parts.join(', ');
+  }
+
+  async close(): Promise<void> {
+    clearInterval(this.#sendTimer);
+    this.stopObserving();
+    await Promise.all(this.clients.map((c) => c?.client.close().catch(() => {})));
+    for (const [i, node] of this.nodes.entries()) {
+      if (!node) continue;
+      if (this.#frozen.has(node)) this.thaw(i);
+      await node.kill9().catch(() => {});
+    }
+    await this.balancer.close().catch(() => {});
+    await this.pg.stop().catch(() => {});
+  }
+}

@@ -1,0 +1,150 @@
+// The chaos scenarios (issue 12): each runs on a fresh cluster (ChaosCluster), with traffic flowing
+// before, during and after one fault, and returns one result row. Durations are parameters so that
+// the tests run short versions of the same code.
+import { performance } from 'node:perf_hooks';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+import { ChaosCluster, type ChaosOptions, type ScenarioResult } from './harness.js';
+
+export interface ScenarioOptions extends ChaosOptions {
+  /** Traffic before the fault (default 3 s). */
+  warmupMs?: number;
+  /** Traffic after the fault, or after the recovery (default 10 s). */
+  afterMs?: number;
+  /** How long Postgres stays down in `pg-stop` (default 30 s). */
+  pgDownMs?: number;
+  /** How long a node stays frozen in `sigstop` (default 20 s). */
+  frozenMs?: number;
+}
+
+export interface ScenarioReport extends ScenarioResult {
+  title: string;
+  /** Scenario-specific findings in words, e.g. `live everywhere again 1.2 s after SIGCONT`. */
+  notes: string[];
+  /** The same as numbers (milliseconds): `meshedMs` (every node lists every other as live again,
+   * after the frozen node resumed; after Postgres returned, also every node's database and LISTEN
+   * connection healthy), `staleMs` (a peer marked the frozen node stale), `exitMs` (SIGTERM to exit). */
+  measures: { meshedMs?: number; staleMs?: number; exitMs?: number };
+}
+
+interface Context {
+  o: Required<Omit<ScenarioOptions, keyof ChaosOptions>>;
+  notes: string[];
+  measures: ScenarioReport['measures'];
+}
+
+type Run = (cluster: ChaosCluster, victim: number, ctx: Context) => Promise<void>;
+
+const secs = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
+
+const scenarios: Record<string, { title: string; hitsNode: boolean; run: Run }> = {
+  kill9: {
+    title: 'kill -9 of one node',
+    hitsNode: true,
+    run: async (c, victim, { o }) => {
+      await c.kill9(victim);
+      await sleep(o.afterMs);
+    },
+  },
+  sigterm: {
+    title: 'graceful stop (SIGTERM) of one node',
+    hitsNode: true,
+    run: async (c, victim, { o, notes, measures }) => {
+      const start = performance.now();
+      const code = await c.stop(victim);
+      measures.exitMs = performance.now() - start;
+      notes.push(`the node exited with ${code} ${secs(measures.exitMs)} after SIGTERM`);
+      await sleep(o.afterMs);
+    },
+  },
+  'pg-stop': {
+    title: 'Postgres stopped, then started again',
+    hitsNode: false,
+    run: async (c, _victim, { o, notes, measures }) => {
+      await c.pg.stopServer();
+      await sleep(o.pgDownMs);
+      await c.pg.startServer();
+      measures.meshedMs = await c.waitDiscovery(60_000);
+      notes.push(
+        `Postgres down ${secs(o.pgDownMs)}; discovery (peers live, database and LISTEN healthy on every node) resumed ${secs(measures.meshedMs)} after it returned`,
+      );
+      await sleep(o.afterMs);
+    },
+  },
+  'pg-restart': {
+    title: 'Postgres restarted',
+    hitsNode: false,
+    run: async (c, _victim, { o, notes, measures }) => {
+      await c.pg.restart();
+      measures.meshedMs = await c.waitDiscovery(60_000);
+      notes.push(`discovery (peers live, database and LISTEN healthy on every node) resumed ${secs(measures.meshedMs)} after the restart`);
+      await sleep(o.afterMs);
+    },
+  },
+  sigstop: {
+    title: 'one node frozen (SIGSTOP), then resumed',
+    hitsNode: true,
+    run: async (c, victim, { o, notes, measures }) => {
+      const name = c.nodes[victim]!.name;
+      const start = performance.now();
+      c.freeze(victim);
+      let staleAfter: number | undefined;
+      const watcher = c.nodes[0]!;
+      while (performance.now() - start < o.frozenMs) {
+        if (staleAfter === undefined) {
+          try {
+            const r = (await watcher.replicas()).find((x) => x.hostname === name);
+            if (r && r.state !== 'live') staleAfter = performance.now() - start;
+          } catch {
+            // Busy: try again.
+          }
+        }
+        await sleep(100);
+      }
+      c.thaw(victim);
+      measures.staleMs = staleAfter;
+      measures.meshedMs = await c.waitMeshed(60_000);
+      notes.push(
+        `${watcher.name} marked ${name} stale ${staleAfter === undefined ? 'never' : secs(staleAfter)} after SIGSTOP (heartbeat ${c.options.heartbeatMs} ms); ` +
+          `live everywhere again ${secs(measures.meshedMs)} after SIGCONT`,
+      );
+      await sleep(o.afterMs);
+    },
+  },
+};
+
+export const scenarioNames = Object.keys(scenarios);
+
+export function scenarioTitle(name: string): string {
+  return scenarios[name]?.title ?? name;
+}
+
+/** Runs scenario `name` on a fresh cluster and tears it down. */
+export async function runScenario(name: string, options: ScenarioOptions = {}): Promise<ScenarioReport> {
+  const scenario = scenarios[name];
+  if (!scenario) throw new Error(`no chaos scenario ${name} (scenarios: ${scenarioNames.join(', ')})`);
+  const o = {
+    warmupMs: options.warmupMs ?? 3_000,
+    afterMs: options.afterMs ?? 10_000,
+    pgDownMs: options.pgDownMs ?? 30_000,
+    frozenMs: options.frozenMs ?? 20_000,
+  };
+  const cluster = await ChaosCluster.start(options);
+  try {
+    cluster.startTraffic();
+    await sleep(o.warmupMs);
+    // The last node is the one that fails; the others keep the cluster.
+    const victim = cluster.nodes.length - 1;
+    const fault = cluster.beginFault(scenario.hitsNode ? victim : undefined);
+    cluster.observe();
+    const ctx: Context = { o, notes: [], measures: {} };
+    await scenario.run(cluster, victim, ctx);
+    await cluster.stopTraffic();
+    cluster.stopObserving();
+    const result = cluster.result(name, fault);
+    result.healthAfter = await cluster.healthSummary();
+    return { ...result, title: scenario.title, notes: ctx.notes, measures: ctx.measures };
+  } finally {
+    await cluster.close();
+  }
+}

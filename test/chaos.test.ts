@@ -1,0 +1,78 @@
+// Short versions of the chaos scenarios (bench/chaos.ts, issue 12): a real 3-node cluster on a real
+// Postgres behind the access URL's balancer, 30 reconnecting clients exchanging sequence-numbered
+// packets, one fault each, every packet accounted for.
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+
+import { runScenario, type ScenarioOptions, type ScenarioReport } from '../bench/chaos/scenarios.js';
+
+const HEARTBEAT_MS = 500;
+const short: ScenarioOptions = {
+  clients: 30,
+  rate: 20,
+  heartbeatMs: HEARTBEAT_MS,
+  warmupMs: 2_000,
+  afterMs: 3_000,
+  pgDownMs: 4_000,
+  frozenMs: 4_000,
+};
+
+function describeReport(r: ScenarioReport): string {
+  return JSON.stringify({ unaffected: r.unaffected, affected: r.affected, heal: r.heal, measures: r.measures, notes: r.notes });
+}
+
+/** Flows between clients of nodes that did not fail delivered every packet, once and in order. */
+function assertUnaffectedIntact(r: ScenarioReport): void {
+  assert.ok(r.unaffected.flows > 0, `no flow avoided the failed node: ${describeReport(r)}`);
+  assert.ok(r.unaffected.sent > r.unaffected.flows * 20, `too few packets sent: ${describeReport(r)}`);
+  assert.equal(r.unaffected.lost, 0, `unaffected flows lost packets: ${describeReport(r)}`);
+  assert.equal(r.unaffected.duplicated, 0, `unaffected flows got duplicates: ${describeReport(r)}`);
+  assert.equal(r.unaffected.reordered, 0, `unaffected flows got packets out of order: ${describeReport(r)}`);
+}
+
+describe('chaos (3 node processes, 30 clients through the access URL)', { timeout: 240_000 }, () => {
+  test('kill -9 of a node: no loss elsewhere, its clients deliver again within 3 s', async () => {
+    const r = await runScenario('kill9', short);
+    assertUnaffectedIntact(r);
+    assert.ok(r.affected.flows > 0, 'no client was on the killed node');
+    assert.equal(r.heal.neverHealed, 0, `some clients of the killed node never delivered again: ${describeReport(r)}`);
+    assert.ok(r.heal.p99 <= 3_000, `heal p99 ${r.heal.p99} ms: ${describeReport(r)}`);
+    assert.equal(r.placementAfter.at(-1), 0, 'clients still counted on the killed node');
+    assert.equal(
+      r.placementAfter.reduce((a, b) => a + b, 0),
+      30,
+      `not every client is connected again: ${r.placementAfter.join('/')}`,
+    );
+  });
+
+  test('graceful stop: no loss elsewhere, its clients deliver again within 1 s', async () => {
+    const r = await runScenario('sigterm', short);
+    assertUnaffectedIntact(r);
+    assert.equal(r.heal.neverHealed, 0, `some clients of the stopped node never delivered again: ${describeReport(r)}`);
+    assert.ok(r.heal.p99 <= 1_000, `heal p99 ${r.heal.p99} ms: ${describeReport(r)}`);
+    assert.match(r.replicasAfter, /node-2=stopped/);
+  });
+
+  test('Postgres stopped, then back: no packet lost anywhere, discovery back within 2 s', async () => {
+    const r = await runScenario('pg-stop', short);
+    assert.equal(r.affected.flows, 0);
+    assertUnaffectedIntact(r);
+    assert.ok(r.measures.meshedMs! <= 2_000, `discovery resumed after ${r.measures.meshedMs} ms`);
+  });
+
+  test('Postgres restarted: no packet lost anywhere, discovery back within 2 s', async () => {
+    const r = await runScenario('pg-restart', short);
+    assertUnaffectedIntact(r);
+    assert.ok(r.measures.meshedMs! <= 2_000, `discovery resumed after ${r.measures.meshedMs} ms`);
+  });
+
+  test('a frozen node (SIGSTOP): stale within 3 heartbeats, no loss elsewhere, rejoins after SIGCONT', async () => {
+    const r = await runScenario('sigstop', short);
+    assertUnaffectedIntact(r);
+    // Measured from SIGSTOP, sampled every 100 ms: its last heartbeat was at most one interval earlier.
+    assert.ok(r.measures.staleMs !== undefined && r.measures.staleMs <= 3 * HEARTBEAT_MS + 250, `stale after ${r.measures.staleMs} ms`);
+    assert.ok(r.measures.meshedMs! <= 5_000, `live again ${r.measures.meshedMs} ms after SIGCONT`);
+    // Its clients kept their connections through the freeze and deliver again.
+    assert.equal(r.heal.neverHealed, 0, describeReport(r));
+  });
+});
