@@ -12,10 +12,11 @@ import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { DerpClient } from '../../src/client/index.js';
-import { startBalancer, type Balancer } from '../../src/cluster/balancer.js';
+import { startBalancer, type Backend, type Balancer } from '../../src/cluster/balancer.js';
 import { startNodeProcess, waitFor, livePeers, type NodeProcess } from '../../test/helpers/cluster.js';
 import { startPostgres, type TestPostgres } from '../../test/helpers/postgres.js';
 import { quantile } from '../report.js';
+import { NetnsLab } from './netns.js';
 
 export interface ChaosOptions {
   /** Nodes in the cluster (default 3). */
@@ -28,6 +29,11 @@ export interface ChaosOptions {
   packetBytes?: number;
   /** The nodes' heartbeat (default 1000 ms). */
   heartbeatMs?: number;
+  /**
+   * `loopback` (default): every node on 127.0.0.1. `netns`: every node in a network namespace of its
+   * own behind a bridge (NetnsLab), so one node's links can be cut or slowed; needs root.
+   */
+  network?: 'loopback' | 'netns';
   /** Progress lines (default: none). */
   log?: (line: string) => void;
 }
@@ -132,6 +138,10 @@ export class ChaosCluster {
   #heartbeatMs: number;
   #observations: { at: number; text: string }[] = [];
   #observeTimer: NodeJS.Timeout | undefined;
+  /** With `network: 'netns'`: the namespaces, and the forwarder that lets them reach Postgres. */
+  lab: NetnsLab | undefined;
+  #pgForward: Balancer | undefined;
+  #pgUrl: string;
 
   private constructor(
     readonly pg: TestPostgres,
@@ -141,6 +151,7 @@ export class ChaosCluster {
   ) {
     this.#log = log;
     this.#heartbeatMs = options.heartbeatMs;
+    this.#pgUrl = pg.url;
   }
 
   get accessUrl(): string {
@@ -154,14 +165,25 @@ export class ChaosCluster {
       rate: options.rate ?? 10,
       packetBytes: Math.max(HEADER, options.packetBytes ?? 120),
       heartbeatMs: options.heartbeatMs ?? 1000,
+      network: options.network ?? 'loopback',
     };
     const log = options.log ?? (() => {});
+    if (o.network === 'netns') {
+      const why = NetnsLab.unavailable();
+      if (why) throw new Error(why);
+    }
     const pg = await startPostgres();
     const balancer = await startBalancer('127.0.0.1', 0, []);
     const cluster = new ChaosCluster(pg, balancer, o, log);
     try {
+      if (o.network === 'netns') {
+        cluster.lab = NetnsLab.create(o.nodes);
+        // Postgres listens on loopback only; the namespaces reach it through a forwarder on the bridge.
+        cluster.#pgForward = await startBalancer(cluster.lab.bridgeIp, 0, [pg.port]);
+        cluster.#pgUrl = pg.url.replace(`127.0.0.1:${pg.port}`, `${cluster.lab.bridgeIp}:${cluster.#pgForward.port}`);
+      }
       for (let i = 0; i < o.nodes; i++) cluster.nodes.push(await cluster.#startNode(i));
-      balancer.setBackends(cluster.nodes.map((n) => n!.port));
+      balancer.setBackends(cluster.nodes.map((n, i): Backend => (cluster.lab ? { host: cluster.lab.nodeIp(i), port: n!.port } : n!.port)));
       await cluster.#waitMeshed();
       await cluster.#learnKeys();
       await cluster.#connectClients();
@@ -172,11 +194,14 @@ export class ChaosCluster {
     return cluster;
   }
 
-  async #startNode(i: number): Promise<NodeProcess> {
+  async #startNode(i: number, port?: number): Promise<NodeProcess> {
     const node = await startNodeProcess({
       name: `node-${i}`,
-      postgresUrl: this.pg.url,
+      postgresUrl: this.#pgUrl,
       heartbeatMs: this.#heartbeatMs,
+      port,
+      host: this.lab?.nodeIp(i),
+      netns: this.lab?.namespace(i),
       env: { CODER_ACCESS_URL: this.accessUrl },
     });
     await node.started;
@@ -365,15 +390,7 @@ export class ChaosCluster {
   async restart(i: number): Promise<void> {
     const old = this.nodes[i];
     if (old && old.child.exitCode === null && old.child.signalCode === null) await old.kill9();
-    const node = await startNodeProcess({
-      name: `node-${i}`,
-      postgresUrl: this.pg.url,
-      heartbeatMs: this.#heartbeatMs,
-      port: old?.port,
-      env: { CODER_ACCESS_URL: this.accessUrl },
-    });
-    await node.started;
-    this.nodes[i] = node;
+    this.nodes[i] = await this.#startNode(i, old?.port);
     await this.#waitMeshed();
     await this.#learnKeys();
   }
@@ -483,6 +500,8 @@ export class ChaosCluster {
       await node.kill9().catch(() => {});
     }
     await this.balancer.close().catch(() => {});
+    await this.#pgForward?.close().catch(() => {});
+    this.lab?.destroy();
     await this.pg.stop().catch(() => {});
   }
 }

@@ -5,6 +5,7 @@ import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { ChaosCluster, type ChaosOptions, type ScenarioResult } from './harness.js';
+import { NetnsLab } from './netns.js';
 
 export interface ScenarioOptions extends ChaosOptions {
   /** Traffic before the fault (default 3 s). */
@@ -15,7 +16,12 @@ export interface ScenarioOptions extends ChaosOptions {
   pgDownMs?: number;
   /** How long a node stays frozen in `sigstop` (default 20 s). */
   frozenMs?: number;
+  /** How long a node stays cut off from its peers in `partition`, or slowed in `slow-link` (default 20 s). */
+  faultMs?: number;
 }
+
+/** The scenario cannot run here (no network namespaces); the reason says why. */
+export class ScenarioSkipped extends Error {}
 
 export interface ScenarioReport extends ScenarioResult {
   title: string;
@@ -37,7 +43,7 @@ type Run = (cluster: ChaosCluster, victim: number, ctx: Context) => Promise<void
 
 const secs = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
 
-const scenarios: Record<string, { title: string; hitsNode: boolean; run: Run }> = {
+const scenarios: Record<string, { title: string; hitsNode: boolean; netns?: boolean; run: Run }> = {
   kill9: {
     title: 'kill -9 of one node',
     hitsNode: true,
@@ -111,6 +117,33 @@ const scenarios: Record<string, { title: string; hitsNode: boolean; run: Run }> 
       await sleep(o.afterMs);
     },
   },
+  partition: {
+    title: 'one node cut off from its peers (it still reaches Postgres and its clients)',
+    hitsNode: true,
+    netns: true,
+    run: async (c, victim, { o, notes, measures }) => {
+      c.lab!.partition(victim);
+      await sleep(o.faultMs);
+      c.lab!.heal(victim);
+      measures.meshedMs = await c.waitMeshed(60_000);
+      notes.push(
+        `cut off for ${secs(o.faultMs)} (blackhole routes to the peers in its namespace); live everywhere again ${secs(measures.meshedMs)} after healing`,
+      );
+      await sleep(o.afterMs);
+    },
+  },
+  'slow-link': {
+    title: "one node's links degraded",
+    hitsNode: true,
+    netns: true,
+    run: async (c, victim, { o, notes }) => {
+      const what = c.lab!.slow(victim);
+      await sleep(o.faultMs);
+      c.lab!.unslow(victim);
+      notes.push(`${what}, for ${secs(o.faultMs)}`);
+      await sleep(o.afterMs);
+    },
+  },
 };
 
 export const scenarioNames = Object.keys(scenarios);
@@ -128,8 +161,13 @@ export async function runScenario(name: string, options: ScenarioOptions = {}): 
     afterMs: options.afterMs ?? 10_000,
     pgDownMs: options.pgDownMs ?? 30_000,
     frozenMs: options.frozenMs ?? 20_000,
+    faultMs: options.faultMs ?? 20_000,
   };
-  const cluster = await ChaosCluster.start(options);
+  if (scenario.netns) {
+    const why = NetnsLab.unavailable();
+    if (why) throw new ScenarioSkipped(`${name} skipped: ${why}`);
+  }
+  const cluster = await ChaosCluster.start({ ...options, network: scenario.netns ? 'netns' : options.network });
   try {
     cluster.startTraffic();
     await sleep(o.warmupMs);

@@ -7,14 +7,18 @@
 // an error or reset on either side closes the other.
 import { connect, createServer, type Server, type Socket } from 'node:net';
 
+/** A backend: a port on 127.0.0.1, or a host and port. */
+export type Backend = number | { host: string; port: number };
+
 export interface Balancer {
   port: number;
-  setBackends(ports: number[]): void;
+  setBackends(backends: Backend[]): void;
   close(): Promise<void>;
 }
 
-export async function startBalancer(host: string, port: number, backends: number[]): Promise<Balancer> {
-  let ports = [...backends];
+export async function startBalancer(host: string, port: number, backends: Backend[]): Promise<Balancer> {
+  const address = (b: Backend) => (typeof b === 'number' ? { host: '127.0.0.1', port: b } : b);
+  let ports = backends.map(address);
   let next = 0;
   const sockets = new Set<Socket>();
   const track = (s: Socket) => {
@@ -30,8 +34,8 @@ export async function startBalancer(host: string, port: number, backends: number
         client.destroy();
         return;
       }
-      const backendPort = ports[next++ % ports.length]!;
-      const upstream = connect({ port: backendPort, host: '127.0.0.1', allowHalfOpen: true, noDelay: true });
+      const backend = ports[next++ % ports.length]!;
+      const upstream = connect({ port: backend.port, host: backend.host, allowHalfOpen: true, noDelay: true });
       track(upstream);
       const retry = () => attempt(tries + 1);
       upstream.once('error', retry);
@@ -48,8 +52,8 @@ export async function startBalancer(host: string, port: number, backends: number
   });
   return {
     port: (server.address() as { port: number }).port,
-    setBackends: (p) => {
-      ports = [...p];
+    setBackends: (b) => {
+      ports = b.map(address);
     },
     close: () =>
       new Promise<void>((resolve) => {

@@ -54,14 +54,19 @@ export interface NodeOptions {
   env?: NodeJS.ProcessEnv;
   /** Serve HTTPS with this certificate and trust `caFile` for peers (and for this helper's requests). */
   tls?: { certFile: string; keyFile: string; caFile: string };
+  /** Listen on (and advertise) this address instead of 127.0.0.1. */
+  host?: string;
+  /** Run the node inside this network namespace (`ip netns exec`). */
+  netns?: string;
 }
 
 export async function startNodeProcess(o: NodeOptions): Promise<NodeProcess> {
   const port = o.port ?? (await freePort());
-  const url = `${o.tls ? 'https' : 'http'}://127.0.0.1:${port}`;
+  const host = o.host ?? '127.0.0.1';
+  const url = `${o.tls ? 'https' : 'http'}://${host}:${port}`;
   const env: NodeJS.ProcessEnv = {
     ...process.env,
-    CODER_ADDRESS: `127.0.0.1:${port}`,
+    CODER_ADDRESS: `${host}:${port}`,
     CODER_ACCESS_URL: 'http://127.0.0.1:1',
     CODER_PG_CONNECTION_URL: o.postgresUrl,
     DERPMESH_HOSTNAME: o.name,
@@ -73,7 +78,11 @@ export async function startNodeProcess(o: NodeOptions): Promise<NodeProcess> {
   };
   if (o.relayUrl !== null) env.CODER_DERP_SERVER_RELAY_URL = o.relayUrl ?? url;
   else delete env.CODER_DERP_SERVER_RELAY_URL;
-  const child = spawn(process.execPath, [cli, 'server'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  // `ip netns exec` execs the command: the child's pid is the node's.
+  const [command, args] = o.netns
+    ? ['ip', ['netns', 'exec', o.netns, process.execPath, cli, 'server']]
+    : [process.execPath, [cli, 'server']];
+  const child = spawn(command, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
   let text = '';
   const started = new Promise<void>((resolve, reject) => {
     const onData = (d: Buffer) => {
