@@ -2,7 +2,7 @@
 // Postgres fails under load, with every packet accounted for.
 //
 //   node dist/bench/chaos.js [--clients 300] [--rate 10]
-//                            [--scenarios kill9,sigterm,pg-stop,pg-restart,sigstop,partition,slow-link]
+//                            [--scenarios kill9,sigterm,pg-stop,pg-restart,sigstop,storm,partition,slow-link]
 //                            [--warmup 3s] [--after 10s] [--pg-down 30s] [--frozen 20s] [--fault 20s]
 //                            [--heartbeat 1s] [--json out.json]
 //
@@ -93,11 +93,13 @@ export function verdict(r: ScenarioReport, heartbeatMs: number): { ok: boolean; 
   const why: string[] = [];
   if (r.unaffected.lost !== 0) why.push(`${r.unaffected.lost} packets lost by flows not touching the failed node`);
   if (r.unaffected.duplicated !== 0) why.push(`${r.unaffected.duplicated} duplicated`);
-  const healLimit = r.scenario === 'kill9' ? 3_000 : r.scenario === 'sigterm' ? 1_000 : undefined;
+  const healLimit = r.scenario === 'kill9' ? 3_000 : r.scenario === 'sigterm' ? 1_000 : r.scenario === 'storm' ? 10_000 : undefined;
   if (healLimit !== undefined) {
     if (r.heal.neverHealed > 0) why.push(`${r.heal.neverHealed} clients never delivered again`);
     else if (!(r.heal.p99 <= healLimit)) why.push(`heal p99 ${fmtInt(r.heal.p99)} ms > ${healLimit} ms`);
   }
+  if (r.scenario === 'storm' && !(r.measures.deliveringMs! <= 10_000))
+    why.push(`every flow delivering again after ${fmtInt(r.measures.deliveringMs!)} ms (> 10 000 ms)`);
   if ((r.scenario === 'pg-stop' || r.scenario === 'pg-restart') && !(r.measures.meshedMs! <= 2_000))
     why.push(`discovery resumed ${fmtInt(r.measures.meshedMs!)} ms after Postgres returned (> 2000 ms)`);
   // Measured from SIGSTOP and sampled every 100 ms; the node's last heartbeat was up to one interval before.

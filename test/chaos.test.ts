@@ -80,6 +80,18 @@ describe('chaos (3 node processes, 30 clients through the access URL)', { timeou
     assert.equal(r.heal.neverHealed, 0, describeReport(r));
   });
 
+  test('reconnect storm (500 clients on one node, kill -9): all connected and delivering again within 10 s', async () => {
+    const r = await runScenario('storm', { ...short, clients: 500, rate: 2 });
+    assert.equal(r.placementBefore.at(-1), 500, `not every client started on the victim: ${r.placementBefore.join('/')}`);
+    assert.equal(r.heal.neverHealed, 0, describeReport(r));
+    assert.ok(r.measures.deliveringMs! <= 10_000, `every flow delivering again after ${r.measures.deliveringMs} ms`);
+    assert.equal(r.placementAfter.at(-1), 0);
+    assert.equal(
+      r.placementAfter.reduce((a, b) => a + b, 0),
+      500,
+    );
+  });
+
   test('a node cut off from its peers: no loss between the others, meshed again once healed', { skip: noNetns }, async () => {
     const r = await runScenario('partition', short);
     assertUnaffectedIntact(r);

@@ -8,7 +8,10 @@
 // A flow is one client's packets to its peer: the clients form one random cycle, so every client
 // sends one flow and receives one. Each packet carries its flow, its sequence number and when it was
 // sent. The node a client is on is the relay key its handshake saw (each node has its own key).
+import { spawn, type ChildProcess } from 'node:child_process';
 import { performance } from 'node:perf_hooks';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { DerpClient } from '../../src/client/index.js';
@@ -34,6 +37,8 @@ export interface ChaosOptions {
    * own behind a bridge (NetnsLab), so one node's links can be cut or slowed; needs root.
    */
   network?: 'loopback' | 'netns';
+  /** Connect every client to this node (through the access URL) instead of spreading them. */
+  clientsOn?: number;
   /** Progress lines (default: none). */
   log?: (line: string) => void;
 }
@@ -98,6 +103,8 @@ interface ChaosClient {
   /** Between connections (after `disconnected`, before `reconnected`). */
   down: boolean;
   disconnects: number;
+  /** performance.now() of the last reconnect. */
+  reconnectedAt?: number;
 }
 
 export interface FaultWindow {
@@ -126,6 +133,49 @@ export interface ScenarioResult {
 }
 
 const HEADER = 16;
+
+/** Clients one balancer process serves (two descriptors each, under a 20 000 open-file limit). */
+const ACCESS_CLIENTS_PER_PROCESS = 4_000;
+const accessWorkerScript = fileURLToPath(new URL('./access-worker.js', import.meta.url));
+
+/** A balancer instance in a child process (access-worker.ts). */
+class AccessWorker {
+  #acks: ((line: string) => void)[] = [];
+
+  private constructor(
+    readonly child: ChildProcess,
+    readonly port: number,
+    lines: ReturnType<typeof createInterface>,
+  ) {
+    lines.on('line', (line) => this.#acks.shift()?.(line));
+  }
+
+  static async start(): Promise<AccessWorker> {
+    const child = spawn(process.execPath, [accessWorkerScript], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const lines = createInterface({ input: child.stdout! });
+    const port = await new Promise<number>((resolve, reject) => {
+      lines.once('line', (line) =>
+        /^port \d+$/.test(line) ? resolve(Number(line.slice(5))) : reject(new Error(`access worker: ${line}`)),
+      );
+      child.once('exit', (code) => reject(new Error(`access worker exited with ${code} before listening`)));
+    });
+    return new AccessWorker(child, port, lines);
+  }
+
+  /** Resolves once the worker has the new list. */
+  async setBackends(backends: Backend[]): Promise<void> {
+    const list = backends.map((b) => (typeof b === 'number' ? { host: '127.0.0.1', port: b } : b));
+    const ack = new Promise<string>((resolve) => this.#acks.push(resolve));
+    this.child.stdin!.write(`${JSON.stringify(list)}\n`);
+    const line = await ack;
+    if (line !== 'ok') throw new Error(`access worker: ${line}`);
+  }
+
+  close(): void {
+    this.child.stdin!.end();
+    setTimeout(() => this.child.kill('SIGKILL'), 2_000).unref();
+  }
+}
 
 export class ChaosCluster {
   readonly nodes: (NodeProcess | undefined)[] = [];
@@ -158,6 +208,20 @@ export class ChaosCluster {
     return `http://127.0.0.1:${this.balancer.port}`;
   }
 
+  /** The access URL client `index` uses: with access workers, spread over them. */
+  accessUrlOf(index: number): string {
+    const w = this.#access[index % Math.max(1, this.#access.length)];
+    return w ? `http://127.0.0.1:${w.port}` : this.accessUrl;
+  }
+
+  /** Balancer instances in processes of their own (more clients than one process has descriptors for). */
+  #access: AccessWorker[] = [];
+
+  async #setBackends(backends: Backend[]): Promise<void> {
+    this.balancer.setBackends(backends);
+    await Promise.all(this.#access.map((w) => w.setBackends(backends)));
+  }
+
   static async start(options: ChaosOptions = {}): Promise<ChaosCluster> {
     const o = {
       nodes: options.nodes ?? 3,
@@ -166,6 +230,7 @@ export class ChaosCluster {
       packetBytes: Math.max(HEADER, options.packetBytes ?? 120),
       heartbeatMs: options.heartbeatMs ?? 1000,
       network: options.network ?? 'loopback',
+      clientsOn: options.clientsOn ?? -1,
     };
     const log = options.log ?? (() => {});
     if (o.network === 'netns') {
@@ -176,6 +241,11 @@ export class ChaosCluster {
     const balancer = await startBalancer('127.0.0.1', 0, []);
     const cluster = new ChaosCluster(pg, balancer, o, log);
     try {
+      // A balanced connection takes two descriptors at the balancer and one at the client: past a
+      // few thousand clients the balancer runs as several processes.
+      const workers = o.clients > ACCESS_CLIENTS_PER_PROCESS ? Math.ceil(o.clients / ACCESS_CLIENTS_PER_PROCESS) : 0;
+      for (let i = 0; i < workers; i++) cluster.#access.push(await AccessWorker.start());
+      if (workers) log(`access URL served by ${workers} balancer processes (${ACCESS_CLIENTS_PER_PROCESS} clients each at most)`);
       if (o.network === 'netns') {
         cluster.lab = NetnsLab.create(o.nodes);
         // Postgres listens on loopback only; the namespaces reach it through a forwarder on the bridge.
@@ -183,10 +253,12 @@ export class ChaosCluster {
         cluster.#pgUrl = pg.url.replace(`127.0.0.1:${pg.port}`, `${cluster.lab.bridgeIp}:${cluster.#pgForward.port}`);
       }
       for (let i = 0; i < o.nodes; i++) cluster.nodes.push(await cluster.#startNode(i));
-      balancer.setBackends(cluster.nodes.map((n, i): Backend => (cluster.lab ? { host: cluster.lab.nodeIp(i), port: n!.port } : n!.port)));
+      const backends = cluster.nodes.map((n, i): Backend => (cluster.lab ? { host: cluster.lab.nodeIp(i), port: n!.port } : n!.port));
       await cluster.#waitMeshed();
       await cluster.#learnKeys();
+      await cluster.#setBackends(o.clientsOn >= 0 ? [backends[o.clientsOn]!] : backends);
       await cluster.#connectClients();
+      await cluster.#setBackends(backends);
     } catch (err) {
       await cluster.close();
       throw err;
@@ -240,27 +312,29 @@ export class ChaosCluster {
       [order[i], order[j]] = [order[j]!, order[i]!];
     }
     for (let k = 0; k < n; k++) this.flows.push(new Flow(k, order[k]!, order[(k + 1) % n]!));
-    const inbound = new Map<number, Flow>();
-    for (const f of this.flows) inbound.set(f.to, f);
-    const batch = 25;
+    const batch = n > 1000 ? 200 : 25;
     for (let start = 0; start < n; start += batch) {
       await Promise.all(
         [...Array(Math.min(batch, n - start)).keys()].map(async (k) => {
           const index = start + k;
-          const client = new DerpClient({ url: this.accessUrl, reconnect: true, connectTimeoutMs: 5_000 });
+          const client = new DerpClient({ url: this.accessUrlOf(index), reconnect: true, connectTimeoutMs: 5_000 });
           const entry: ChaosClient = { index, client, down: false, disconnects: 0 };
           client.on('packet', (_source, data) => this.#receive(data));
           client.on('disconnected', () => {
             entry.down = true;
             entry.disconnects++;
           });
-          client.on('reconnected', () => (entry.down = false));
+          client.on('reconnected', () => {
+            entry.down = false;
+            entry.reconnectedAt = performance.now();
+          });
           await client.connect();
           this.clients[index] = entry;
         }),
       );
     }
-    this.#log(`${n} clients connected through ${this.accessUrl}: ${this.placement().join(' / ')} per node`);
+    const through = this.#access.length ? `${this.#access.length} balancer processes` : this.accessUrl;
+    this.#log(`${n} clients connected through ${through}: ${this.placement().join(' / ')} per node`);
   }
 
   #receive(data: Buffer): void {
@@ -500,6 +574,7 @@ export class ChaosCluster {
       await node.kill9().catch(() => {});
     }
     await this.balancer.close().catch(() => {});
+    for (const w of this.#access) w.close();
     await this.#pgForward?.close().catch(() => {});
     this.lab?.destroy();
     await this.pg.stop().catch(() => {});

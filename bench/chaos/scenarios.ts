@@ -5,6 +5,8 @@ import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { ChaosCluster, type ChaosOptions, type ScenarioResult } from './harness.js';
+import { waitFor } from '../../test/helpers/cluster.js';
+import { cpuSeconds } from '../report.js';
 import { NetnsLab } from './netns.js';
 
 export interface ScenarioOptions extends ChaosOptions {
@@ -30,7 +32,17 @@ export interface ScenarioReport extends ScenarioResult {
   /** The same as numbers (milliseconds): `meshedMs` (every node lists every other as live again,
    * after the frozen node resumed; after Postgres returned, also every node's database and LISTEN
    * connection healthy), `staleMs` (a peer marked the frozen node stale), `exitMs` (SIGTERM to exit). */
-  measures: { meshedMs?: number; staleMs?: number; exitMs?: number };
+  measures: {
+    meshedMs?: number;
+    staleMs?: number;
+    exitMs?: number;
+    /** Storm: every client connected again / every flow delivering again, after the kill. */
+    reconnectedMs?: number;
+    deliveringMs?: number;
+    /** Storm: handshakes per second of the surviving relays while the clients came back, and per CPU-second. */
+    handshakesPerSec?: number;
+    handshakesPerCpuSec?: number;
+  };
 }
 
 interface Context {
@@ -43,7 +55,7 @@ type Run = (cluster: ChaosCluster, victim: number, ctx: Context) => Promise<void
 
 const secs = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
 
-const scenarios: Record<string, { title: string; hitsNode: boolean; netns?: boolean; run: Run }> = {
+const scenarios: Record<string, { title: string; hitsNode: boolean; netns?: boolean; clientsOnVictim?: boolean; run: Run }> = {
   kill9: {
     title: 'kill -9 of one node',
     hitsNode: true,
@@ -117,6 +129,32 @@ const scenarios: Record<string, { title: string; hitsNode: boolean; netns?: bool
       await sleep(o.afterMs);
     },
   },
+  storm: {
+    title: 'reconnect storm: every client on one node, which is killed (-9)',
+    hitsNode: true,
+    clientsOnVictim: true,
+    run: async (c, victim, { o, notes, measures }) => {
+      const survivors = c.nodes.filter((_, i) => i !== victim).map((n) => n!.child.pid);
+      const cpuBefore = survivors.reduce<number>((t, pid) => t + cpuSeconds(pid), 0);
+      const start = performance.now();
+      await c.kill9(victim);
+      await waitFor('every client connected again', 120_000, () => c.clients.every((x) => x.disconnects > 0 && !x.down), 100);
+      measures.reconnectedMs = performance.now() - start;
+      const cpu = survivors.reduce<number>((t, pid) => t + cpuSeconds(pid), 0) - cpuBefore;
+      await waitFor('every flow delivering again', 120_000, () => c.flows.every((f) => f.firstAfterMark !== undefined), 100);
+      measures.deliveringMs = performance.now() - start;
+      const n = c.clients.length;
+      const last = Math.max(...c.clients.map((x) => x.reconnectedAt ?? start)) - start;
+      measures.handshakesPerSec = n / (last / 1000);
+      measures.handshakesPerCpuSec = n / cpu;
+      notes.push(
+        `${n} clients connected again ${secs(measures.reconnectedMs)} after the kill (last handshake at ${secs(last)}: ` +
+          `${Math.round(measures.handshakesPerSec)} handshakes/s, ${Math.round(measures.handshakesPerCpuSec)} per relay CPU-second); ` +
+          `every flow delivering again after ${secs(measures.deliveringMs)}`,
+      );
+      await sleep(o.afterMs);
+    },
+  },
   partition: {
     title: 'one node cut off from its peers (it still reaches Postgres and its clients)',
     hitsNode: true,
@@ -167,7 +205,11 @@ export async function runScenario(name: string, options: ScenarioOptions = {}): 
     const why = NetnsLab.unavailable();
     if (why) throw new ScenarioSkipped(`${name} skipped: ${why}`);
   }
-  const cluster = await ChaosCluster.start({ ...options, network: scenario.netns ? 'netns' : options.network });
+  const cluster = await ChaosCluster.start({
+    ...options,
+    network: scenario.netns ? 'netns' : options.network,
+    clientsOn: scenario.clientsOnVictim ? (options.nodes ?? 3) - 1 : options.clientsOn,
+  });
   try {
     cluster.startTraffic();
     await sleep(o.warmupMs);
