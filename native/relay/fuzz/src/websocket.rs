@@ -24,7 +24,7 @@ use derpmesh_relay::relay::{Relay, RelayConfig};
 use derpmesh_relay::upgrade::{Transport, Upgrade};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncReadExt;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -177,7 +177,11 @@ fn client_exchange(relay: &Arc<Relay>, client_info: Bytes, mut program: &[u8]) -
         }
         assert!(head.starts_with(want.as_bytes()), "no 101 first");
         let leftover = head.split_off(want.len());
-        let ws = WebSocketStream::from_partially_read(client, leftover, Role::Client, None).await;
+        // tungstenite zero-fills its read buffer up to its capacity before every read: its 128 KiB
+        // default cost this harness more than the relay under test.
+        let mut config = WebSocketConfig::default();
+        config.read_buffer_size = 16 << 10;
+        let ws = WebSocketStream::from_partially_read(client, leftover, Role::Client, Some(config)).await;
         let (mut sink, mut source) = ws.split();
         let send = async move {
             if sink.send(Message::Binary(client_info)).await.is_err() {
