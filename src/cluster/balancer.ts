@@ -7,6 +7,8 @@
 // an error or reset on either side closes the other.
 import { connect, createServer, type Server, type Socket } from 'node:net';
 
+import { ACCEPT_BACKLOG } from '../http/server.js';
+
 /** A backend: a port on 127.0.0.1, or a host and port. */
 export type Backend = number | { host: string; port: number };
 
@@ -48,7 +50,8 @@ export async function startBalancer(host: string, port: number, backends: Backen
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    server.listen(port, host, () => resolve());
+    // The whole cluster's reconnect storm arrives here first: a deep accept queue (see http/server.ts).
+    server.listen({ port, host, backlog: ACCEPT_BACKLOG }, () => resolve());
   });
   return {
     port: (server.address() as { port: number }).port,

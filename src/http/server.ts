@@ -43,6 +43,9 @@ export interface HttpServerOptions {
   metrics?: () => MetricSample[];
 }
 
+/** Connections the kernel queues for accept() (capped by net.core.somaxconn). */
+export const ACCEPT_BACKLOG = 4096;
+
 export const httpCounters = () =>
   new Counters({
     http_header_timeouts: 'Connections closed because the request head did not complete in time.',
@@ -167,7 +170,10 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
         ),
       );
     listener.once('error', onError);
-    listener.listen(options.port, options.host, () => {
+    // A deep accept queue: when a node dies, its clients all come back at once (a reconnect storm),
+    // and with Node's default of 511 the kernel drops the SYNs past it; each such client then waits
+    // a full SYN retransmission (1 s, then 3 s) before it tries again. The kernel caps it at somaxconn.
+    listener.listen({ port: options.port, host: options.host, backlog: ACCEPT_BACKLOG }, () => {
       listener.off('error', onError);
       resolve();
     });
