@@ -47,7 +47,14 @@ import { native } from '../src/native.js';
 import { freePort } from '../src/net.js';
 import { parseBytes } from '../src/settings.js';
 import { FrameType } from '../src/client/frame.js';
-import { clientInfoFrame, openServerInfo, parseServerKey, type ServerInfo } from '../src/client/handshake.js';
+import {
+  clientInfoFrame,
+  handshakeBox,
+  openServerInfo,
+  parseServerKey,
+  type HandshakeBox,
+  type ServerInfo,
+} from '../src/client/handshake.js';
 import { startPostgres } from '../test/helpers/postgres.js';
 import { hasOpenssl, makePrivateCa } from '../test/helpers/certs.js';
 import { getUrl } from '../test/helpers/cluster.js';
@@ -88,6 +95,7 @@ function derpHandshake(host: string, port: number, privateKey: Buffer, timeoutMs
     let buf: Buffer = Buffer.alloc(0);
     let headDone = false;
     let serverKey: Buffer | undefined;
+    let box: HandshakeBox | undefined;
     const fail = (err: Error) => {
       clearTimeout(timer);
       socket.destroy();
@@ -116,9 +124,10 @@ function derpHandshake(host: string, port: number, privateKey: Buffer, timeoutMs
           buf = buf.subarray(5 + len);
           if (serverKey === undefined) {
             serverKey = parseServerKey(type, payload);
-            socket.write(clientInfoFrame(privateKey, publicKey, serverKey, { canAckPings: false, isProber: false }));
+            box = handshakeBox(privateKey, serverKey);
+            socket.write(clientInfoFrame(box, publicKey, { canAckPings: false, isProber: false }));
           } else {
-            const serverInfo = openServerInfo(privateKey, serverKey, type, payload);
+            const serverInfo = openServerInfo(box!, type, payload);
             clearTimeout(timer);
             socket.off('data', onData);
             socket.removeAllListeners('error');
@@ -486,7 +495,7 @@ function nonreadersWorker(c: Extract<WorkerConfig, { kind: 'nonreaders' }>, stop
     const priv = native.generatePrivateKey();
     const pub = native.publicKeyOf(priv);
     if (python) {
-      const frame = clientInfoFrame(priv, pub, serverKey!, { canAckPings: false, isProber: false });
+      const frame = clientInfoFrame(handshakeBox(priv, serverKey!), pub, { canAckPings: false, isProber: false });
       slot.key = pub;
       const answered = new Promise<void>((resolve) => pending.set(index, resolve));
       python.stdin!.write(`connect ${index} ${frame.toString('hex')}\n`);

@@ -836,6 +836,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.Bridge = nativeBinding.Bridge
+module.exports.NaclBox = nativeBinding.NaclBox
 module.exports.RelayCore = nativeBinding.RelayCore
 module.exports.StunServer = nativeBinding.StunServer
 module.exports.AdmissionOutcome = nativeBinding.AdmissionOutcome

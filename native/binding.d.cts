@@ -19,6 +19,18 @@ export declare class Bridge {
   read(): Promise<Buffer | null>
 }
 
+/**
+ * The NaCl box between a private key and a peer's public key, agreed once (X25519): a client's
+ * handshake seals ClientInfo and opens ServerInfo with the same one.
+ */
+export declare class NaclBox {
+  constructor(privateKey: Uint8Array, peerPublicKey: Uint8Array)
+  /** nonce(24) ‖ tag(16) ‖ ciphertext of `message`. */
+  seal(message: Uint8Array): Buffer
+  /** The plaintext of a box from the peer; `null` if it does not authenticate. */
+  open(sealed: Uint8Array): Buffer | null
+}
+
 /** The relay and its mesh links: owns every DERP connection handed to it. */
 export declare class RelayCore {
   constructor(options: RelayOptions)

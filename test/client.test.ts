@@ -8,7 +8,7 @@ import { after, before, describe, test } from 'node:test';
 
 import { Backoff } from '../src/client/backoff.js';
 import { FrameType, MAGIC, encodeFrame, isDiscoPacket } from '../src/client/frame.js';
-import { clientInfoFrame, openServerInfo, parseServerKey } from '../src/client/handshake.js';
+import { clientInfoFrame, handshakeBox, openServerInfo, parseServerKey } from '../src/client/handshake.js';
 import {
   DerpClient,
   DerpClientError,
@@ -185,7 +185,7 @@ describe('handshake helpers', { timeout: 30_000 }, () => {
     const client = keyPair();
     const server = keyPair();
     for (const meshKey of [undefined, 'a'.repeat(64)]) {
-      const encoded = clientInfoFrame(client.privateKey, client.publicKey, server.publicKey, {
+      const encoded = clientInfoFrame(handshakeBox(client.privateKey, server.publicKey), client.publicKey, {
         meshKey,
         canAckPings: true,
         isProber: false,
@@ -211,11 +211,21 @@ describe('handshake helpers', { timeout: 30_000 }, () => {
     throwsWithCode(() => parseServerKey(FrameType.ServerInfo, Buffer.alloc(40)), 'DERP_ERR_HANDSHAKE');
     throwsWithCode(() => parseServerKey(FrameType.ServerKey, Buffer.concat([MAGIC, Buffer.alloc(32)])), 'DERP_ERR_HANDSHAKE');
     const sealed = native.boxSeal(server.privateKey, client.publicKey, Buffer.from('{"Version":2,"tokenBucketBytesPerSecond":5}'));
-    assert.deepEqual(openServerInfo(client.privateKey, server.publicKey, FrameType.ServerInfo, sealed), {
+    const box = handshakeBox(client.privateKey, server.publicKey);
+    assert.deepEqual(openServerInfo(box, FrameType.ServerInfo, sealed), {
       version: 2,
       tokenBucketBytesPerSecond: 5,
     });
-    throwsWithCode(() => openServerInfo(client.privateKey, keyPair().publicKey, FrameType.ServerInfo, sealed), 'DERP_ERR_HANDSHAKE');
+    throwsWithCode(
+      () => openServerInfo(handshakeBox(client.privateKey, keyPair().publicKey), FrameType.ServerInfo, sealed),
+      'DERP_ERR_HANDSHAKE',
+    );
+    // One box seals and opens: what it seals, the relay's side opens, and the other way round.
+    const reply = native.boxSeal(server.privateKey, client.publicKey, Buffer.from('pong'));
+    assert.equal(box.open(reply)?.toString(), 'pong');
+    assert.equal(native.boxOpen(server.privateKey, client.publicKey, box.seal(Buffer.from('ping')))?.toString(), 'ping');
+    assert.equal(box.open(Buffer.alloc(40)), null);
+    assert.throws(() => handshakeBox(Buffer.alloc(31), server.publicKey), /privateKey/);
   });
 });
 

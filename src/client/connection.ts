@@ -2,7 +2,15 @@
 // out and encoded frames in. No reconnecting; DerpClient does that.
 import type { ConnectionOptions as TlsOptions } from 'node:tls';
 import { derpClientError } from './errors.js';
-import { type ClientInfo, type ServerInfo, clientInfoFrame, openServerInfo, parseServerKey } from './handshake.js';
+import {
+  type ClientInfo,
+  type HandshakeBox,
+  type ServerInfo,
+  clientInfoFrame,
+  handshakeBox,
+  openServerInfo,
+  parseServerKey,
+} from './handshake.js';
 import { type ServerMessage, decodeServerFrame } from './messages.js';
 import { FrameParser } from './parser.js';
 import { type Transport, type TransportKind, dial } from './transport.js';
@@ -44,6 +52,8 @@ export class DerpConnection {
   readonly #parser = new FrameParser();
   #state: State = 'serverKey';
   #clientInfoSent: boolean;
+  /** The handshake's box, from ClientInfo until ServerInfo has opened. */
+  #box: HandshakeBox | undefined;
   #serverPublicKey: Buffer | undefined;
   #serverInfo: ServerInfo = {};
   #handshakeDone: ((error?: Error) => void) | undefined;
@@ -71,10 +81,11 @@ export class DerpConnection {
     };
 
     // Under fast start over TCP with a known server key, ClientInfo rides in the request's write.
-    const early =
+    const earlyBox =
       options.fastStart && options.kind === 'tcp' && options.likelyServerKey !== undefined
-        ? clientInfoFrame(options.privateKey, options.publicKey, options.likelyServerKey, options.clientInfo)
+        ? handshakeBox(options.privateKey, options.likelyServerKey)
         : undefined;
+    const early = earlyBox && clientInfoFrame(earlyBox, options.publicKey, options.clientInfo);
     return dial({
       url: options.url,
       kind: options.kind,
@@ -85,7 +96,7 @@ export class DerpConnection {
     }).then(
       (transport) =>
         new Promise<DerpConnection>((resolve, reject) => {
-          const connection = new DerpConnection(transport, options, handlers, early !== undefined);
+          const connection = new DerpConnection(transport, options, handlers, earlyBox);
           const onAbort = (): void => connection.#fail(controller.signal.reason as Error);
           controller.signal.addEventListener('abort', onAbort, { once: true });
           connection.#handshakeDone = (error) => {
@@ -103,11 +114,13 @@ export class DerpConnection {
     );
   }
 
-  private constructor(transport: Transport, options: ConnectionOptions, handlers: ConnectionHandlers, clientInfoSent: boolean) {
+  /** `earlyBox`: ClientInfo already went out (fast start), sealed with this box. */
+  private constructor(transport: Transport, options: ConnectionOptions, handlers: ConnectionHandlers, earlyBox: HandshakeBox | undefined) {
     this.#transport = transport;
     this.#options = options;
     this.#handlers = handlers;
-    this.#clientInfoSent = clientInfoSent;
+    this.#clientInfoSent = earlyBox !== undefined;
+    this.#box = earlyBox;
     this.#closed = new Promise((resolve) => {
       this.#resolveClosed = resolve;
     });
@@ -195,14 +208,18 @@ export class DerpConnection {
       }
       this.#serverPublicKey = serverKey;
       if (!this.#clientInfoSent) {
-        const { privateKey, publicKey, clientInfo } = this.#options;
-        this.#transport.write(clientInfoFrame(privateKey, publicKey, serverKey, clientInfo));
+        // One box for both directions of the handshake (an early ClientInfo's box is already the
+        // one for this key: a different key was refused above).
+        this.#box = handshakeBox(this.#options.privateKey, serverKey);
+        const { publicKey, clientInfo } = this.#options;
+        this.#transport.write(clientInfoFrame(this.#box, publicKey, clientInfo));
         this.#clientInfoSent = true;
       }
       this.#state = 'serverInfo';
       return;
     }
-    this.#serverInfo = openServerInfo(this.#options.privateKey, this.#serverPublicKey!, frameType, payload);
+    this.#serverInfo = openServerInfo(this.#box!, frameType, payload);
+    this.#box = undefined;
     this.#state = 'open';
     this.#settleHandshake();
   }

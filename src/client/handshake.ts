@@ -43,18 +43,26 @@ export function parseServerKey(frameType: number, payload: Buffer): Buffer {
   return serverKey;
 }
 
-/** The whole ClientInfo frame: client key(32) ‖ box(JSON) sealed to the server key. */
-export function clientInfoFrame(privateKey: Buffer, publicKey: Buffer, serverPublicKey: Buffer, info: ClientInfo): Buffer {
+/** The NaCl box between the client's key and the relay's: one handshake seals and opens with it. */
+export type HandshakeBox = InstanceType<typeof native.NaclBox>;
+
+/** The box for a handshake with the relay whose key is `serverPublicKey` (one X25519 agreement). */
+export function handshakeBox(privateKey: Buffer, serverPublicKey: Buffer): HandshakeBox {
+  return new native.NaclBox(privateKey, serverPublicKey);
+}
+
+/** The whole ClientInfo frame: client key(32) ‖ box(JSON) sealed to the server key (`box`). */
+export function clientInfoFrame(box: HandshakeBox, publicKey: Buffer, info: ClientInfo): Buffer {
   const json: Record<string, unknown> = { version: PROTOCOL_VERSION };
   if (info.meshKey !== undefined && info.meshKey !== '') json.meshKey = info.meshKey;
   json.CanAckPings = info.canAckPings;
   json.IsProber = info.isProber;
-  const sealed = native.boxSeal(privateKey, serverPublicKey, Buffer.from(JSON.stringify(json)));
+  const sealed = box.seal(Buffer.from(JSON.stringify(json)));
   return encodeFrame(FrameType.ClientInfo, publicKey, sealed);
 }
 
 /** Opens and parses a ServerInfo frame; JSON field names are matched case-insensitively. */
-export function openServerInfo(privateKey: Buffer, serverPublicKey: Buffer, frameType: number, payload: Buffer): ServerInfo {
+export function openServerInfo(box: HandshakeBox, frameType: number, payload: Buffer): ServerInfo {
   if (frameType !== FrameType.ServerInfo) {
     throw derpClientError('DERP_ERR_HANDSHAKE', `expected ServerInfo after ClientInfo, got frame type ${frameType}`, {
       value: frameType,
@@ -63,7 +71,7 @@ export function openServerInfo(privateKey: Buffer, serverPublicKey: Buffer, fram
   if (payload.length < NONCE_LENGTH || payload.length > MAX_SERVER_INFO_LENGTH) {
     throw derpClientError('DERP_ERR_HANDSHAKE', 'ServerInfo frame has an invalid length', { value: payload.length });
   }
-  const opened = native.boxOpen(privateKey, serverPublicKey, payload);
+  const opened = box.open(payload);
   if (opened === null) {
     throw derpClientError('DERP_ERR_HANDSHAKE', 'ServerInfo box did not open with the server key');
   }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use derpmesh_relay::admission::{self, AdmissionSettings};
 use derpmesh_relay::client::{ClientError, TlsOptions};
-use derpmesh_relay::keys::{Key, KeyPair};
+use derpmesh_relay::keys::{Key, KeyPair, SharedBox};
 use derpmesh_relay::limits;
 use derpmesh_relay::loadgen;
 use derpmesh_relay::mesh::{self, LinkError, MeshError};
@@ -799,8 +799,46 @@ pub fn box_seal<'env>(
     peer_public_key: &[u8],
     message: &[u8],
 ) -> Result<BufferSlice<'env>> {
-    let pair = KeyPair::from_private(key_from(private_key, "privateKey")?);
-    BufferSlice::copy_from(env, pair.seal(&key_from(peer_public_key, "peerPublicKey")?, message))
+    let shared = SharedBox::between(
+        &key_from(private_key, "privateKey")?,
+        &key_from(peer_public_key, "peerPublicKey")?,
+    );
+    BufferSlice::copy_from(env, shared.seal(message))
+}
+
+/// The NaCl box between a private key and a peer's public key, agreed once (X25519): a client's
+/// handshake seals ClientInfo and opens ServerInfo with the same one.
+#[napi]
+pub struct NaclBox {
+    shared: SharedBox,
+}
+
+#[napi]
+impl NaclBox {
+    #[napi(constructor)]
+    pub fn new(private_key: &[u8], peer_public_key: &[u8]) -> Result<Self> {
+        Ok(NaclBox {
+            shared: SharedBox::between(
+                &key_from(private_key, "privateKey")?,
+                &key_from(peer_public_key, "peerPublicKey")?,
+            ),
+        })
+    }
+
+    /// nonce(24) ‖ tag(16) ‖ ciphertext of `message`.
+    #[napi]
+    pub fn seal<'env>(&self, env: &'env Env, message: &[u8]) -> Result<BufferSlice<'env>> {
+        BufferSlice::copy_from(env, self.shared.seal(message))
+    }
+
+    /// The plaintext of a box from the peer; `null` if it does not authenticate.
+    #[napi]
+    pub fn open<'env>(&self, env: &'env Env, sealed: &[u8]) -> Result<Option<BufferSlice<'env>>> {
+        self.shared
+            .open(sealed)
+            .map(|m| BufferSlice::copy_from(env, m))
+            .transpose()
+    }
 }
 
 /// Opens a box sealed by `peerPublicKey` to `privateKey`; `null` if it does not authenticate.
@@ -811,10 +849,13 @@ pub fn box_open<'env>(
     peer_public_key: &[u8],
     sealed: &[u8],
 ) -> Result<Option<BufferSlice<'env>>> {
-    let pair = KeyPair::from_private(key_from(private_key, "privateKey")?);
-    pair.open(&key_from(peer_public_key, "peerPublicKey")?, sealed)
-        .map(|m| BufferSlice::copy_from(env, m))
-        .transpose()
+    SharedBox::between(
+        &key_from(private_key, "privateKey")?,
+        &key_from(peer_public_key, "peerPublicKey")?,
+    )
+    .open(sealed)
+    .map(|m| BufferSlice::copy_from(env, m))
+    .transpose()
 }
 
 /// What `runLoad` runs: N sender→receiver pairs through a DERP relay. The TypeScript side fills in

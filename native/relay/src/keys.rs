@@ -86,6 +86,13 @@ impl std::fmt::Debug for SharedBox {
 }
 
 impl SharedBox {
+    /// The box between a private key and a peer's public key (one X25519 agreement; unlike
+    /// `KeyPair::from_private(..).shared(..)`, the private key's public half is not computed).
+    pub fn between(private: &Key, peer: &Key) -> SharedBox {
+        #[allow(clippy::useless_conversion)]
+        SharedBox(SalsaBox::new(&BoxPublic::from(*peer), &SecretKey::from(*private)).into())
+    }
+
     /// nonce(24) ‖ tag(16) ‖ ciphertext, with a fresh random nonce.
     pub fn seal(&self, msg: &[u8]) -> Vec<u8> {
         let nonce = SalsaBox::generate_nonce(&mut OsRng);
