@@ -48,6 +48,8 @@ const HS_KEY_UPDATE: u8 = 24;
 const MAX_WRITE_BATCH: usize = 4 * MAX_PLAINTEXT;
 /// Ciphertext read buffer of an idle connection (grown to a whole record while one arrives).
 const IDLE_READ: usize = 2 << 10;
+/// The most a read buffer grows to: two whole records (one under way, room to read the next).
+const MAX_READ_BUF: usize = 2 * (HEADER + MAX_RECORD_BODY);
 /// Sealed bytes a writer keeps allocated once they are written (about one record); more is freed.
 const KEEP_WRITE_BUF: usize = 32 << 10;
 /// Records sealed with one AES-GCM key before it is replaced (RFC 8446 §5.5 allows 2^24.5).
@@ -75,34 +77,125 @@ impl From<HandshakeError> for io::Error {
     }
 }
 
-/// The key schedule rustls keeps after the hand-off, for either side.
+/// The key schedule after the hand-off, for either side: rustls' (after a handshake), or
+/// [`HashedKeys`] (a connection made by [`pair_from_secrets`]). Called on key updates and
+/// session tickets only, never per record.
 trait KeySchedule: Send {
-    fn update_tx(&mut self) -> Result<ConnectionTrafficSecrets, rustls::Error>;
-    fn update_rx(&mut self) -> Result<ConnectionTrafficSecrets, rustls::Error>;
-    fn new_session_ticket(&mut self, payload: &[u8]) -> Result<(), rustls::Error>;
+    /// Our next write keys (TLS 1.3 KeyUpdate).
+    fn update_tx(&mut self) -> io::Result<Cipher>;
+    /// The peer's next write keys, after its KeyUpdate.
+    fn update_rx(&mut self) -> io::Result<Cipher>;
+    /// A NewSessionTicket message's body.
+    fn new_session_ticket(&mut self, payload: &[u8]) -> io::Result<()>;
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    invalid(format!("TLS: {e}"))
 }
 
 impl KeySchedule for KernelConnection<ServerConnectionData> {
-    fn update_tx(&mut self) -> Result<ConnectionTrafficSecrets, rustls::Error> {
-        self.update_tx_secret().map(|(_, s)| s)
+    fn update_tx(&mut self) -> io::Result<Cipher> {
+        let (_, secrets) = self.update_tx_secret().map_err(tls_error)?;
+        Cipher::new(0, secrets, Version::Tls13)
     }
-    fn update_rx(&mut self) -> Result<ConnectionTrafficSecrets, rustls::Error> {
-        self.update_rx_secret().map(|(_, s)| s)
+    fn update_rx(&mut self) -> io::Result<Cipher> {
+        let (_, secrets) = self.update_rx_secret().map_err(tls_error)?;
+        Cipher::new(0, secrets, Version::Tls13)
     }
-    fn new_session_ticket(&mut self, _: &[u8]) -> Result<(), rustls::Error> {
-        Err(rustls::Error::General("a client sent a session ticket".into()))
+    fn new_session_ticket(&mut self, _: &[u8]) -> io::Result<()> {
+        Err(tls_error(rustls::Error::General(
+            "a client sent a session ticket".into(),
+        )))
     }
 }
 
 impl KeySchedule for KernelConnection<ClientConnectionData> {
-    fn update_tx(&mut self) -> Result<ConnectionTrafficSecrets, rustls::Error> {
-        self.update_tx_secret().map(|(_, s)| s)
+    fn update_tx(&mut self) -> io::Result<Cipher> {
+        let (_, secrets) = self.update_tx_secret().map_err(tls_error)?;
+        Cipher::new(0, secrets, Version::Tls13)
     }
-    fn update_rx(&mut self) -> Result<ConnectionTrafficSecrets, rustls::Error> {
-        self.update_rx_secret().map(|(_, s)| s)
+    fn update_rx(&mut self) -> io::Result<Cipher> {
+        let (_, secrets) = self.update_rx_secret().map_err(tls_error)?;
+        Cipher::new(0, secrets, Version::Tls13)
     }
-    fn new_session_ticket(&mut self, payload: &[u8]) -> Result<(), rustls::Error> {
-        self.handle_new_session_ticket(payload)
+    fn new_session_ticket(&mut self, payload: &[u8]) -> io::Result<()> {
+        self.handle_new_session_ticket(payload).map_err(tls_error)
+    }
+}
+
+/// The AEAD of a connection made by [`pair_from_secrets`].
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aead {
+    Aes128Gcm,
+    Aes256Gcm,
+    Chacha20Poly1305,
+}
+
+impl Aead {
+    fn algorithm(self) -> &'static aead::Algorithm {
+        match self {
+            Aead::Aes128Gcm => &aead::AES_128_GCM,
+            Aead::Aes256Gcm => &aead::AES_256_GCM,
+            Aead::Chacha20Poly1305 => &aead::CHACHA20_POLY1305,
+        }
+    }
+}
+
+/// The key schedule of a connection made by [`pair_from_secrets`]: each direction has a 32-byte
+/// secret; its key is the secret's first bytes, its IV from SHA-256 of the secret, and a key
+/// update replaces the secret with its SHA-256. Not TLS's schedule, but deterministic: two pairs
+/// made with swapped secrets stay in step through any number of key updates.
+struct HashedKeys {
+    aead: Aead,
+    version: Version,
+    rx: [u8; 32],
+    tx: [u8; 32],
+    /// Session tickets are taken (a client's rustls stores them) or refused (a server's).
+    tickets: bool,
+}
+
+impl HashedKeys {
+    fn hash(label: &[u8], secret: &[u8; 32]) -> ring::digest::Digest {
+        let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+        h.update(label);
+        h.update(secret);
+        h.finish()
+    }
+
+    fn cipher(&self, secret: &[u8; 32]) -> Cipher {
+        let alg = self.aead.algorithm();
+        let iv = Self::hash(b"derpmesh tlsio iv", secret);
+        Cipher::with_key(0, alg, &secret[..alg.key_len()], &iv.as_ref()[..12], self.version)
+            .expect("key and IV of the AEAD's lengths")
+    }
+
+    /// The secret after `secret` (TLS 1.3 only, as rustls refuses key updates of TLS 1.2).
+    fn next(&self, secret: &[u8; 32]) -> io::Result<[u8; 32]> {
+        if self.version == Version::Tls12 {
+            return Err(invalid("TLS: TLS 1.2 has no key update"));
+        }
+        let mut next = [0u8; 32];
+        next.copy_from_slice(Self::hash(b"derpmesh tlsio next", secret).as_ref());
+        Ok(next)
+    }
+}
+
+impl KeySchedule for HashedKeys {
+    fn update_tx(&mut self) -> io::Result<Cipher> {
+        self.tx = self.next(&self.tx)?;
+        Ok(self.cipher(&self.tx))
+    }
+    fn update_rx(&mut self) -> io::Result<Cipher> {
+        self.rx = self.next(&self.rx)?;
+        Ok(self.cipher(&self.rx))
+    }
+    fn new_session_ticket(&mut self, _: &[u8]) -> io::Result<()> {
+        if self.tickets {
+            Ok(())
+        } else {
+            Err(invalid("TLS: a session ticket where none is taken"))
+        }
     }
 }
 
@@ -143,14 +236,25 @@ fn invalid(msg: impl Into<String>) -> io::Error {
 
 impl Cipher {
     fn new(seq: u64, secrets: ConnectionTrafficSecrets, version: Version) -> io::Result<Cipher> {
-        let (alg, key, iv, gcm) = match &secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv, true),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv, true),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&aead::CHACHA20_POLY1305, key, iv, false),
+        let (alg, key, iv) = match &secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&aead::CHACHA20_POLY1305, key, iv),
             _ => return Err(invalid("TLS: negotiated cipher has no record layer here")),
         };
-        let key = aead::UnboundKey::new(alg, key.as_ref()).map_err(|_| invalid("TLS: bad traffic key"))?;
-        let iv: [u8; 12] = iv.as_ref().try_into().map_err(|_| invalid("TLS: bad IV length"))?;
+        Cipher::with_key(seq, alg, key.as_ref(), iv.as_ref(), version)
+    }
+
+    fn with_key(
+        seq: u64,
+        alg: &'static aead::Algorithm,
+        key: &[u8],
+        iv: &[u8],
+        version: Version,
+    ) -> io::Result<Cipher> {
+        let gcm = alg != &aead::CHACHA20_POLY1305;
+        let key = aead::UnboundKey::new(alg, key).map_err(|_| invalid("TLS: bad traffic key"))?;
+        let iv: [u8; 12] = iv.try_into().map_err(|_| invalid("TLS: bad IV length"))?;
         Ok(Cipher {
             key: aead::LessSafeKey::new(key),
             iv,
@@ -242,6 +346,18 @@ impl Cipher {
         if body_len < pre + TAG {
             return Err(invalid("TLS: record too short"));
         }
+        // Plaintext is at most 2^14 bytes (RFC 5246 §6.2.1), TLS 1.3's with its content type and
+        // padding 2^14 + 1 (RFC 8446 §5.4): a longer record is refused before it is opened.
+        let plain_max = match self.version {
+            Version::Tls12 => MAX_PLAINTEXT,
+            Version::Tls13 => MAX_PLAINTEXT + 1,
+        };
+        if body_len - pre - TAG > plain_max {
+            return Err(invalid(format!(
+                "TLS: record of {} bytes of plaintext exceeds the limit",
+                body_len - pre - TAG
+            )));
+        }
         let mut nonce = self.nonce();
         if self.explicit_nonce {
             nonce[..4].copy_from_slice(&self.iv[..4]);
@@ -286,9 +402,10 @@ impl Cipher {
     }
 }
 
-/// The read half: opens records as the reader asks for bytes.
-pub struct TlsReader {
-    tcp: OwnedReadHalf,
+/// The read half: opens records as the reader asks for bytes. `R` is the transport's read half:
+/// TCP, except for connections made by [`pair_from_secrets`].
+pub struct TlsReader<R = OwnedReadHalf> {
+    tcp: R,
     cipher: Cipher,
     /// Ciphertext read but not yet opened.
     buf: BytesMut,
@@ -300,9 +417,10 @@ pub struct TlsReader {
     shared: Arc<Shared>,
 }
 
-/// The write half: seals what it is given into records.
-pub struct TlsWriter {
-    tcp: OwnedWriteHalf,
+/// The write half: seals what it is given into records. `W` is the transport's write half: TCP,
+/// except for connections made by [`pair_from_secrets`].
+pub struct TlsWriter<W = OwnedWriteHalf> {
+    tcp: W,
     cipher: Cipher,
     /// Sealed records not yet written; `out[written..]` is what is left.
     out: Vec<u8>,
@@ -453,37 +571,89 @@ async fn handshake<C: Unbuffered>(mut tcp: TcpStream, mut conn: C) -> Result<Tls
     let (secrets, keys) = conn.into_kernel()?;
     let rx = Cipher::new(secrets.rx.0, secrets.rx.1, version)?;
     let tx = Cipher::new(secrets.tx.0, secrets.tx.1, version)?;
-    let shared = Arc::new(Shared {
-        keys: Mutex::new(keys),
-        key_update_requested: AtomicBool::new(false),
-    });
     let (r, w) = tcp.into_split();
-    let plain = 0..early_plain.len();
+    let (reader, writer) = halves(r, w, rx, tx, keys, incoming, early_plain);
     Ok(TlsStream {
-        reader: TlsReader {
-            tcp: r,
-            cipher: rx,
-            buf: incoming,
-            record: early_plain,
-            plain,
-            eof: false,
-            shared: shared.clone(),
-        },
-        writer: TlsWriter {
-            tcp: w,
-            cipher: tx,
-            out: Vec::new(),
-            written: 0,
-            shared,
-            closed: false,
-            record_limit: None,
-            key_updates: 0,
-        },
+        reader,
+        writer,
         version: protocol,
     })
 }
 
-impl TlsReader {
+/// The two halves of a connection whose handshake is done: `buf` holds ciphertext read past the
+/// handshake, `early_plain` application data that came with it.
+fn halves<R, W>(
+    read: R,
+    write: W,
+    rx: Cipher,
+    tx: Cipher,
+    keys: Box<dyn KeySchedule>,
+    buf: BytesMut,
+    early_plain: BytesMut,
+) -> (TlsReader<R>, TlsWriter<W>) {
+    let shared = Arc::new(Shared {
+        keys: Mutex::new(keys),
+        key_update_requested: AtomicBool::new(false),
+    });
+    let plain = 0..early_plain.len();
+    let reader = TlsReader {
+        tcp: read,
+        cipher: rx,
+        buf,
+        record: early_plain,
+        plain,
+        eof: false,
+        shared: shared.clone(),
+    };
+    let writer = TlsWriter {
+        tcp: write,
+        cipher: tx,
+        out: Vec::new(),
+        written: 0,
+        shared,
+        closed: false,
+        record_limit: None,
+        key_updates: 0,
+    };
+    (reader, writer)
+}
+
+/// A connection over any transport with its record keys given, no handshake (fuzzing and tests):
+/// TLS 1.3 or 1.2 with `aead`, the read keys from the secret `rx`, the write keys from `tx`, and
+/// the schedule of [`HashedKeys`] for key updates; session tickets are taken when `tickets`, as a
+/// client takes them, and refused otherwise, as a server does. Two pairs made with swapped
+/// secrets talk to each other.
+#[doc(hidden)]
+pub fn pair_from_secrets<R, W>(
+    read: R,
+    write: W,
+    tls13: bool,
+    aead: Aead,
+    rx: [u8; 32],
+    tx: [u8; 32],
+    tickets: bool,
+) -> (TlsReader<R>, TlsWriter<W>) {
+    let version = if tls13 { Version::Tls13 } else { Version::Tls12 };
+    let keys = HashedKeys {
+        aead,
+        version,
+        rx,
+        tx,
+        tickets,
+    };
+    let (rx, tx) = (keys.cipher(&rx), keys.cipher(&tx));
+    halves(
+        read,
+        write,
+        rx,
+        tx,
+        Box::new(keys),
+        BytesMut::with_capacity(IDLE_READ),
+        BytesMut::new(),
+    )
+}
+
+impl<R> TlsReader<R> {
     /// Length of the first record in `buf`, when it is all there.
     fn whole_record(&self) -> io::Result<Option<usize>> {
         if self.buf.len() < HEADER {
@@ -531,6 +701,10 @@ impl TlsReader {
 
     /// Post-handshake messages of TLS 1.3 (each whole within the record, as peers send them).
     fn handshake_messages(&mut self, mut data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            // RFC 8446 §5.1: no zero-length handshake records.
+            return Err(invalid("TLS: empty handshake record"));
+        }
         while !data.is_empty() {
             if data.len() < 4 {
                 return Err(invalid("TLS: truncated handshake message"));
@@ -542,22 +716,17 @@ impl TlsReader {
             let (typ, body) = (data[0], &data[4..4 + len]);
             match typ {
                 HS_KEY_UPDATE if len == 1 && body[0] <= 1 => {
-                    let secrets = self
-                        .shared
-                        .keys()
-                        .update_rx()
-                        .map_err(|e| invalid(format!("TLS: {e}")))?;
-                    self.cipher = Cipher::new(0, secrets, Version::Tls13)?;
+                    // RFC 8446 §5.1: handshake messages do not span a key change, so a KeyUpdate
+                    // ends its record.
+                    if data.len() > 4 + len {
+                        return Err(invalid("TLS: KeyUpdate not at the end of its record"));
+                    }
+                    self.cipher = self.shared.keys().update_rx()?;
                     if body[0] == 1 {
                         self.shared.key_update_requested.store(true, Ordering::Release);
                     }
                 }
-                HS_NEW_SESSION_TICKET => {
-                    self.shared
-                        .keys()
-                        .new_session_ticket(body)
-                        .map_err(|e| invalid(format!("TLS: {e}")))?;
-                }
+                HS_NEW_SESSION_TICKET => self.shared.keys().new_session_ticket(body)?,
                 other => return Err(invalid(format!("TLS: unexpected handshake message {other}"))),
             }
             data = &data[4 + len..];
@@ -566,7 +735,7 @@ impl TlsReader {
     }
 }
 
-impl AsyncRead for TlsReader {
+impl<R: AsyncRead + Unpin> AsyncRead for TlsReader<R> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
@@ -598,8 +767,15 @@ impl AsyncRead for TlsReader {
                 // Idle again after a burst: hand the big buffer back.
                 this.buf = BytesMut::with_capacity(IDLE_READ);
             }
-            if this.buf.capacity() - this.buf.len() < need.max(512) {
-                this.buf.reserve(need.max(IDLE_READ));
+            if this.buf.capacity() - this.buf.len() < need.max(512) && !this.buf.try_reclaim(need.max(IDLE_READ)) {
+                // No room behind the partial record either (or the allocation is shared): a new
+                // buffer for twice the record under way, at most two whole records, with the
+                // partial record copied over. (BytesMut::reserve would double the allocation with
+                // the bytes already opened kept in front: up to four records while busy.)
+                let size = (2 * (this.buf.len() + need)).clamp(IDLE_READ, MAX_READ_BUF);
+                let mut fresh = BytesMut::with_capacity(size);
+                fresh.extend_from_slice(&this.buf);
+                this.buf = fresh;
             }
             let mut read = ReadBuf::uninit(this.buf.spare_capacity_mut());
             ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut read))?;
@@ -617,7 +793,7 @@ impl AsyncRead for TlsReader {
     }
 }
 
-impl TlsWriter {
+impl<W: AsyncWrite + Unpin> TlsWriter<W> {
     /// Replaces the write keys every `records` records (tests: AES-GCM's real limit is 2^24).
     #[doc(hidden)]
     pub fn set_record_limit(&mut self, records: u64) {
@@ -648,6 +824,52 @@ impl TlsWriter {
         Poll::Ready(Ok(()))
     }
 
+    /// Seals a KeyUpdate (with `update_requested` as given) and moves to the next write keys, as
+    /// before a key's limit (fuzzing and tests). The record goes out with the next write or flush.
+    #[doc(hidden)]
+    pub fn send_key_update(&mut self, update_requested: bool) -> io::Result<()> {
+        if self.cipher.version == Version::Tls12 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "TLS 1.2 has no key update"));
+        }
+        self.update_keys(update_requested)
+    }
+
+    /// Seals one record of `content_type` around `content` with the current write keys, and for
+    /// TLS 1.3 `padding` zeros after the inner content type (fuzzing and tests: the control
+    /// records a peer may send). The keys stay; the record goes out with the next write or flush.
+    #[doc(hidden)]
+    pub fn seal_record(&mut self, content_type: u8, content: &[u8], padding: usize) {
+        let (pre, post) = self.cipher.overhead();
+        let n = content.len();
+        if self.cipher.version == Version::Tls12 || padding == 0 {
+            assert!(pre + n + post <= u16::MAX as usize, "a record body over 64 KiB");
+            self.cipher
+                .seal(&mut self.out, content_type, n, |b| b.copy_from_slice(content));
+        } else {
+            // The inner plaintext content ‖ type ‖ zeros, sealed as content ‖ type ‖ zeros with
+            // the last zero as its type.
+            assert!(
+                pre + n + padding + post <= u16::MAX as usize,
+                "a record body over 64 KiB"
+            );
+            self.cipher.seal(&mut self.out, 0, n + padding, |b| {
+                b[..n].copy_from_slice(content);
+                b[n] = content_type;
+                b[n + 1..].fill(0);
+            });
+        }
+    }
+
+    /// Seals a KeyUpdate with the current keys, then takes the next ones (TLS 1.3).
+    fn update_keys(&mut self, update_requested: bool) -> io::Result<()> {
+        self.cipher.seal(&mut self.out, CT_HANDSHAKE, 5, |b| {
+            b.copy_from_slice(&[HS_KEY_UPDATE, 0, 0, 1, u8::from(update_requested)])
+        });
+        self.cipher = self.shared.keys().update_tx()?;
+        self.key_updates += 1;
+        Ok(())
+    }
+
     /// Replaces our write keys (TLS 1.3 KeyUpdate) when the peer asked or the limit is near.
     fn maybe_update_keys(&mut self) -> io::Result<()> {
         let requested = self.shared.key_update_requested.swap(false, Ordering::AcqRel);
@@ -665,17 +887,7 @@ impl TlsWriter {
             ));
         }
         // KeyUpdate(update_not_requested), sealed with the old key.
-        self.cipher.seal(&mut self.out, CT_HANDSHAKE, 5, |b| {
-            b.copy_from_slice(&[HS_KEY_UPDATE, 0, 0, 1, 0])
-        });
-        let secrets = self
-            .shared
-            .keys()
-            .update_tx()
-            .map_err(|e| invalid(format!("TLS: {e}")))?;
-        self.cipher = Cipher::new(0, secrets, Version::Tls13)?;
-        self.key_updates += 1;
-        Ok(())
+        self.update_keys(false)
     }
 
     fn seal_from(&mut self, bufs: &[io::IoSlice<'_>]) -> usize {
@@ -704,7 +916,7 @@ impl TlsWriter {
     }
 }
 
-impl AsyncWrite for TlsWriter {
+impl<W: AsyncWrite + Unpin> AsyncWrite for TlsWriter<W> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
     }

@@ -322,3 +322,94 @@ async fn a_tampered_record_is_an_error_not_data() {
     drop(tls);
     proxy.abort();
 }
+
+/// Our reader and the peer's writer over an in-memory pipe, keyed without a handshake
+/// (`tlsio::pair_from_secrets` with swapped secrets), for records no rustls peer sends.
+fn keyed_pair(
+    tls13: bool,
+) -> (
+    tlsio::TlsReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>,
+    tlsio::TlsWriter<tokio::io::WriteHalf<tokio::io::DuplexStream>>,
+) {
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let (our_r, our_w) = tokio::io::split(ours);
+    let (their_r, their_w) = tokio::io::split(theirs);
+    let (a, b) = (
+        *b"derpmesh-test-secret-peer-to-us!",
+        *b"derpmesh-test-secret-us-to-peer!",
+    );
+    let (reader, _) = tlsio::pair_from_secrets(our_r, our_w, tls13, tlsio::Aead::Aes128Gcm, a, b, false);
+    let (_, writer) = tlsio::pair_from_secrets(their_r, their_w, tls13, tlsio::Aead::Aes128Gcm, b, a, false);
+    (reader, writer)
+}
+
+/// Reads until the end or an error: the bytes, and the error's kind and text.
+async fn read_all<R: tokio::io::AsyncRead + Unpin>(mut r: R) -> (Vec<u8>, Result<(), (std::io::ErrorKind, String)>) {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) => return (got, Ok(())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return (got, Err((e.kind(), e.to_string()))),
+        }
+    }
+}
+
+// Found by the `tls_records` fuzz target: records whose plaintext is over 2^14 bytes (RFC 5246
+// §6.2.1; RFC 8446 §5.4: 2^14 + 1 with the content type and padding) were taken (an alert of 16 KiB
+// was reported as the peer's alert).
+#[tokio::test]
+async fn a_record_over_the_plaintext_limit_is_refused() {
+    let full = vec![7u8; 1 << 14];
+    for tls13 in [false, true] {
+        let (reader, mut peer) = keyed_pair(tls13);
+        peer.seal_record(23, &full, 0);
+        if tls13 {
+            // 2^14 bytes, its type, one byte of padding: 2^14 + 2.
+            peer.seal_record(23, &full, 1);
+        } else {
+            peer.seal_record(23, &[full.as_slice(), b"!"].concat(), 0);
+        }
+        peer.shutdown().await.unwrap();
+        let (got, end) = read_all(reader).await;
+        assert!(got == full, "TLS 1.3: {tls13}: the record at the limit is data");
+        let (kind, text) = end.expect_err("the record over the limit is an error");
+        assert_eq!(kind, std::io::ErrorKind::InvalidData, "{text}");
+        assert!(text.contains("exceeds the limit"), "{text}");
+    }
+}
+
+// Found by the `tls_records` fuzz target: a KeyUpdate followed by more messages in its record
+// (RFC 8446 §5.1: handshake messages do not span a key change) and a handshake record with no
+// message (§5.1: no zero-length handshake records) were taken.
+#[tokio::test]
+async fn a_key_update_ends_its_record_and_handshake_records_are_not_empty() {
+    let key_update = [24u8, 0, 0, 1, 0];
+    for (content, want) in [
+        (
+            [key_update, key_update].concat(),
+            "KeyUpdate not at the end of its record",
+        ),
+        (Vec::new(), "empty handshake record"),
+    ] {
+        let (reader, mut peer) = keyed_pair(true);
+        peer.write_all(b"before").await.unwrap();
+        peer.seal_record(22, &content, 0);
+        peer.shutdown().await.unwrap();
+        let (got, end) = read_all(reader).await;
+        assert_eq!(got, b"before");
+        let (kind, text) = end.expect_err("an error");
+        assert_eq!(kind, std::io::ErrorKind::InvalidData, "{text}");
+        assert!(text.contains(want), "{text}");
+    }
+    // A KeyUpdate alone in its record moves the keys: what the peer seals next opens.
+    let (reader, mut peer) = keyed_pair(true);
+    peer.write_all(b"old keys, ").await.unwrap();
+    peer.send_key_update(false).unwrap();
+    peer.write_all(b"new keys").await.unwrap();
+    peer.shutdown().await.unwrap();
+    let (got, end) = read_all(reader).await;
+    assert_eq!(got, b"old keys, new keys");
+    end.unwrap();
+}

@@ -12,6 +12,7 @@ pub mod http_front;
 pub mod mutate;
 pub mod relay_conn;
 pub mod stun;
+pub mod tls_records;
 pub mod websocket;
 
 /// A target's entry point.
@@ -26,4 +27,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("websocket", websocket::run),
     ("stun", stun::run),
     ("client", client::run),
+    ("tls_records", tls_records::run),
 ];

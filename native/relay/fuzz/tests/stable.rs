@@ -137,3 +137,8 @@ fn stun() {
 fn client() {
     fuzz("client");
 }
+
+#[test]
+fn tls_records() {
+    fuzz("tls_records");
+}
