@@ -44,7 +44,7 @@ CACHE="${DERPMESH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/derpmesh}"
 NIGHTLY="${DERPMESH_FUZZ_TOOLCHAIN:-nightly}"
 SANITIZER="${DERPMESH_FUZZ_SANITIZER:-address}"
 [[ "$SANITIZER" =~ ^(address|none)$ ]] || { echo "fuzz: DERPMESH_FUZZ_SANITIZER=$SANITIZER: address or none" >&2; exit 2; }
-TARGETS_ALL=(frame_reader relay_conn handshake http_front websocket stun client)
+TARGETS_ALL=(frame_reader relay_conn handshake http_front websocket stun client tls_records)
 
 say() { echo "fuzz: $*" >&2; }
 die() { echo "fuzz: error: $*" >&2; exit 2; }
