@@ -844,6 +844,10 @@ impl Harness {
         let ranges = check_records(&out, recs, "B's writer");
         assert_eq!(self.b_writer.key_updates(), self.b_model.key_updates, "B's key updates");
         let mut fates = vec![Fate::Intact; recs.len()];
+        // A record cut short ends A's wire: the connection broke there. (Were more of B's records
+        // to follow, their bytes would complete the cut one, which opens if they happen to equal
+        // the bytes cut off: authentic data the model could not foresee.)
+        let mut wire_ends = false;
         let mutation = self.mutation.take();
         match mutation {
             _ if out.is_empty() => {}
@@ -869,6 +873,7 @@ impl Harness {
                 fates[i] = if at == ranges[i].start {
                     Fate::Dropped
                 } else {
+                    wire_ends = true;
                     Fate::Poison
                 };
                 for f in &mut fates[i + 1..] {
@@ -884,6 +889,9 @@ impl Harness {
             self.reader_a.deliver(rec, data, fate, &mut self.a_model);
         }
         self.to_a.push(&out);
+        if wire_ends {
+            self.to_a.close();
+        }
         self.pump_a().await;
     }
 
