@@ -317,7 +317,7 @@ export class ChaosCluster {
       await Promise.all(
         [...Array(Math.min(batch, n - start)).keys()].map(async (k) => {
           const index = start + k;
-          const client = new DerpClient({ url: this.accessUrlOf(index), reconnect: true, connectTimeoutMs: 5_000 });
+          const client = new DerpClient({ url: this.accessUrlOf(index), reconnect: true });
           const entry: ChaosClient = { index, client, down: false, disconnects: 0 };
           client.on('packet', (_source, data) => this.#receive(data));
           client.on('disconnected', () => {
