@@ -93,14 +93,18 @@ fn tls_error(e: rustls::Error) -> io::Error {
     invalid(format!("TLS: {e}"))
 }
 
+/// The cipher of the next TLS 1.3 traffic secret rustls made (sequence numbers start again at 0).
+fn next_cipher(update: Result<(u64, ConnectionTrafficSecrets), rustls::Error>) -> io::Result<Cipher> {
+    let (_, secrets) = update.map_err(tls_error)?;
+    Cipher::new(0, secrets, Version::Tls13)
+}
+
 impl KeySchedule for KernelConnection<ServerConnectionData> {
     fn update_tx(&mut self) -> io::Result<Cipher> {
-        let (_, secrets) = self.update_tx_secret().map_err(tls_error)?;
-        Cipher::new(0, secrets, Version::Tls13)
+        next_cipher(self.update_tx_secret())
     }
     fn update_rx(&mut self) -> io::Result<Cipher> {
-        let (_, secrets) = self.update_rx_secret().map_err(tls_error)?;
-        Cipher::new(0, secrets, Version::Tls13)
+        next_cipher(self.update_rx_secret())
     }
     fn new_session_ticket(&mut self, _: &[u8]) -> io::Result<()> {
         Err(tls_error(rustls::Error::General(
@@ -111,12 +115,10 @@ impl KeySchedule for KernelConnection<ServerConnectionData> {
 
 impl KeySchedule for KernelConnection<ClientConnectionData> {
     fn update_tx(&mut self) -> io::Result<Cipher> {
-        let (_, secrets) = self.update_tx_secret().map_err(tls_error)?;
-        Cipher::new(0, secrets, Version::Tls13)
+        next_cipher(self.update_tx_secret())
     }
     fn update_rx(&mut self) -> io::Result<Cipher> {
-        let (_, secrets) = self.update_rx_secret().map_err(tls_error)?;
-        Cipher::new(0, secrets, Version::Tls13)
+        next_cipher(self.update_rx_secret())
     }
     fn new_session_ticket(&mut self, payload: &[u8]) -> io::Result<()> {
         self.handle_new_session_ticket(payload).map_err(tls_error)
