@@ -5,21 +5,40 @@
 // failed node delivered again. Used by bench/chaos.ts (the full scenarios) and test/chaos.test.ts
 // (short ones with assertions).
 //
-// A flow is one client's packets to its peer: the clients form one random cycle, so every client
-// sends one flow and receives one. Each packet carries its flow, its sequence number and when it was
-// sent. The node a client is on is the relay key its handshake saw (each node has its own key).
+// The clients and their flows are client-group.ts: one group in this process, or, with
+// `clientProcesses`, one group per worker process (a reconnect storm of 10 000 clients needs more
+// handshakes per second than one Node process generates). `relay: 'derper'` runs the same clients
+// against meshed derpers instead (Tailscale's relay, side by side; no Postgres, node kills only).
 import { spawn, type ChildProcess } from 'node:child_process';
 import { performance } from 'node:perf_hooks';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 
+import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+
 import { DerpClient } from '../../src/client/index.js';
 import { startBalancer, type Backend, type Balancer } from '../../src/cluster/balancer.js';
+import { freePort } from '../../src/net.js';
 import { startNodeProcess, waitFor, livePeers, type NodeProcess } from '../../test/helpers/cluster.js';
+import { startDerper } from '../../test/helpers/derper.js';
 import { startPostgres, type TestPostgres } from '../../test/helpers/postgres.js';
-import { quantile } from '../report.js';
+import {
+  addSums,
+  ClientGroup,
+  HEADER,
+  healSummary,
+  RemoteGroup,
+  type ChaosClient,
+  type Flow,
+  type GroupOptions,
+  type GroupPartial,
+  type GroupState,
+} from './client-group.js';
 import { NetnsLab } from './netns.js';
+
+export { Flow, type ChaosClient } from './client-group.js';
 
 export interface ChaosOptions {
   /** Nodes in the cluster (default 3). */
@@ -39,72 +58,15 @@ export interface ChaosOptions {
   network?: 'loopback' | 'netns';
   /** Connect every client to this node (through the access URL) instead of spreading them. */
   clientsOn?: number;
+  /**
+   * Client processes (default 0: the clients run in this process). Each runs its share of the
+   * clients with a cycle of flows of its own.
+   */
+  clientProcesses?: number;
+  /** `derpmesh` (default), or `derper`: Tailscale's relay, meshed with `-mesh-with`, for comparison. */
+  relay?: 'derpmesh' | 'derper';
   /** Progress lines (default: none). */
   log?: (line: string) => void;
-}
-
-/** One client's packets to its peer. */
-export class Flow {
-  sent = 0;
-  /** Sends skipped because the sender was between connections (its client would drop them). */
-  notSent = 0;
-  delivered = 0;
-  duplicated = 0;
-  reordered = 0;
-  #seen = new Uint8Array(1024);
-  #maxSeq = -1;
-  /** Receive times (performance.now()) of deliveries after `markFrom`, the first one only. */
-  #firstAfter: number | undefined;
-  #mark = Infinity;
-
-  constructor(
-    readonly id: number,
-    readonly from: number,
-    readonly to: number,
-  ) {}
-
-  get lost(): number {
-    return this.sent - this.delivered;
-  }
-
-  received(seq: number, at: number): void {
-    if (seq >= this.#seen.length * 8) {
-      const grown = new Uint8Array(Math.max(this.#seen.length * 2, (seq >> 3) + 1));
-      grown.set(this.#seen);
-      this.#seen = grown;
-    }
-    const bit = 1 << (seq & 7);
-    if (this.#seen[seq >> 3]! & bit) {
-      this.duplicated++;
-      return;
-    }
-    this.#seen[seq >> 3]! |= bit;
-    this.delivered++;
-    if (seq < this.#maxSeq) this.reordered++;
-    else this.#maxSeq = seq;
-    if (at > this.#mark && this.#firstAfter === undefined) this.#firstAfter = at;
-  }
-
-  /** From now on, remember the first delivery after `at`. */
-  markFrom(at: number): void {
-    this.#mark = at;
-    this.#firstAfter = undefined;
-  }
-
-  /** The first delivery after the mark, if any. */
-  get firstAfterMark(): number | undefined {
-    return this.#firstAfter;
-  }
-}
-
-interface ChaosClient {
-  index: number;
-  client: DerpClient;
-  /** Between connections (after `disconnected`, before `reconnected`). */
-  down: boolean;
-  disconnects: number;
-  /** performance.now() of the last reconnect. */
-  reconnectedAt?: number;
 }
 
 export interface FaultWindow {
@@ -131,8 +93,6 @@ export interface ScenarioResult {
   replicasAfter: string;
   healthAfter: string;
 }
-
-const HEADER = 16;
 
 /** Clients one balancer process serves (two descriptors each, under a 20 000 open-file limit). */
 const ACCESS_CLIENTS_PER_PROCESS = 4_000;
@@ -179,11 +139,7 @@ class AccessWorker {
 
 export class ChaosCluster {
   readonly nodes: (NodeProcess | undefined)[] = [];
-  readonly clients: ChaosClient[] = [];
-  readonly flows: Flow[] = [];
   #nodeKeys = new Map<string, number>();
-  #sendTimer: NodeJS.Timeout | undefined;
-  #sendStart = 0;
   #log: (line: string) => void;
   #heartbeatMs: number;
   #observations: { at: number; text: string }[] = [];
@@ -192,26 +148,37 @@ export class ChaosCluster {
   lab: NetnsLab | undefined;
   #pgForward: Balancer | undefined;
   #pgUrl: string;
+  /** The clients: one group here, or groups in worker processes. */
+  #local: ClientGroup | undefined;
+  #remote: RemoteGroup[] = [];
+  /** With relay 'derper': every derper's port (they mesh with all of them) and the mesh key. */
+  #derperPorts: number[] = [];
+  #derperMeshKey = randomBytes(32).toString('hex');
 
   private constructor(
-    readonly pg: TestPostgres,
+    /** Absent with relay 'derper'. */
+    readonly pg: TestPostgres | undefined,
     readonly balancer: Balancer,
     readonly options: Required<Omit<ChaosOptions, 'log'>>,
     log: (line: string) => void,
   ) {
     this.#log = log;
     this.#heartbeatMs = options.heartbeatMs;
-    this.#pgUrl = pg.url;
+    this.#pgUrl = pg?.url ?? '';
   }
 
   get accessUrl(): string {
     return `http://127.0.0.1:${this.balancer.port}`;
   }
 
-  /** The access URL client `index` uses: with access workers, spread over them. */
-  accessUrlOf(index: number): string {
-    const w = this.#access[index % Math.max(1, this.#access.length)];
-    return w ? `http://127.0.0.1:${w.port}` : this.accessUrl;
+  /** The in-process clients (none when they run in worker processes). */
+  get clients(): ChaosClient[] {
+    return this.#local?.clients ?? [];
+  }
+
+  /** The in-process flows (none when the clients run in worker processes). */
+  get flows(): Flow[] {
+    return this.#local?.flows ?? [];
   }
 
   /** Balancer instances in processes of their own (more clients than one process has descriptors for). */
@@ -231,13 +198,16 @@ export class ChaosCluster {
       heartbeatMs: options.heartbeatMs ?? 1000,
       network: options.network ?? 'loopback',
       clientsOn: options.clientsOn ?? -1,
+      clientProcesses: options.clientProcesses ?? 0,
+      relay: options.relay ?? 'derpmesh',
     };
     const log = options.log ?? (() => {});
     if (o.network === 'netns') {
       const why = NetnsLab.unavailable();
       if (why) throw new Error(why);
+      if (o.relay === 'derper') throw new Error('the netns network runs derpmesh nodes only');
     }
-    const pg = await startPostgres();
+    const pg = o.relay === 'derper' ? undefined : await startPostgres();
     const balancer = await startBalancer('127.0.0.1', 0, []);
     const cluster = new ChaosCluster(pg, balancer, o, log);
     try {
@@ -249,9 +219,10 @@ export class ChaosCluster {
       if (o.network === 'netns') {
         cluster.lab = NetnsLab.create(o.nodes);
         // Postgres listens on loopback only; the namespaces reach it through a forwarder on the bridge.
-        cluster.#pgForward = await startBalancer(cluster.lab.bridgeIp, 0, [pg.port]);
-        cluster.#pgUrl = pg.url.replace(`127.0.0.1:${pg.port}`, `${cluster.lab.bridgeIp}:${cluster.#pgForward.port}`);
+        cluster.#pgForward = await startBalancer(cluster.lab.bridgeIp, 0, [pg!.port]);
+        cluster.#pgUrl = pg!.url.replace(`127.0.0.1:${pg!.port}`, `${cluster.lab.bridgeIp}:${cluster.#pgForward.port}`);
       }
+      if (o.relay === 'derper') for (let i = 0; i < o.nodes; i++) cluster.#derperPorts.push(await freePort());
       for (let i = 0; i < o.nodes; i++) cluster.nodes.push(await cluster.#startNode(i));
       const backends = cluster.nodes.map((n, i): Backend => (cluster.lab ? { host: cluster.lab.nodeIp(i), port: n!.port } : n!.port));
       await cluster.#waitMeshed();
@@ -267,6 +238,7 @@ export class ChaosCluster {
   }
 
   async #startNode(i: number, port?: number): Promise<NodeProcess> {
+    if (this.options.relay === 'derper') return this.#startDerper(i);
     const node = await startNodeProcess({
       name: `node-${i}`,
       postgresUrl: this.#pgUrl,
@@ -280,9 +252,53 @@ export class ChaosCluster {
     return node;
   }
 
-  /** Every live node lists every other live node as live. */
+  /** derper `i`, meshed with every derper of the cluster (itself included, as derper expects). */
+  async #startDerper(i: number): Promise<NodeProcess> {
+    const port = this.#derperPorts[i]!;
+    const d = await startDerper({
+      port,
+      meshKey: this.#derperMeshKey,
+      meshWith: this.#derperPorts.map((p) => `127.0.0.1:${p}`),
+      // derper dials its mesh peers as https://<host>/derp; this makes it speak plain HTTP to them.
+      env: { TS_DEBUG_USE_DERP_HTTP: '1' },
+    });
+    const noApi = () => Promise.reject(new Error('derper has no derpmesh API'));
+    const child = d.child;
+    const gone = () => child.exitCode !== null || child.signalCode !== null;
+    return {
+      name: `derper-${i}`,
+      port,
+      url: d.url,
+      child,
+      output: d.output,
+      started: Promise.resolve(),
+      replicas: noApi,
+      health: noApi,
+      metrics: noApi,
+      stop: async () => {
+        if (gone()) return child.exitCode;
+        const exited = once(child, 'exit');
+        child.kill('SIGTERM');
+        const [code] = (await exited) as [number | null];
+        return code;
+      },
+      kill9: async () => {
+        if (gone()) return;
+        const exited = once(child, 'exit');
+        d.stop();
+        await exited;
+      },
+    };
+  }
+
+  #alive(): NodeProcess[] {
+    return this.nodes.flatMap((n) => (n && n.child.exitCode === null && n.child.signalCode === null ? [n] : []));
+  }
+
+  /** Every live node lists every other live node as live (derpers: a packet crosses every link). */
   async #waitMeshed(timeoutMs = 30_000): Promise<void> {
-    const alive = this.nodes.flatMap((n) => (n && n.child.exitCode === null && n.child.signalCode === null ? [n] : []));
+    const alive = this.#alive();
+    if (this.options.relay === 'derper') return this.#waitDerpersMeshed(alive, timeoutMs);
     const names = alive.map((n) => n.name).sort();
     await waitFor('every node to list every other as live', timeoutMs, async () => {
       for (const n of alive) {
@@ -293,6 +309,22 @@ export class ChaosCluster {
     });
   }
 
+  /** derper has no API saying it is meshed: a client on each sends to a client on every other. */
+  async #waitDerpersMeshed(alive: NodeProcess[], timeoutMs: number): Promise<void> {
+    const clients = await Promise.all(alive.map((n) => DerpClient.connect({ url: n.url })));
+    try {
+      const got = new Set<string>();
+      for (const [j, c] of clients.entries()) c.on('packet', (_s, data) => got.add(`${data.toString()}>${j}`));
+      await waitFor('every derper to forward to every other', timeoutMs, () => {
+        for (const [i, a] of clients.entries())
+          for (const [j, b] of clients.entries()) if (i !== j && !got.has(`${i}>${j}`)) a.send(b.publicKey, Buffer.from(String(i)));
+        return clients.every((_, i) => clients.every((_, j) => i === j || got.has(`${i}>${j}`)));
+      });
+    } finally {
+      await Promise.all(clients.map((c) => c.close().catch(() => {})));
+    }
+  }
+
   /** Each node's relay key, by connecting to it directly once. */
   async #learnKeys(): Promise<void> {
     for (const [i, node] of this.nodes.entries()) {
@@ -301,119 +333,100 @@ export class ChaosCluster {
       this.#nodeKeys.set(probe.serverPublicKey.toString('hex'), i);
       await probe.close();
     }
+    await Promise.all(this.#remote.map((g) => g.call('keys', [...this.#nodeKeys])));
+    this.#local?.setNodeKeys([...this.#nodeKeys]);
   }
 
   async #connectClients(): Promise<void> {
     const n = this.options.clients;
-    // One random cycle: client order[k] sends to order[k+1].
-    const order = [...Array(n).keys()];
-    for (let i = n - 1; i > 0; i--) {
-      const j = Math.floor(Math.random() * (i + 1));
-      [order[i], order[j]] = [order[j]!, order[i]!];
-    }
-    for (let k = 0; k < n; k++) this.flows.push(new Flow(k, order[k]!, order[(k + 1) % n]!));
-    const batch = n > 1000 ? 200 : 25;
-    for (let start = 0; start < n; start += batch) {
-      await Promise.all(
-        [...Array(Math.min(batch, n - start)).keys()].map(async (k) => {
-          const index = start + k;
-          const client = new DerpClient({ url: this.accessUrlOf(index), reconnect: true });
-          const entry: ChaosClient = { index, client, down: false, disconnects: 0 };
-          client.on('packet', (_source, data) => this.#receive(data));
-          client.on('disconnected', () => {
-            entry.down = true;
-            entry.disconnects++;
-          });
-          client.on('reconnected', () => {
-            entry.down = false;
-            entry.reconnectedAt = performance.now();
-          });
-          await client.connect();
-          this.clients[index] = entry;
-        }),
-      );
+    const accessUrls = this.#access.length ? this.#access.map((w) => `http://127.0.0.1:${w.port}`) : [this.accessUrl];
+    const base = { rate: this.options.rate, packetBytes: this.options.packetBytes, accessUrls, nodeKeys: [...this.#nodeKeys] };
+    const groups = this.options.clientProcesses;
+    if (groups > 0) {
+      // Each worker's share; a cycle needs at least two clients.
+      const each = Math.floor(n / groups);
+      if (each < 2) throw new Error(`${n} clients cannot be split over ${groups} client processes (at least 2 each)`);
+      let indexBase = 0;
+      for (let g = 0; g < groups; g++) {
+        const count = g === groups - 1 ? n - indexBase : each;
+        const options: GroupOptions = { ...base, count, indexBase };
+        this.#remote.push(RemoteGroup.start(options));
+        indexBase += count;
+      }
+      await Promise.all(this.#remote.map((g) => g.call('connect')));
+    } else {
+      this.#local = new ClientGroup({ ...base, count: n, indexBase: 0 });
+      await this.#local.connect();
     }
     const through = this.#access.length ? `${this.#access.length} balancer processes` : this.accessUrl;
-    this.#log(`${n} clients connected through ${through}: ${this.placement().join(' / ')} per node`);
+    const procs = groups > 0 ? ` from ${groups} client processes` : '';
+    this.#log(`${n} clients connected${procs} through ${through}: ${(await this.placementNow()).join(' / ')} per node`);
   }
 
-  #receive(data: Buffer): void {
-    if (data.length < HEADER) return;
-    const flow = this.flows[data.readUInt32BE(0)];
-    flow?.received(data.readUInt32BE(4), performance.now());
-  }
-
-  /** Clients per node (by the relay key each one's current connection saw). */
+  /** Clients per node (in-process clients only; see placementNow). */
   placement(): number[] {
-    const counts = this.nodes.map(() => 0);
-    for (const c of this.clients) {
-      const node = this.nodeOf(c.index);
-      if (node !== undefined) counts[node]!++;
-    }
-    return counts;
+    return this.#local?.placement() ?? this.nodes.map(() => 0);
   }
 
-  /** The node client `index` is on (undefined while it is between connections). */
+  /** Clients per node, wherever the clients run. */
+  async placementNow(): Promise<number[]> {
+    return (await this.groupState()).placement;
+  }
+
+  /** The node client `index` is on (in-process clients only). */
   nodeOf(index: number): number | undefined {
-    const c = this.clients[index];
-    if (!c || c.down) return undefined;
-    try {
-      return this.#nodeKeys.get(c.client.serverPublicKey.toString('hex'));
-    } catch {
-      return undefined;
+    return this.#local?.nodeOf(index);
+  }
+
+  /** Where every client is and how many flows delivered since the fault mark, over all groups. */
+  async groupState(): Promise<GroupState> {
+    const states = this.#local ? [this.#local.state()] : await Promise.all(this.#remote.map((g) => g.call<GroupState>('state')));
+    const placement = this.nodes.map(() => 0);
+    let last: number | undefined;
+    for (const s of states) {
+      s.placement.forEach((c, i) => (placement[i] = (placement[i] ?? 0) + c));
+      if (s.lastReconnectedAt !== undefined && (last === undefined || s.lastReconnectedAt > last)) last = s.lastReconnectedAt;
     }
+    const sum = (k: 'clients' | 'up' | 'reconnected' | 'deliveringAfterMark' | 'flows') => states.reduce((t, s) => t + s[k], 0);
+    return {
+      clients: sum('clients'),
+      up: sum('up'),
+      reconnected: sum('reconnected'),
+      deliveringAfterMark: sum('deliveringAfterMark'),
+      flows: sum('flows'),
+      lastReconnectedAt: last,
+      placement,
+    };
   }
 
   /** Starts the paced senders: every flow sends `rate` packets per second, spread over time. */
   startTraffic(): void {
-    const { rate, packetBytes } = this.options;
-    this.#sendStart = performance.now();
-    const phase = this.flows.map(() => Math.random());
-    const packet = Buffer.alloc(packetBytes);
-    this.#sendTimer = setInterval(() => {
-      const elapsed = (performance.now() - this.#sendStart) / 1000;
-      for (const flow of this.flows) {
-        const due = Math.floor(elapsed * rate + phase[flow.id]!);
-        const from = this.clients[flow.from]!;
-        const to = this.clients[flow.to]!;
-        while (flow.sent + flow.notSent < due) {
-          if (from.down) {
-            flow.notSent++;
-            continue;
-          }
-          const seq = flow.sent;
-          packet.writeUInt32BE(flow.id, 0);
-          packet.writeUInt32BE(seq, 4);
-          packet.writeDoubleBE(performance.now(), 8);
-          flow.sent++;
-          try {
-            from.client.send(to.client.publicKey, packet);
-          } catch {
-            // Closed: counted as sent and lost.
-          }
-        }
-      }
-    }, 10);
+    this.#local?.startTraffic();
+    for (const g of this.#remote) void g.call('traffic').catch(() => {});
   }
 
   /** Stops sending and waits `drainMs` for packets in flight. */
   async stopTraffic(drainMs = 2_000): Promise<void> {
-    clearInterval(this.#sendTimer);
-    this.#sendTimer = undefined;
+    this.#local?.stopTraffic();
+    await Promise.all(this.#remote.map((g) => g.call('stop')));
     await sleep(drainMs);
   }
 
-  /** Marks the start of a fault: heal times are measured from here. */
+  /**
+   * Marks the start of a fault: heal times are measured from here. The placement is the in-process
+   * clients' (each client process records its own).
+   */
   beginFault(node?: number): FaultWindow {
     const at = performance.now();
-    const placement = this.clients.map((c) => this.nodeOf(c.index) ?? -1);
-    for (const f of this.flows) f.markFrom(at);
+    const placement = this.#local?.beginFault(at) ?? [];
+    for (const g of this.#remote) void g.call('fault', performance.timeOrigin + at).catch(() => {});
     this.#observations = [];
     return { at, node, placement };
   }
 
   /** Samples the surviving nodes' view of the replicas every `everyMs` until `stopObserving`. */
   observe(everyMs = 500): void {
+    if (this.options.relay === 'derper') return;
     const sample = async () => {
       const node = this.nodes.find((n) => n && n.child.exitCode === null && n.child.signalCode === null && !this.#frozen.has(n));
       if (!node) return;
@@ -484,7 +497,7 @@ export class ChaosCluster {
   async waitDiscovery(timeoutMs = 30_000): Promise<number> {
     const start = performance.now();
     await this.#waitMeshed(timeoutMs);
-    const alive = this.nodes.flatMap((n) => (n && n.child.exitCode === null && n.child.signalCode === null ? [n] : []));
+    const alive = this.#alive();
     await waitFor('every node to report its database and LISTEN connection healthy', timeoutMs, async () => {
       for (const n of alive) {
         const own = (await n.health()).nodes.find((x) => x.hostname === n.name);
@@ -498,51 +511,33 @@ export class ChaosCluster {
 
   // ---- results -------------------------------------------------------------------------------
 
-  result(scenario: string, fault: FaultWindow): ScenarioResult {
+  async result(scenario: string, fault: FaultWindow): Promise<ScenarioResult> {
     const failed = fault.node;
-    const touches = (f: Flow) => failed !== undefined && (fault.placement[f.from] === failed || fault.placement[f.to] === failed);
-    const unaffected = this.flows.filter((f) => !touches(f));
-    const affected = this.flows.filter(touches);
-    const sum = (flows: Flow[], key: 'sent' | 'lost' | 'notSent' | 'duplicated' | 'reordered') => flows.reduce((s, f) => s + f[key], 0);
-    // A client of the failed node has healed once its outbound and its inbound flow delivered again.
-    const outbound = new Map(this.flows.map((f) => [f.from, f]));
-    const inbound = new Map(this.flows.map((f) => [f.to, f]));
-    const heals: number[] = [];
-    let neverHealed = 0;
-    if (failed !== undefined) {
-      for (const [index, node] of fault.placement.entries()) {
-        if (node !== failed) continue;
-        const a = outbound.get(index)?.firstAfterMark;
-        const b = inbound.get(index)?.firstAfterMark;
-        if (a === undefined || b === undefined) neverHealed++;
-        else heals.push(Math.max(a, b) - fault.at);
-      }
-    }
-    heals.sort((x, y) => x - y);
-    const q = (p: number) => quantile(heals, p) ?? NaN;
+    const partials: GroupPartial[] = this.#local
+      ? [this.#local.partial(failed)]
+      : await Promise.all(this.#remote.map((g) => g.call<GroupPartial>('partial', failed)));
+    const [first, ...rest] = partials;
+    const total = rest.reduce<GroupPartial>(
+      (t, p) => ({
+        unaffected: addSums(t.unaffected, p.unaffected),
+        affected: addSums(t.affected, p.affected),
+        heals: t.heals.concat(p.heals),
+        neverHealed: t.neverHealed + p.neverHealed,
+        placementAtFault: t.placementAtFault.map((c, i) => c + (p.placementAtFault[i] ?? 0)),
+      }),
+      first!,
+    );
     const rel = (at: number) => `${((at - fault.at) / 1000).toFixed(1)} s`;
     const during = this.#observations.map((o) => `+${rel(o.at)} ${o.text}`);
+    const { notSent: _, ...unaffected } = total.unaffected;
     return {
       scenario,
-      flows: this.flows.length,
-      unaffected: {
-        flows: unaffected.length,
-        sent: sum(unaffected, 'sent'),
-        lost: sum(unaffected, 'lost'),
-        duplicated: sum(unaffected, 'duplicated'),
-        reordered: sum(unaffected, 'reordered'),
-      },
-      affected: {
-        flows: affected.length,
-        sent: sum(affected, 'sent'),
-        lost: sum(affected, 'lost'),
-        notSent: sum(affected, 'notSent'),
-        duplicated: sum(affected, 'duplicated'),
-        reordered: sum(affected, 'reordered'),
-      },
-      heal: { clients: heals.length + neverHealed, p50: q(0.5), p99: q(0.99), max: heals.at(-1) ?? NaN, neverHealed },
-      placementBefore: this.nodes.map((_, i) => fault.placement.filter((p) => p === i).length),
-      placementAfter: this.placement(),
+      flows: total.unaffected.flows + total.affected.flows,
+      unaffected,
+      affected: total.affected,
+      heal: healSummary(total.heals, total.neverHealed),
+      placementBefore: this.nodes.map((_, i) => total.placementAtFault[i] ?? 0),
+      placementAfter: await this.placementNow(),
       replicasDuring: during.slice(0, -1).join('; ') || '(no change seen)',
       replicasAfter: during.at(-1) ?? '(no sample)',
       healthAfter: '',
@@ -551,9 +546,9 @@ export class ChaosCluster {
 
   /** The health severity every live node reports, e.g. `node-0 ok, node-1 ok`. */
   async healthSummary(): Promise<string> {
+    if (this.options.relay === 'derper') return '(derper: no health API)';
     const parts: string[] = [];
-    for (const node of this.nodes) {
-      if (!node || node.child.exitCode !== null || node.child.signalCode !== null) continue;
+    for (const node of this.#alive()) {
       try {
         const h = await node.health();
         parts.push(`${node.name} ${h.severity}`);
@@ -565,9 +560,9 @@ export class ChaosCluster {
   }
 
   async close(): Promise<void> {
-    clearInterval(this.#sendTimer);
     this.stopObserving();
-    await Promise.all(this.clients.map((c) => c?.client.close().catch(() => {})));
+    await this.#local?.close();
+    await Promise.all(this.#remote.map((g) => g.close()));
     for (const [i, node] of this.nodes.entries()) {
       if (!node) continue;
       if (this.#frozen.has(node)) this.thaw(i);
@@ -577,6 +572,6 @@ export class ChaosCluster {
     for (const w of this.#access) w.close();
     await this.#pgForward?.close().catch(() => {});
     this.lab?.destroy();
-    await this.pg.stop().catch(() => {});
+    await this.pg?.stop().catch(() => {});
   }
 }

@@ -5,7 +5,6 @@ import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { ChaosCluster, type ChaosOptions, type ScenarioResult } from './harness.js';
-import { waitFor } from '../../test/helpers/cluster.js';
 import { cpuSeconds } from '../report.js';
 import { NetnsLab } from './netns.js';
 
@@ -55,10 +54,22 @@ type Run = (cluster: ChaosCluster, victim: number, ctx: Context) => Promise<void
 
 const secs = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
 
-const scenarios: Record<string, { title: string; hitsNode: boolean; netns?: boolean; clientsOnVictim?: boolean; run: Run }> = {
+const scenarios: Record<
+  string,
+  {
+    title: string;
+    hitsNode: boolean;
+    netns?: boolean;
+    clientsOnVictim?: boolean;
+    /** Runs against derpers too (`relay: 'derper'`): a node fault only, no Postgres or API. */
+    derper?: boolean;
+    run: Run;
+  }
+> = {
   kill9: {
     title: 'kill -9 of one node',
     hitsNode: true,
+    derper: true,
     run: async (c, victim, { o }) => {
       await c.kill9(victim);
       await sleep(o.afterMs);
@@ -67,6 +78,7 @@ const scenarios: Record<string, { title: string; hitsNode: boolean; netns?: bool
   sigterm: {
     title: 'graceful stop (SIGTERM) of one node',
     hitsNode: true,
+    derper: true,
     run: async (c, victim, { o, notes, measures }) => {
       const start = performance.now();
       const code = await c.stop(victim);
@@ -79,9 +91,9 @@ const scenarios: Record<string, { title: string; hitsNode: boolean; netns?: bool
     title: 'Postgres stopped, then started again',
     hitsNode: false,
     run: async (c, _victim, { o, notes, measures }) => {
-      await c.pg.stopServer();
+      await c.pg!.stopServer();
       await sleep(o.pgDownMs);
-      await c.pg.startServer();
+      await c.pg!.startServer();
       measures.meshedMs = await c.waitDiscovery(60_000);
       notes.push(
         `Postgres down ${secs(o.pgDownMs)}; discovery (peers live, database and LISTEN healthy on every node) resumed ${secs(measures.meshedMs)} after it returned`,
@@ -93,7 +105,7 @@ const scenarios: Record<string, { title: string; hitsNode: boolean; netns?: bool
     title: 'Postgres restarted',
     hitsNode: false,
     run: async (c, _victim, { o, notes, measures }) => {
-      await c.pg.restart();
+      await c.pg!.restart();
       measures.meshedMs = await c.waitDiscovery(60_000);
       notes.push(`discovery (peers live, database and LISTEN healthy on every node) resumed ${secs(measures.meshedMs)} after the restart`);
       await sleep(o.afterMs);
@@ -133,18 +145,35 @@ const scenarios: Record<string, { title: string; hitsNode: boolean; netns?: bool
     title: 'reconnect storm: every client on one node, which is killed (-9)',
     hitsNode: true,
     clientsOnVictim: true,
+    derper: true,
     run: async (c, victim, { o, notes, measures }) => {
       const survivors = c.nodes.filter((_, i) => i !== victim).map((n) => n!.child.pid);
       const cpuBefore = survivors.reduce<number>((t, pid) => t + cpuSeconds(pid), 0);
       const start = performance.now();
       await c.kill9(victim);
-      await waitFor('every client connected again', 120_000, () => c.clients.every((x) => x.disconnects > 0 && !x.down), 100);
-      measures.reconnectedMs = performance.now() - start;
-      const cpu = survivors.reduce<number>((t, pid) => t + cpuSeconds(pid), 0) - cpuBefore;
-      await waitFor('every flow delivering again', 120_000, () => c.flows.every((f) => f.firstAfterMark !== undefined), 100);
+      // Polled every 100 ms: the state of every client group (in worker processes, one round trip each).
+      let state = await c.groupState();
+      let cpu: number | undefined;
+      const deadline = start + 120_000;
+      for (;;) {
+        state = await c.groupState();
+        if (measures.reconnectedMs === undefined && state.reconnected === state.clients) {
+          measures.reconnectedMs = performance.now() - start;
+          cpu = survivors.reduce<number>((t, pid) => t + cpuSeconds(pid), 0) - cpuBefore;
+        }
+        if (state.deliveringAfterMark === state.flows) break;
+        if (performance.now() > deadline)
+          throw new Error(
+            `storm: after 120 s ${state.reconnected} of ${state.clients} clients reconnected, ${state.deliveringAfterMark} of ${state.flows} flows delivering`,
+          );
+        await sleep(100);
+      }
       measures.deliveringMs = performance.now() - start;
-      const n = c.clients.length;
-      const last = Math.max(...c.clients.map((x) => x.reconnectedAt ?? start)) - start;
+      measures.reconnectedMs ??= measures.deliveringMs;
+      cpu ??= survivors.reduce<number>((t, pid) => t + cpuSeconds(pid), 0) - cpuBefore;
+      const n = state.clients;
+      // Epoch ms from the client processes, against this process's clock origin.
+      const last = (state.lastReconnectedAt ?? performance.timeOrigin + start) - (performance.timeOrigin + start);
       measures.handshakesPerSec = n / (last / 1000);
       measures.handshakesPerCpuSec = n / cpu;
       notes.push(
@@ -201,6 +230,8 @@ export async function runScenario(name: string, options: ScenarioOptions = {}): 
     frozenMs: options.frozenMs ?? 20_000,
     faultMs: options.faultMs ?? 20_000,
   };
+  if (options.relay === 'derper' && !scenario.derper)
+    throw new ScenarioSkipped(`${name} skipped: it needs derpmesh nodes (Postgres or their API)`);
   if (scenario.netns) {
     const why = NetnsLab.unavailable();
     if (why) throw new ScenarioSkipped(`${name} skipped: ${why}`);
@@ -221,7 +252,7 @@ export async function runScenario(name: string, options: ScenarioOptions = {}): 
     await scenario.run(cluster, victim, ctx);
     await cluster.stopTraffic();
     cluster.stopObserving();
-    const result = cluster.result(name, fault);
+    const result = await cluster.result(name, fault);
     result.healthAfter = await cluster.healthSummary();
     return { ...result, title: scenario.title, notes: ctx.notes, measures: ctx.measures };
   } finally {

@@ -685,7 +685,7 @@ class Soak {
       if (pid !== undefined) this.#processStart.set(pid, performance.now());
       notes.push(`restarted after ${secs(o.downMs)} down, meshed again ${secs(performance.now() - window.at)} after the fault began`);
     } else {
-      await cluster.pg.restart();
+      await cluster.pg!.restart();
       const ms = await cluster.waitDiscovery(60_000);
       notes.push(`discovery resumed ${secs(ms)} after the restart`);
     }
