@@ -47,6 +47,16 @@ export const migrations: readonly Migration[] = [
       COMMENT ON COLUMN replicas.health IS 'the node''s last health report (cluster-wide health view)';
     `,
   },
+  {
+    version: 3,
+    name: 'replica access URLs (multi-region DERP map)',
+    sql: `
+      ALTER TABLE replicas ADD COLUMN access_url text NOT NULL DEFAULT '';
+      ALTER TABLE replicas ADD COLUMN stun_port integer NOT NULL DEFAULT -1;
+      COMMENT ON COLUMN replicas.access_url IS 'the access URL clients of this node''s region dial (its node in /derpmap); empty when the node runs no embedded relay';
+      COMMENT ON COLUMN replicas.stun_port IS 'UDP port where this node answers STUN, -1 when it does not';
+    `,
+  },
 ];
 
 export interface MigrateResult {

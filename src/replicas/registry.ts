@@ -24,6 +24,10 @@ export interface SelfDescription {
   hostname: string;
   regionId: number;
   relayUrl: string;
+  /** The access URL announced as this region's node in /derpmap; "" when this node runs no embedded relay. */
+  accessUrl?: string;
+  /** UDP port where this node answers STUN (-1 or absent: none). */
+  stunPort?: number;
   version: string;
   primary: boolean;
 }
@@ -272,7 +276,8 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
     );
     try {
       const result = await this.#options.pool.query(
-        `UPDATE replicas SET updated_at = now(), database_latency = $2, error = $3, peer_latencies = $4, health = $5, relay_url = $6, stopped_at = NULL
+        `UPDATE replicas SET updated_at = now(), database_latency = $2, error = $3, peer_latencies = $4, health = $5, relay_url = $6,
+           access_url = $7, stun_port = $8, stopped_at = NULL
          WHERE id = $1`,
         [
           this.#options.self.id,
@@ -281,6 +286,8 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
           JSON.stringify(peerLatencies),
           JSON.stringify(this.#healthReport),
           this.#options.self.relayUrl,
+          this.#options.self.accessUrl ?? '',
+          this.#options.self.stunPort ?? -1,
         ],
       );
       if (result.rowCount === 0) {
@@ -382,10 +389,10 @@ export class ReplicaRegistry extends EventEmitter<RegistryEvents> {
   async #insert(): Promise<void> {
     const s = this.#options.self;
     await this.#options.pool.query(
-      `INSERT INTO replicas (id, hostname, region_id, relay_url, version, started_at, updated_at, "primary")
-       VALUES ($1, $2, $3, $4, $5, now(), now(), $6)
+      `INSERT INTO replicas (id, hostname, region_id, relay_url, version, started_at, updated_at, "primary", access_url, stun_port)
+       VALUES ($1, $2, $3, $4, $5, now(), now(), $6, $7, $8)
        ON CONFLICT (id) DO UPDATE SET updated_at = now(), stopped_at = NULL`,
-      [s.id, s.hostname, s.regionId, s.relayUrl, s.version, s.primary],
+      [s.id, s.hostname, s.regionId, s.relayUrl, s.version, s.primary, s.accessUrl ?? '', s.stunPort ?? -1],
     );
   }
 

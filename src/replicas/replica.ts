@@ -7,6 +7,10 @@ export interface Replica {
   regionId: number;
   /** This node's relay URL as peers reach it; "" when it has none (custom relays, or unset). */
   relayUrl: string;
+  /** The access URL clients of its region dial (its node in /derpmap); "" when it runs no embedded relay. */
+  accessUrl: string;
+  /** UDP port where it answers STUN; -1 when it does not. */
+  stunPort: number;
   version: string;
   startedAt: Date;
   updatedAt: Date;
@@ -28,6 +32,8 @@ export interface ReplicaRow {
   hostname: string;
   region_id: number;
   relay_url: string;
+  access_url: string;
+  stun_port: number;
   version: string;
   started_at: Date;
   updated_at: Date;
@@ -46,6 +52,8 @@ export function fromRow(row: ReplicaRow): Replica {
     hostname: row.hostname,
     regionId: row.region_id,
     relayUrl: row.relay_url,
+    accessUrl: row.access_url ?? '',
+    stunPort: row.stun_port ?? -1,
     version: row.version,
     startedAt: row.started_at,
     updatedAt: row.updated_at,
