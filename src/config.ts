@@ -192,6 +192,14 @@ export const options = {
     default: '5s',
     description: 'On SIGINT/SIGTERM: time to send Restarting to clients and flush before exiting.',
   },
+  shutdownDrainDelay: {
+    flag: '--shutdown-drain-delay',
+    env: ['DERPMESH_SHUTDOWN_DRAIN_DELAY'],
+    kind: 'duration',
+    default: '0s',
+    description:
+      'On SIGINT/SIGTERM: time to stay up draining before clients get Restarting. Meanwhile `/healthz` answers 503 (so load balancers take the node out), new DERP connections are refused with 503 and connected clients keep relaying. `/healthz` answers 503 from the signal until the process exits whatever this is; the Helm chart uses a preStop sleep for the same purpose.',
+  },
   queueDepth: {
     flag: '--queue-depth',
     env: ['DERPMESH_QUEUE_DEPTH'],
@@ -297,6 +305,8 @@ export interface ServerConfig {
   heartbeatIntervalMs: number;
   latencyThresholdMs: number;
   shutdownGraceMs: number;
+  /** Time between the stop signal (`/healthz` 503 from then on) and the Restarting frames. */
+  shutdownDrainDelayMs: number;
   queueDepth: number;
   /** Accept limits and TCP timeouts of the relay's connections (`src/accept-limits.ts` applies them). */
   accept: AcceptConfig;
@@ -459,6 +469,7 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     heartbeatIntervalMs: durationMs('heartbeatInterval'),
     latencyThresholdMs: durationMs('latencyThreshold'),
     shutdownGraceMs: durationMs('shutdownGrace'),
+    shutdownDrainDelayMs: durationMs('shutdownDrainDelay'),
     queueDepth: positiveInt('queueDepth'),
     accept: acceptConfig(raw),
     logFormat: oneOf('logFormat'),
