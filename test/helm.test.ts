@@ -30,6 +30,7 @@ interface EnvVar {
 interface Probe {
   httpGet?: { path: string; port: string | number };
   periodSeconds?: number;
+  failureThreshold?: number;
 }
 interface Container {
   name: string;
@@ -38,6 +39,7 @@ interface Container {
   env: EnvVar[];
   readinessProbe?: Probe;
   livenessProbe?: Probe;
+  lifecycle?: { preStop?: { exec?: { command: string[] } } };
   securityContext?: { allowPrivilegeEscalation?: boolean; capabilities?: { drop?: string[] } };
   volumeMounts?: { name: string; mountPath: string }[];
 }
@@ -63,6 +65,23 @@ interface DeploymentSpec {
   replicas: number;
   selector: { matchLabels: Record<string, string> };
   template: { metadata: { labels: Record<string, string>; annotations?: Record<string, string> }; spec: PodSpec };
+}
+interface PdbSpec {
+  minAvailable?: number | string;
+  maxUnavailable?: number | string;
+  selector: { matchLabels: Record<string, string> };
+}
+interface ServiceMonitorSpec {
+  selector: { matchLabels: Record<string, string> };
+  namespaceSelector: { matchNames: string[] };
+  endpoints: { port: string; path: string; interval: string; scrapeTimeout: string }[];
+}
+interface Rule {
+  alert: string;
+  expr: string;
+  for: string;
+  labels: Record<string, string>;
+  annotations: { summary: string; description: string };
 }
 interface ServiceSpec {
   type: string;
@@ -185,7 +204,7 @@ describe('Helm chart deploy/helm/derpmesh', { skip: !hasHelm && !hasGo && 'neith
 
   test('HA: 3 replicas, relay URL from the pod IP, Postgres from the Secret, probes, spreading, security', () => {
     const docs = render(ha);
-    assert.deepEqual(docs.map((d) => d.kind).sort(), ['Deployment', 'Service']);
+    assert.deepEqual(docs.map((d) => d.kind).sort(), ['Deployment', 'PodDisruptionBudget', 'Service']);
     const d = deployment(docs);
     assert.equal(d.replicas, 3);
     const c = container(d);
@@ -216,14 +235,22 @@ describe('Helm chart deploy/helm/derpmesh', { skip: !hasHelm && !hasGo && 'neith
     assert.equal(config.relayUrl?.href, 'http://10.1.2.3:3000/');
     assert.equal(config.listenPort, 3000);
 
+    // Readiness: /healthz, which answers 503 from SIGTERM until exit (test/drain.test.ts checks a real node).
     assert.deepEqual(c.readinessProbe?.httpGet, { path: '/healthz', port: 'http' });
+    assert.equal(c.readinessProbe?.periodSeconds, 5);
     assert.equal(c.livenessProbe, undefined, 'no liveness probe by default');
 
+    // Stopping: a preStop sleep first (the endpoints and load balancers forget the pod), then SIGTERM:
+    // the drain delay (0 by default) and the shutdown grace, all within terminationGracePeriodSeconds.
+    assert.deepEqual(c.lifecycle?.preStop?.exec?.command, ['sleep', '10']);
     const pod = d.template.spec;
     const grace = parseDuration(env(c, 'DERPMESH_SHUTDOWN_GRACE').value!);
+    const drainDelay = parseDuration(env(c, 'DERPMESH_SHUTDOWN_DRAIN_DELAY').value!);
     assert.equal(grace, 5000);
+    assert.equal(drainDelay, 0);
+    assert.equal(config.shutdownDrainDelayMs, 0);
     assert.ok(
-      pod.terminationGracePeriodSeconds * 1000 > grace! + 2000,
+      pod.terminationGracePeriodSeconds * 1000 > 10_000 + drainDelay! + grace! + 2000,
       `terminationGracePeriodSeconds ${pod.terminationGracePeriodSeconds}`,
     );
 
@@ -271,7 +298,10 @@ describe('Helm chart deploy/helm/derpmesh', { skip: !hasHelm && !hasGo && 'neith
       ]),
     );
     const c = container(d);
-    assert.deepEqual(c.livenessProbe?.httpGet, { path: '/healthz', port: 'http' });
+    // Liveness on /derp/probe: it stays 200 while the pod drains (/healthz turns 503 then).
+    assert.deepEqual(c.livenessProbe?.httpGet, { path: '/derp/probe', port: 'http' });
+    assert.equal(c.livenessProbe?.failureThreshold, 6);
+    assert.equal((c.livenessProbe as Record<string, unknown>).path, undefined, 'the path value is not a probe field');
     assert.equal(c.ports[0]!.containerPort, 8080);
     // stunPort 0: no UDP port, STUN off in the pods.
     const noStun = container(deployment(render([...ha, '--set', 'stunPort=0'])));
@@ -305,6 +335,7 @@ describe('Helm chart deploy/helm/derpmesh', { skip: !hasHelm && !hasGo && 'neith
 
   test('replicaCount=1 without Postgres runs the embedded one on an emptyDir', () => {
     const docs = render(['--set', 'replicaCount=1', '--set', 'accessURL=https://derp.example.com']);
+    // No PodDisruptionBudget for a single pod: it would block every node drain (or protect nothing).
     assert.deepEqual(docs.map((d) => d.kind).sort(), ['Deployment', 'Service']);
     const d = deployment(docs);
     assert.equal(d.replicas, 1);
@@ -332,32 +363,167 @@ describe('Helm chart deploy/helm/derpmesh', { skip: !hasHelm && !hasGo && 'neith
     renderFails([...ha, '--set', 'postgres.url=postgres://x@y/z'], /postgres.existingSecret and postgres.url are both set/);
     renderFails(
       [...ha, '--set', 'terminationGracePeriodSeconds=5', '--set', 'shutdownGrace=5s'],
-      /terminationGracePeriodSeconds \(5\) must be longer than shutdownGrace \(5s\) plus 2s.*at least 8/,
+      /terminationGracePeriodSeconds \(5\) must be longer than preStopSleepSeconds \(10\) \+ shutdownDrainDelay \(0s\) \+ shutdownGrace \(5s\) plus 2s.*at least 18/,
     );
     renderFails(
       [...ha, '--set', 'shutdownGrace=1m'],
-      /terminationGracePeriodSeconds \(30\) must be longer than shutdownGrace \(1m\).*at least 63/,
+      /terminationGracePeriodSeconds \(30\) must be longer than .*shutdownGrace \(1m\).*at least 73/,
+    );
+    renderFails([...ha, '--set', 'shutdownDrainDelay=5'], /shutdownDrainDelay must be a duration/);
+    renderFails([...ha, '--set', 'preStopSleepSeconds=-1'], /preStopSleepSeconds must be 0 \(no preStop hook\) or more/);
+    renderFails(
+      [...ha, '--set', 'podDisruptionBudget.minAvailable=2'],
+      /podDisruptionBudget: set minAvailable or maxUnavailable, not both/,
+    );
+    renderFails(
+      [...ha, '--set', 'podDisruptionBudget.minAvailable=3', '--set', 'podDisruptionBudget.maxUnavailable=null'],
+      /podDisruptionBudget.minAvailable \(3\) is not below replicaCount \(3\): no pod could ever be evicted/,
+    );
+    renderFails([...ha, '--set', 'podDisruptionBudget.maxUnavailable=null'], /neither minAvailable nor maxUnavailable is set/);
+    renderFails(
+      [...ha, '--set', 'metrics.prometheusRule.enabled=true', '--set', 'metrics.prometheusRule.peerSlowThreshold=10'],
+      /metrics.prometheusRule.peerSlowThreshold must be a duration/,
     );
     renderFails([...ha, '--set', 'shutdownGrace=5'], /shutdownGrace must be a duration: a number with a unit ms, s, m or h/);
     renderFails([...ha, '--set', 'heartbeatInterval=often'], /heartbeatInterval must be a duration/);
     renderFails([...ha, '--set', 'log.format=yaml'], /log.format must be json or text/);
   });
 
-  test('shutdown grace in ms, s and m against terminationGracePeriodSeconds', () => {
-    for (const [grace, seconds] of [
-      ['5s', 8],
-      ['1500ms', 4],
-      ['1m', 63],
-      ['0.5m', 33],
+  test('preStop sleep + drain delay + shutdown grace (ms, s, m) against terminationGracePeriodSeconds', () => {
+    for (const [preStop, drain, grace, seconds] of [
+      [0, '0s', '5s', 8],
+      [0, '0s', '1500ms', 4],
+      [0, '0s', '1m', 63],
+      [0, '0s', '0.5m', 33],
+      [10, '0s', '5s', 18],
+      [15, '2500ms', '5s', 25],
+      [5, '1m', '1s', 69],
     ] as const) {
-      const c = container(
-        deployment(render([...ha, '--set', `shutdownGrace=${grace}`, '--set', `terminationGracePeriodSeconds=${seconds}`])),
-      );
+      const args = [
+        ...ha,
+        '--set',
+        `preStopSleepSeconds=${preStop}`,
+        '--set',
+        `shutdownDrainDelay=${drain}`,
+        '--set',
+        `shutdownGrace=${grace}`,
+        '--set',
+      ];
+      const c = container(deployment(render([...args, `terminationGracePeriodSeconds=${seconds}`])));
       assert.equal(env(c, 'DERPMESH_SHUTDOWN_GRACE').value, grace);
-      renderFails(
-        [...ha, '--set', `shutdownGrace=${grace}`, '--set', `terminationGracePeriodSeconds=${seconds - 1}`],
-        /must be longer than shutdownGrace/,
-      );
+      assert.equal(env(c, 'DERPMESH_SHUTDOWN_DRAIN_DELAY').value, drain);
+      if (preStop === 0) assert.equal(c.lifecycle, undefined, 'preStopSleepSeconds=0: no hook');
+      else assert.deepEqual(c.lifecycle?.preStop?.exec?.command, ['sleep', String(preStop)]);
+      renderFails([...args, `terminationGracePeriodSeconds=${seconds - 1}`], /must be longer than preStopSleepSeconds/);
     }
+  });
+
+  test('PodDisruptionBudget: maxUnavailable 1 by default, minAvailable instead, off when disabled', () => {
+    const selector = { 'app.kubernetes.io/name': 'derpmesh', 'app.kubernetes.io/instance': 'derpmesh' };
+    const pdb = one(render(ha), 'PodDisruptionBudget');
+    assert.equal(pdb.apiVersion, 'policy/v1');
+    assert.equal(pdb.metadata.name, 'derpmesh');
+    assert.deepEqual(pdb.spec, { maxUnavailable: 1, selector: { matchLabels: selector } });
+    // The PDB selects exactly the Deployment's pods.
+    assert.deepEqual((pdb.spec as PdbSpec).selector.matchLabels, deployment(render(ha)).selector.matchLabels);
+    const min = one(
+      render([
+        ...ha,
+        '--set',
+        'replicaCount=5',
+        '--set',
+        'podDisruptionBudget.minAvailable=3',
+        '--set',
+        'podDisruptionBudget.maxUnavailable=null',
+      ]),
+      'PodDisruptionBudget',
+    );
+    assert.deepEqual(min.spec, { minAvailable: 3, selector: { matchLabels: selector } });
+    const percent = one(render([...ha, '--set', 'podDisruptionBudget.maxUnavailable=34%']), 'PodDisruptionBudget');
+    assert.equal((percent.spec as PdbSpec).maxUnavailable, '34%');
+    const off = render([...ha, '--set', 'podDisruptionBudget.enabled=false']);
+    assert.deepEqual(off.map((d) => d.kind).sort(), ['Deployment', 'Service']);
+  });
+
+  test('monitoring: ServiceMonitor and PrometheusRule pass helm lint --strict and select this release', () => {
+    const monitoring = [...ha, '--set', 'metrics.serviceMonitor.enabled=true', '--set', 'metrics.prometheusRule.enabled=true'];
+    const lint = helm(['lint', '--strict', chart, ...monitoring]);
+    assert.equal(lint.code, 0, lint.stdout + lint.stderr);
+    assert.match(lint.stdout, /1 chart\(s\) linted, 0 chart\(s\) failed/);
+    // Off by default: they need the Prometheus Operator's CRDs.
+    assert.ok(!render(ha).some((d) => d.kind === 'ServiceMonitor' || d.kind === 'PrometheusRule'));
+
+    const docs = render([...monitoring, '--set', 'metrics.serviceMonitor.labels.release=kube-prometheus', '--namespace', 'relays']);
+    const sm = one(docs, 'ServiceMonitor');
+    assert.equal(sm.apiVersion, 'monitoring.coreos.com/v1');
+    assert.equal(sm.metadata.labels?.release, 'kube-prometheus');
+    const smSpec = sm.spec as ServiceMonitorSpec;
+    const svc = one(docs, 'Service');
+    // It selects the chart's Service (by its labels) and scrapes its port `http` at /metrics.
+    for (const [k, v] of Object.entries(smSpec.selector.matchLabels)) assert.equal(svc.metadata.labels?.[k], v, `Service label ${k}`);
+    assert.deepEqual(smSpec.namespaceSelector.matchNames, ['relays']);
+    assert.deepEqual(smSpec.endpoints, [{ port: 'http', path: '/metrics', interval: '30s', scrapeTimeout: '10s' }]);
+    assert.ok((svc.spec as ServiceSpec).ports.some((p) => p.name === smSpec.endpoints[0]!.port));
+
+    const rule = one(docs, 'PrometheusRule');
+    assert.equal(rule.apiVersion, 'monitoring.coreos.com/v1');
+    const rules = (rule.spec as { groups: { name: string; rules: Rule[] }[] }).groups.flatMap((g) => g.rules);
+    const byName = Object.fromEntries(rules.map((r) => [r.alert, r]));
+    assert.deepEqual(Object.keys(byName).sort(), [
+      'DerpmeshDatabaseSlow',
+      'DerpmeshDatabaseUnreachable',
+      'DerpmeshDropsRising',
+      'DerpmeshNodesMissing',
+      'DerpmeshPeerSlow',
+      'DerpmeshPeerUnreachable',
+    ]);
+    for (const r of rules) {
+      assert.match(r.for, /^\d+m$/, `${r.alert} for`);
+      assert.equal(r.labels.severity, 'warning');
+      assert.ok(r.annotations.summary && r.annotations.description.length > 60, `${r.alert} annotations`);
+      // Every series of the release, and only of it: the job name a ServiceMonitor gives is the Service's.
+      const selectors = r.expr.match(/derpmesh_\w+\{[^}]*\}/g) ?? [];
+      assert.ok(selectors.length > 0, `${r.alert}: ${r.expr}`);
+      for (const s of selectors) assert.match(s, /\{namespace="relays",job="derpmesh"\}$/, `${r.alert}: ${s}`);
+    }
+    assert.match(byName.DerpmeshPeerUnreachable!.expr, /derpmesh_peer_reachable\{[^}]*\}\) == 0$/);
+    // The 10 ms threshold of latencyThreshold, in seconds.
+    assert.match(byName.DerpmeshPeerSlow!.expr, /^derpmesh_peer_rtt_seconds\{[^}]*\} > 0\.01$/);
+    assert.match(byName.DerpmeshDatabaseSlow!.expr, /^derpmesh_database_rtt_seconds\{[^}]*\} > 0\.01$/);
+    assert.match(byName.DerpmeshDatabaseUnreachable!.expr, /^derpmesh_database_up\{[^}]*\} == 0$/);
+    assert.match(
+      byName.DerpmeshDropsRising!.expr,
+      /rate\(derpmesh_dropped_packets_total\{[^}]*\}\[10m\]\)[\s\S]*derpmesh_received_packets_total[\s\S]*> 0\.01\s*$/,
+    );
+    assert.match(
+      byName.DerpmeshNodesMissing!.expr,
+      /count\(derpmesh_replicas_live\{[^}]*\}\) or vector\(0\)\) < 3 or min\(derpmesh_replicas_live\{[^}]*\}\) < 3$/,
+    );
+    // The alert text keeps Prometheus' templates (not expanded by Helm).
+    assert.match(byName.DerpmeshPeerUnreachable!.annotations.summary, /\{\{ \$labels\.pod \}\}.*\{\{ \$labels\.peer \}\}/);
+
+    // Thresholds and selector from values; the node count follows replicaCount.
+    const tuned = one(
+      render([
+        ...monitoring,
+        '--set',
+        'replicaCount=5',
+        '--set',
+        'latencyThreshold=25ms',
+        '--set',
+        'metrics.prometheusRule.databaseSlowThreshold=0.1s',
+        '--set',
+        'metrics.prometheusRule.selector=app="derp"',
+        '--set',
+        'metrics.prometheusRule.severity=critical',
+      ]),
+      'PrometheusRule',
+    );
+    const tunedRules = (tuned.spec as { groups: { rules: Rule[] }[] }).groups.flatMap((g) => g.rules);
+    const t = Object.fromEntries(tunedRules.map((r) => [r.alert, r]));
+    assert.equal(t.DerpmeshPeerSlow!.expr, 'derpmesh_peer_rtt_seconds{app="derp"} > 0.025');
+    assert.equal(t.DerpmeshDatabaseSlow!.expr, 'derpmesh_database_rtt_seconds{app="derp"} > 0.1');
+    assert.match(t.DerpmeshNodesMissing!.expr, /< 5$/);
+    assert.equal(t.DerpmeshNodesMissing!.labels.severity, 'critical');
   });
 });

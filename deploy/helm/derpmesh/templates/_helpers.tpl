@@ -126,13 +126,40 @@ and `helm lint` all run it.
 {{- fail (printf "containerPort must be a port number from 1 to 65535; got %v" $v.containerPort) }}
 {{- end }}
 {{- $graceMs := include "derpmesh.durationMs" (dict "name" "shutdownGrace" "value" $v.shutdownGrace) | float64 }}
-{{- $neededMs := addf $graceMs 2000 }}
+{{- $drainMs := include "derpmesh.durationMs" (dict "name" "shutdownDrainDelay" "value" $v.shutdownDrainDelay) | float64 }}
+{{- $preStop := int $v.preStopSleepSeconds }}
+{{- if lt $preStop 0 }}
+{{- fail (printf "preStopSleepSeconds must be 0 (no preStop hook) or more; got %v" $v.preStopSleepSeconds) }}
+{{- end }}
+{{- $neededMs := addf (mulf $preStop 1000) $drainMs $graceMs 2000 }}
 {{- $terminationMs := mulf (int $v.terminationGracePeriodSeconds) 1000 }}
 {{- if le $terminationMs $neededMs }}
-{{- fail (printf "terminationGracePeriodSeconds (%v) must be longer than shutdownGrace (%s) plus 2s for closing the Postgres pool, or Kubernetes kills pods in the middle of their graceful shutdown: raise terminationGracePeriodSeconds to at least %d or lower shutdownGrace" $v.terminationGracePeriodSeconds (toString $v.shutdownGrace) (add1 (int (floor (divf $neededMs 1000))))) }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must be longer than preStopSleepSeconds (%d) + shutdownDrainDelay (%s) + shutdownGrace (%s) plus 2s for closing the Postgres pool, or Kubernetes kills pods in the middle of their graceful shutdown: raise terminationGracePeriodSeconds to at least %d, or lower the others" $v.terminationGracePeriodSeconds $preStop (toString $v.shutdownDrainDelay) (toString $v.shutdownGrace) (add1 (int (floor (divf $neededMs 1000))))) }}
+{{- end }}
+{{- $pdb := $v.podDisruptionBudget }}
+{{- $minSet := not (or (kindIs "invalid" $pdb.minAvailable) (eq (toString $pdb.minAvailable) "")) }}
+{{- $maxSet := not (or (kindIs "invalid" $pdb.maxUnavailable) (eq (toString $pdb.maxUnavailable) "")) }}
+{{- if and $pdb.enabled $minSet $maxSet }}
+{{- fail "podDisruptionBudget: set minAvailable or maxUnavailable, not both (e.g. --set podDisruptionBudget.minAvailable=2 --set podDisruptionBudget.maxUnavailable=null)" }}
+{{- end }}
+{{- if and $pdb.enabled (not $minSet) (not $maxSet) }}
+{{- fail "podDisruptionBudget.enabled is true but neither minAvailable nor maxUnavailable is set: set one (e.g. maxUnavailable=1), or podDisruptionBudget.enabled=false" }}
+{{- end }}
+{{- if and $pdb.enabled (gt $replicas 1) $minSet (regexMatch "^[0-9]+$" (toString $pdb.minAvailable)) }}
+{{- if ge (int $pdb.minAvailable) $replicas }}
+{{- fail (printf "podDisruptionBudget.minAvailable (%v) is not below replicaCount (%d): no pod could ever be evicted and node drains would block; lower it or use maxUnavailable" $pdb.minAvailable $replicas) }}
+{{- end }}
 {{- end }}
 {{- $_ := include "derpmesh.durationMs" (dict "name" "heartbeatInterval" "value" $v.heartbeatInterval) }}
 {{- $_ = include "derpmesh.durationMs" (dict "name" "latencyThreshold" "value" $v.latencyThreshold) }}
+{{- with $v.metrics.prometheusRule }}
+{{- if .peerSlowThreshold }}
+{{- $_ = include "derpmesh.durationMs" (dict "name" "metrics.prometheusRule.peerSlowThreshold" "value" .peerSlowThreshold) }}
+{{- end }}
+{{- if .databaseSlowThreshold }}
+{{- $_ = include "derpmesh.durationMs" (dict "name" "metrics.prometheusRule.databaseSlowThreshold" "value" .databaseSlowThreshold) }}
+{{- end }}
+{{- end }}
 {{- if not (has (toString $v.log.format) (list "json" "text")) }}
 {{- fail (printf "log.format must be json or text; got %q" (toString $v.log.format)) }}
 {{- end }}
@@ -141,5 +168,24 @@ and `helm lint` all run it.
 {{- end }}
 {{- if lt (int $v.regionID) 1 }}
 {{- fail (printf "regionID must be a positive integer; got %v" $v.regionID) }}
+{{- end }}
+{{- end }}
+
+{{/*
+A duration value (the server's syntax) in seconds, for PromQL: (dict "name" "<values key>" "value" <value>).
+*/}}
+{{- define "derpmesh.durationSeconds" -}}
+{{- divf (include "derpmesh.durationMs" . | float64) 1000 }}
+{{- end }}
+
+{{/*
+Series selector of this release's metrics in the PrometheusRule: metrics.prometheusRule.selector, or
+the namespace and the job name a ServiceMonitor gives (the Service's name).
+*/}}
+{{- define "derpmesh.ruleSelector" -}}
+{{- if .Values.metrics.prometheusRule.selector }}
+{{- .Values.metrics.prometheusRule.selector }}
+{{- else }}
+{{- printf "namespace=%q,job=%q" .Release.Namespace (include "derpmesh.fullname" .) }}
 {{- end }}
 {{- end }}
