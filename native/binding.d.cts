@@ -117,6 +117,8 @@ export declare class RelayCore {
   /** The status of every mesh link, ordered by URL. */
   meshLinks(): Array<MeshLinkStatus>
   metrics(): Array<Metric>
+  /** The core's histograms (handshake duration, queue wait), one consistent read each. */
+  histograms(): Array<HistogramSnapshot>
   /**
    * Graceful shutdown: mesh links stop, Restarting to every client, flush, close; resolves when
    * all connections are gone or after `graceMs`.
@@ -226,6 +228,20 @@ export declare function generatePrivateKey(): Buffer
  * that cannot be in a certificate.
  */
 export declare function generateSelfSigned(hosts: Array<string>): SelfSignedCertificate
+
+/**
+ * A histogram of the relay core: per-bucket counts (not cumulative), `boundsUs[i]` the inclusive
+ * upper bound of `buckets[i]` in microseconds; the last bucket (one more than the bounds) holds the
+ * values above every bound.
+ */
+export interface HistogramSnapshot {
+  name: string
+  help: string
+  boundsUs: Array<number>
+  buckets: Array<number>
+  count: number
+  sumUs: number
+}
 
 /**
  * Connects `count` idle clients to `url` and keeps them connected for `holdMs` (memory benchmark);

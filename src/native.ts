@@ -76,6 +76,7 @@ export const native = load();
 export type {
   RelayOptions,
   Metric,
+  HistogramSnapshot,
   Bridge,
   MeshLinkStatus,
   LinkState,

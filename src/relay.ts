@@ -18,6 +18,7 @@ import {
   type AdmissionEvent,
   type LinkErrorCode,
   type MeshLinkStatus,
+  type HistogramSnapshot,
   type Metric,
   type UpgradeKind,
 } from './native.js';
@@ -423,6 +424,11 @@ export class Relay {
         value: this.#upgrades.bridged,
       },
     ];
+  }
+
+  /** The core's histograms (handshake duration, queue wait), read at scrape time. */
+  histograms(): HistogramSnapshot[] {
+    return this.#core.histograms();
   }
 
   metric(name: string): number {

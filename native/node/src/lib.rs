@@ -197,6 +197,19 @@ pub struct Metric {
     pub value: f64,
 }
 
+/// A histogram of the relay core: per-bucket counts (not cumulative), `boundsUs[i]` the inclusive
+/// upper bound of `buckets[i]` in microseconds; the last bucket (one more than the bounds) holds the
+/// values above every bound.
+#[napi(object)]
+pub struct HistogramSnapshot {
+    pub name: String,
+    pub help: String,
+    pub bounds_us: Vec<f64>,
+    pub buckets: Vec<f64>,
+    pub count: f64,
+    pub sum_us: f64,
+}
+
 #[napi(string_enum = "lowercase")]
 pub enum MetricKind {
     Counter,
@@ -575,6 +588,24 @@ impl RelayCore {
                 },
                 help: m.help.to_string(),
                 value: m.value as f64,
+            })
+            .collect()
+    }
+
+    /// The core's histograms (handshake duration, queue wait), one consistent read each.
+    #[napi]
+    pub fn histograms(&self) -> Vec<HistogramSnapshot> {
+        self.server
+            .histograms()
+            .snapshot()
+            .into_iter()
+            .map(|h| HistogramSnapshot {
+                name: h.name.to_string(),
+                help: h.help.to_string(),
+                bounds_us: h.bounds_us.iter().map(|&b| b as f64).collect(),
+                buckets: h.buckets.iter().map(|&b| b as f64).collect(),
+                count: h.count as f64,
+                sum_us: h.sum_us as f64,
             })
             .collect()
     }

@@ -82,6 +82,7 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
         Metrics::inc(&relay.metrics.upgrades_fast_start);
     }
     let _open = ConnectionGauge(&relay.metrics);
+    let upgraded_at = std::time::Instant::now();
     if relay.is_closing() {
         return;
     }
@@ -129,7 +130,7 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
         remote,
         can_mesh,
         is_prober: info.is_prober,
-        outbox: Outbox::new(relay.config.queue_depth, relay.config.disco_queue_depth),
+        outbox: Outbox::new(relay.config.queue_depth, relay.config.disco_queue_depth).sampling_queue_wait(),
         closed: closed_tx,
         duplicate: AtomicBool::new(false),
         active: AtomicBool::new(false),
@@ -151,6 +152,7 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
         count_handshake_failure(&relay.metrics, HandshakeError::Io);
         return;
     }
+    relay.histograms.handshake.record(upgraded_at.elapsed());
     if can_mesh {
         Metrics::inc(&relay.metrics.mesh_connections);
         reader.set_bulk(true);
@@ -168,6 +170,7 @@ pub async fn serve(relay: Arc<Relay>, transport: Transport, mut head: Bytes, upg
                 &relay.writer_config,
                 &relay.keepalive_frame,
                 || Metrics::inc(&relay.metrics.keepalives_sent),
+                Some(&relay.histograms.queue_wait),
             )
             .await;
             if exit == WriterExit::WriteTimeout {

@@ -642,6 +642,7 @@ async fn run_session(
                 &lane_config,
                 &keepalive,
                 || {},
+                None,
             )
             .await;
             writer_tx.send_replace(true);
@@ -669,7 +670,7 @@ async fn run_session(
         let closed = closed_rx.clone();
         let keepalive = frame::ping(&[0; PING_LEN]);
         tokio::spawn(async move {
-            let exit = run_writer(&session.outbox, writer, closed, &writer_config, &keepalive, || {}).await;
+            let exit = run_writer(&session.outbox, writer, closed, &writer_config, &keepalive, || {}, None).await;
             closed_tx.send_replace(true);
             exit
         })

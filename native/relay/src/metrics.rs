@@ -119,3 +119,140 @@ impl Metrics {
         gauge.fetch_sub(1, Relaxed);
     }
 }
+
+/// A fixed-bucket histogram of atomics: one counter per bucket (the last one unbounded), the count
+/// and the sum in microseconds. Recording is a bucket search over a dozen bounds and three relaxed
+/// adds; the control plane reads the buckets at scrape time.
+#[derive(Debug)]
+pub struct Histogram {
+    /// Upper bounds (inclusive) in microseconds, ascending; a value above the last one goes to the
+    /// extra, unbounded bucket.
+    bounds_us: &'static [u64],
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+/// A histogram as the control plane sees it: per-bucket counts (not cumulative), the last one for
+/// values above every bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistogramValue {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub bounds_us: Vec<u64>,
+    pub buckets: Vec<u64>,
+    pub count: u64,
+    pub sum_us: u64,
+}
+
+impl Histogram {
+    pub fn new(bounds_us: &'static [u64]) -> Histogram {
+        debug_assert!(bounds_us.windows(2).all(|w| w[0] < w[1]));
+        Histogram {
+            bounds_us,
+            buckets: (0..=bounds_us.len()).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    #[inline]
+    pub fn record(&self, elapsed: std::time::Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let i = self
+            .bounds_us
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(self.bounds_us.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    pub fn snapshot(&self, name: &'static str, help: &'static str) -> HistogramValue {
+        let buckets: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        HistogramValue {
+            name,
+            help,
+            bounds_us: self.bounds_us.to_vec(),
+            // The buckets' sum, not `count`: a snapshot whose count and buckets agree.
+            count: buckets.iter().sum(),
+            buckets,
+            sum_us: self.sum_us.load(Relaxed),
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+}
+
+/// Handshake bounds: 100 µs … 10 s.
+const HANDSHAKE_BOUNDS_US: &[u64] = &[
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000,
+];
+
+/// Queue-wait bounds: 10 µs … 1 s (the write deadline is 2 s by default).
+const QUEUE_WAIT_BOUNDS_US: &[u64] = &[
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+];
+
+/// One in this many packets queued to a client carries its enqueue instant (the first one included);
+/// only those are timed into [`Histograms::queue_wait`].
+pub const QUEUE_WAIT_SAMPLE_EVERY: u64 = 64;
+
+/// The relay's histograms.
+#[derive(Debug)]
+pub struct Histograms {
+    /// From the DERP upgrade (the connection given to the relay) to ServerInfo written: the
+    /// ClientInfo exchange and the admission check.
+    pub handshake: Histogram,
+    /// Time a sampled packet waited in a client's send queue until its writer took it to write.
+    pub queue_wait: Histogram,
+}
+
+impl Default for Histograms {
+    fn default() -> Self {
+        Histograms {
+            handshake: Histogram::new(HANDSHAKE_BOUNDS_US),
+            queue_wait: Histogram::new(QUEUE_WAIT_BOUNDS_US),
+        }
+    }
+}
+
+impl Histograms {
+    pub fn snapshot(&self) -> Vec<HistogramValue> {
+        vec![
+            self.handshake.snapshot(
+                "handshake_duration",
+                "From the DERP upgrade to ServerInfo written (ClientInfo exchange and admission check).",
+            ),
+            self.queue_wait.snapshot(
+                "queue_wait",
+                "Time a packet waited in a client's send queue before its writer took it (every 64th packet queued is timed).",
+            ),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn histogram_puts_values_in_their_bucket_and_sums_microseconds() {
+        static BOUNDS: &[u64] = &[10, 100];
+        let h = Histogram::new(BOUNDS);
+        h.record(Duration::from_micros(10)); // bound inclusive
+        h.record(Duration::from_micros(11));
+        h.record(Duration::from_micros(100));
+        h.record(Duration::from_secs(1));
+        let s = h.snapshot("x", "y");
+        assert_eq!(s.buckets, vec![1, 2, 1]);
+        assert_eq!(s.count, 4);
+        assert_eq!(s.sum_us, 10 + 11 + 100 + 1_000_000);
+        assert_eq!(h.count(), 4);
+    }
+}

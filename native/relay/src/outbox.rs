@@ -3,12 +3,13 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 
 use crate::io::{write_all_vectored, Writer};
+use crate::metrics::{Histogram, QUEUE_WAIT_SAMPLE_EVERY};
 
 /// A frame to write: `head` then `tail`. `tail` is empty except for frames assembled around a
 /// payload that is not copied (ForwardPacket = new header ‖ source key, then the client's bytes).
@@ -30,11 +31,19 @@ impl OutFrame {
 /// lets this many pile up is too slow to keep and gets disconnected instead.
 const CONTROL_QUEUE_LIMIT: usize = 64 << 10;
 
+/// A queued packet; one in [`QUEUE_WAIT_SAMPLE_EVERY`] carries the instant it was queued.
+struct Queued {
+    frame: OutFrame,
+    at: Option<Instant>,
+}
+
 #[derive(Default)]
 struct Queues {
     control: VecDeque<Bytes>,
-    disco: VecDeque<OutFrame>,
-    packets: VecDeque<OutFrame>,
+    disco: VecDeque<Queued>,
+    packets: VecDeque<Queued>,
+    /// Packets pushed so far, for sampling the queue wait.
+    pushed: u64,
     /// Flush what is queued, then close (graceful shutdown, control overflow).
     finish: bool,
 }
@@ -44,6 +53,8 @@ pub struct Outbox {
     wake: Notify,
     packet_limit: usize,
     disco_limit: usize,
+    /// Stamp every [`QUEUE_WAIT_SAMPLE_EVERY`]th packet with its enqueue instant (client outboxes).
+    sample_wait: bool,
 }
 
 /// What enqueuing a packet did.
@@ -63,7 +74,14 @@ impl Outbox {
             wake: Notify::new(),
             packet_limit,
             disco_limit,
+            sample_wait: false,
         }
+    }
+
+    /// Packets queued here are sampled for the queue-wait histogram (see [`run_writer`]).
+    pub fn sampling_queue_wait(mut self) -> Outbox {
+        self.sample_wait = true;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queues> {
@@ -75,13 +93,19 @@ impl Outbox {
         if q.finish {
             return Enqueued::Closed;
         }
+        let at = if self.sample_wait && q.pushed.is_multiple_of(QUEUE_WAIT_SAMPLE_EVERY) {
+            Some(Instant::now())
+        } else {
+            None
+        };
+        q.pushed = q.pushed.wrapping_add(1);
         let (queue, limit) = if disco {
             (&mut q.disco, self.disco_limit)
         } else {
             (&mut q.packets, self.packet_limit)
         };
         let dropped = queue.len() >= limit && queue.pop_front().is_some();
-        queue.push_back(frame);
+        queue.push_back(Queued { frame, at });
         drop(q);
         self.wake.notify_one();
         if dropped {
@@ -117,11 +141,17 @@ impl Outbox {
     }
 
     /// Moves every queued frame into `out`, control first; returns whether the writer should stop after.
-    fn drain(&self, out: &mut Vec<Bytes>) -> bool {
+    /// The sampled packets' time in the queue goes to `wait`.
+    fn drain(&self, out: &mut Vec<Bytes>, wait: Option<&Histogram>) -> bool {
         let mut q = self.lock();
         out.extend(q.control.drain(..));
         let q = &mut *q;
-        for f in q.disco.drain(..).chain(q.packets.drain(..)) {
+        let mut now = None;
+        for Queued { frame: f, at } in q.disco.drain(..).chain(q.packets.drain(..)) {
+            if let (Some(at), Some(wait)) = (at, wait) {
+                let now = *now.get_or_insert_with(Instant::now);
+                wait.record(now.saturating_duration_since(at));
+            }
             out.push(f.head);
             if !f.tail.is_empty() {
                 out.push(f.tail);
@@ -149,7 +179,7 @@ pub struct WriterConfig {
 }
 
 /// Drains `outbox` into `writer` until the connection closes. `on_keepalive` is called for each
-/// KeepAlive written (to count it).
+/// KeepAlive written (to count it); the queue wait of sampled packets goes to `queue_wait`.
 pub async fn run_writer(
     outbox: &Outbox,
     mut writer: Writer,
@@ -157,11 +187,12 @@ pub async fn run_writer(
     config: &WriterConfig,
     keepalive_frame: &Bytes,
     on_keepalive: impl Fn(),
+    queue_wait: Option<&Histogram>,
 ) -> WriterExit {
     let mut batch: Vec<Bytes> = Vec::new();
     let mut next_keepalive = tokio::time::Instant::now() + jittered(config);
     loop {
-        let finish = outbox.drain(&mut batch);
+        let finish = outbox.drain(&mut batch, queue_wait);
         if batch.is_empty() && !finish {
             tokio::select! {
                 _ = outbox.wake.notified() => continue,
@@ -209,7 +240,7 @@ mod tests {
         assert_eq!(o.push_packet(frame(8), true), Enqueued::DroppedOldest);
         o.push_control(Bytes::from_static(&[7]));
         let mut out = Vec::new();
-        assert!(!o.drain(&mut out));
+        assert!(!o.drain(&mut out, None));
         let got: Vec<u8> = out.iter().map(|b| b[0]).collect();
         assert_eq!(got, vec![7, 8, 2, 3]);
     }
@@ -220,8 +251,29 @@ mod tests {
         o.finish(Some(Bytes::from_static(&[1])));
         assert_eq!(o.push_packet(frame(2), false), Enqueued::Closed);
         let mut out = Vec::new();
-        assert!(o.drain(&mut out));
+        assert!(o.drain(&mut out, None));
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn every_64th_packet_is_timed_from_enqueue_to_drain() {
+        static BOUNDS: &[u64] = &[1_000_000];
+        let wait = Histogram::new(BOUNDS);
+        let o = Outbox::new(1024, 32).sampling_queue_wait();
+        for i in 0..130u32 {
+            o.push_packet(frame(i as u8), i % 10 == 0);
+        }
+        let mut out = Vec::new();
+        o.drain(&mut out, Some(&wait));
+        assert_eq!(out.len(), 130);
+        assert_eq!(wait.count(), 3, "packets 0, 64 and 128 of 130");
+        // Not sampled without the flag, nor without a histogram.
+        let plain = Outbox::new(1024, 32);
+        plain.push_packet(frame(1), false);
+        plain.drain(&mut out, Some(&wait));
+        o.push_packet(frame(1), false);
+        o.drain(&mut out, None);
+        assert_eq!(wait.count(), 3);
     }
 
     #[tokio::test]
@@ -236,9 +288,17 @@ mod tests {
         };
         let ka = crate::frame::keep_alive();
         let count = std::sync::atomic::AtomicU64::new(0);
-        let writer = run_writer(&o, Box::new(a), rx, &cfg, &ka, || {
-            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        });
+        let writer = run_writer(
+            &o,
+            Box::new(a),
+            rx,
+            &cfg,
+            &ka,
+            || {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            },
+            None,
+        );
         let reader = async {
             use tokio::io::AsyncReadExt;
             let mut buf = [0u8; 10];

@@ -18,7 +18,7 @@ use crate::admission::Admission;
 use crate::conn::Conn;
 use crate::frame::{self, PEER_GONE_DISCONNECTED};
 use crate::keys::{Key, KeyPair};
-use crate::metrics::Metrics;
+use crate::metrics::{Histograms, Metrics};
 use crate::outbox::{Enqueued, OutFrame, WriterConfig};
 
 /// Tunables of one relay. Defaults follow the reference (and Coder's deeper queue).
@@ -109,6 +109,8 @@ pub struct Relay {
     next_id: AtomicU64,
     pub(crate) keepalive_frame: Bytes,
     pub metrics: Metrics,
+    /// Handshake duration and queue wait, read at scrape time.
+    pub histograms: Histograms,
     /// Client admission (the verify URL); off until set.
     pub admission: Admission,
     rate_limit: RwLock<RateLimit>,
@@ -147,6 +149,7 @@ impl Relay {
             rate_limit: RwLock::new(RateLimit::default()),
             rate_generation: AtomicU64::new(0),
             metrics: Metrics::default(),
+            histograms: Histograms::default(),
         })
     }
 

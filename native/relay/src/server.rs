@@ -72,6 +72,10 @@ impl Server {
         &self.relay.metrics
     }
 
+    pub fn histograms(&self) -> &crate::metrics::Histograms {
+        &self.relay.histograms
+    }
+
     pub fn set_mesh_key(&self, mesh_key: Option<String>) {
         self.relay.set_mesh_key(mesh_key);
     }
