@@ -5,6 +5,7 @@ import { parseArgs } from 'node:util';
 import { parseDuration } from './config.js';
 import { configError, fromNative } from './errors.js';
 import { native } from './native.js';
+import { createProgress, secondsOf } from './progress.js';
 
 export type LoadReport = Awaited<ReturnType<typeof native.runLoad>>;
 
@@ -110,7 +111,7 @@ export async function benchCommand(argv: string[]): Promise<void> {
       throw configError(`--ca-file ${JSON.stringify(caFile)} cannot be read: ${(err as Error).message}`, caFile);
     }
   }
-  const report = await runLoad({
+  const options: LoadOptions = {
     caPem,
     url: values.url,
     receiverUrl: values['receiver-url'],
@@ -120,6 +121,27 @@ export async function benchCommand(argv: string[]): Promise<void> {
     warmupMs: duration('warmup', values.warmup),
     ratePerPair: values.rate === undefined ? undefined : int('rate', values.rate),
     window: values.window === undefined ? undefined : int('window', values.window),
-  });
+  };
+  // On a terminal, one line on stderr counts the seconds (the run itself reports only at its end).
+  const progress = createProgress(process.stderr);
+  const started = Date.now();
+  const tick = () => {
+    const elapsed = Date.now() - started;
+    const warmupMs = options.warmupMs!;
+    progress.update(
+      elapsed < warmupMs
+        ? `bench ${values.url}: warm-up ${secondsOf(elapsed, warmupMs)}`
+        : `bench ${values.url}: ${secondsOf(elapsed - warmupMs, options.durationMs!)}, ${options.pairs} pairs`,
+    );
+  };
+  const timer = progress.active ? setInterval(tick, 250) : undefined;
+  if (progress.active) tick();
+  let report: LoadReport;
+  try {
+    report = await runLoad(options);
+  } finally {
+    clearInterval(timer);
+    progress.done();
+  }
   process.stdout.write(values.json ? JSON.stringify(report, null, 2) + '\n' : formatReport(values.url, report) + '\n');
 }
