@@ -29,6 +29,28 @@ export interface HealthReport {
   severity: Severity;
   generatedAt: string;
   sections: { database: HealthSection; relay: HealthSection; mesh: HealthSection; pubsub: HealthSection };
+  /** The relay's counters when the report was stored (the cluster status derives rates from them). */
+  traffic?: TrafficSnapshot;
+}
+
+/** A node's monotonic traffic counters and link states at one moment (see src/cluster-status.ts). */
+export interface TrafficSnapshot {
+  /** ms since the Unix epoch, by the node's clock. */
+  at: number;
+  /** DERP clients (distinct keys), mesh peers not counted. */
+  clients: number;
+  /** Incoming connections from peer relays (mesh key). */
+  meshConnections: number;
+  connections: number;
+  packetsIn: number;
+  bytesIn: number;
+  packetsOut: number;
+  bytesOut: number;
+  forwardedIn: number;
+  forwardedOut: number;
+  /** Dropped packets by reason. */
+  drops: Record<string, number>;
+  meshLinks: { url: string; state: string; forwarders: number; rttMs?: number; lastError?: string }[];
 }
 
 const rank: Record<Severity, number> = { ok: 0, warning: 1, error: 2 };
