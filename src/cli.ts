@@ -13,7 +13,9 @@ Usage:
   derpmesh server [options]     run one node (see \`derpmesh server --help\`)
   derpmesh cluster --nodes N    run a local HA cluster of N node processes on an embedded Postgres
   derpmesh bench [options]      measure a DERP relay (see \`derpmesh bench --help\`)
+  derpmesh ping --url URL       packets between every ordered pair of nodes; exit 1 on loss (\`--help\`)
   derpmesh config list|get|set|unset   cluster settings in Postgres, applied live by every node
+  derpmesh status [--url URL]   print a running cluster's status; exit 1 when unhealthy (\`--help\`)
   derpmesh config-table         print the configuration table (Markdown)
   derpmesh --version
 `;
@@ -36,10 +38,11 @@ async function server(argv: string[]): Promise<void> {
   let node: DerpmeshNode | undefined;
   let stopReason: string | undefined;
   const beginStop = (n: DerpmeshNode) => {
+    const hardStopMs = config.shutdownDrainDelayMs + config.shutdownGraceMs + HARD_STOP_MARGIN_MS;
     setTimeout(() => {
-      logger.error('the graceful stop did not finish in time: exiting now', { afterMs: config.shutdownGraceMs + HARD_STOP_MARGIN_MS });
+      logger.error('the graceful stop did not finish in time: exiting now', { afterMs: hardStopMs });
       void n.abandon().finally(() => process.exit(1));
-    }, config.shutdownGraceMs + HARD_STOP_MARGIN_MS).unref();
+    }, hardStopMs).unref();
     void n.close().then(() => process.exit(0));
   };
   const stop = (reason: string) => {
@@ -72,6 +75,10 @@ async function main(argv: string[]): Promise<void> {
       const { benchCommand } = await import('./bench.js');
       return benchCommand(rest);
     }
+    case 'ping': {
+      const { pingCommand } = await import('./ping-command.js');
+      return pingCommand(rest);
+    }
     case 'cluster': {
       const { clusterCommand } = await import('./cluster/cluster.js');
       return clusterCommand(rest);
@@ -79,6 +86,11 @@ async function main(argv: string[]): Promise<void> {
     case 'config': {
       const { settingsCommand } = await import('./settings-command.js');
       return settingsCommand(rest);
+    }
+    case 'status': {
+      const { statusCommand } = await import('./status-command.js');
+      process.exitCode = await statusCommand(rest);
+      return;
     }
     case 'config-table':
       process.stdout.write(optionsMarkdownTable() + '\n');
