@@ -19,6 +19,8 @@ export interface PingTarget {
   name: string;
   /** The relay URL the client dials. */
   url: string;
+  /** Its DERP region: regions do not mesh, so only pairs within one region are checked. */
+  regionId?: number;
 }
 
 export interface PingOptions {
@@ -37,6 +39,7 @@ export interface PingOptions {
 export interface NodeResult {
   name: string;
   url: string;
+  regionId?: number;
   connected: boolean;
   /** Dial plus DERP handshake. */
   connectMs?: number;
@@ -100,10 +103,12 @@ export async function runPing(options: PingOptions): Promise<PingReport> {
   const progress = options.progress;
   const runId = randomBytes(8);
   const targets = options.targets;
-  const nodes: NodeResult[] = targets.map((t) => ({ name: t.name, url: t.url, connected: false }));
+  const nodes: NodeResult[] = targets.map((t) => ({ name: t.name, url: t.url, regionId: t.regionId, connected: false }));
   const clients: (DerpClient | undefined)[] = targets.map(() => undefined);
   const pairs: { from: number; to: number }[] = [];
-  for (let a = 0; a < targets.length; a++) for (let b = 0; b < targets.length; b++) if (a !== b) pairs.push({ from: a, to: b });
+  const sameRegion = (a: PingTarget, b: PingTarget) => a.regionId === undefined || b.regionId === undefined || a.regionId === b.regionId;
+  for (let a = 0; a < targets.length; a++)
+    for (let b = 0; b < targets.length; b++) if (a !== b && sameRegion(targets[a]!, targets[b]!)) pairs.push({ from: a, to: b });
   const states: PairState[] = pairs.map(() => ({ reached: false, routed: false, delivered: new Set(), sentAt: new Map(), rtts: [] }));
   /** Last PeerGone a client's relay sent about a destination key (hex), e.g. "not here". */
   const gone: Map<string, string>[] = targets.map(() => new Map());
@@ -340,7 +345,7 @@ export async function discoverTargets(
     if (r.state === 'stopped') continue;
     if (r.state !== 'live') skipped.push({ name, state: r.state, reason: `the registry lists it ${r.state} (no recent heartbeat)` });
     else if (!r.relay_address) skipped.push({ name, state: r.state, reason: 'no relay address (CODER_DERP_SERVER_RELAY_URL unset)' });
-    else targets.push({ name, url: r.relay_address });
+    else targets.push({ name, url: r.relay_address, regionId: r.region_id });
   }
   return { targets, skipped };
 }
@@ -361,14 +366,14 @@ export function formatPingReport(r: PingReport): string {
   };
   lines.push(`derpmesh ping: ${r.nodes.length} nodes, ${r.pairs.length} ordered pairs, ${r.count} packets each`);
   lines.push('');
-  table([
-    ['NODE', 'RELAY', 'CONNECT'],
-    ...r.nodes.map((n) => [
-      n.name,
-      n.url,
-      n.connected ? (n.error ? `BROKE: ${n.error}` : ms(n.connectMs)) : `FAILED: ${n.error ?? 'not connected'}`,
-    ]),
-  ]);
+  const connect = (n: NodeResult) =>
+    n.connected ? (n.error ? `BROKE: ${n.error}` : ms(n.connectMs)) : `FAILED: ${n.error ?? 'not connected'}`;
+  // Regions are known when the nodes came from the registry (--url), not with --node.
+  table(
+    r.nodes.some((n) => n.regionId !== undefined)
+      ? [['NODE', 'REGION', 'RELAY', 'CONNECT'], ...r.nodes.map((n) => [n.name, String(n.regionId ?? '-'), n.url, connect(n)])]
+      : [['NODE', 'RELAY', 'CONNECT'], ...r.nodes.map((n) => [n.name, n.url, connect(n)])],
+  );
   for (const s of r.skipped) lines.push(`(not checked: ${s.name}: ${s.reason})`);
   if (r.pairs.length > 0) {
     lines.push('');
@@ -404,7 +409,8 @@ const help = `derpmesh ping --url URL [options]
 derpmesh ping --node RELAY_URL --node RELAY_URL ... [options]
 
 The end-to-end check of a cluster: a DERP client on every live node; for every ordered pair of
-nodes, packets from the client on one to the client on the other (through the mesh), echoed back.
+nodes of one region (regions do not mesh), packets from the client on one to the client on the
+other (through the mesh), echoed back.
 Exit 0 when every pair delivered every packet, 1 when a pair lost packets or a node could not be
 reached, 2 for a usage error.
 

@@ -2,15 +2,18 @@
 // lists every region with a live replica, each region's node(s) being the access URL(s) its
 // replicas announce, computed per request (a region appears and disappears with its replicas).
 import { strict as assert } from 'node:assert';
+import { execFile } from 'node:child_process';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { fileURLToPath } from 'node:url';
 
 import { startNodeProcess, waitFor, type NodeProcess } from './helpers/cluster.js';
 import { freePort, startPostgres, type TestPostgres } from './helpers/postgres.js';
 
 const HEARTBEAT_MS = 500;
+const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
 
 interface MapNode {
   Name: string;
@@ -92,6 +95,24 @@ describe('multi-region /derpmap', { timeout: 600_000 }, () => {
     // Every node serves the same map.
     assert.deepEqual(await derpMap(us1), map);
     assert.deepEqual(await derpMap(eu2), map);
+
+    // derpmesh ping checks pairs within a region only (regions do not mesh): eu-1 <-> eu-2.
+    await waitFor('eu-1 and eu-2 meshed', 10_000, async () => {
+      const h = await eu1.health();
+      return h.nodes.find((x) => x.hostname === 'eu-1')?.sections.mesh.message.includes('meshed with 1 peer');
+    });
+    const ping = await new Promise<{ code: number; stdout: string }>((resolve) => {
+      execFile(process.execPath, [cli, 'ping', '--url', us1.url, '--json'], { timeout: 60_000 }, (err, stdout) =>
+        resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout }),
+      );
+    });
+    assert.equal(ping.code, 0, ping.stdout);
+    const report = JSON.parse(ping.stdout) as {
+      nodes: { name: string; regionId: number }[];
+      pairs: { from: string; to: string; ok: boolean }[];
+    };
+    assert.deepEqual(report.nodes.map((n) => `${n.name}@${n.regionId}`).sort(), ['eu-1@1', 'eu-2@1', 'us-1@2']);
+    assert.deepEqual(report.pairs.map((p) => `${p.from}>${p.to}:${p.ok}`).sort(), ['eu-1>eu-2:true', 'eu-2>eu-1:true']);
 
     // A third replica of region 1 behind another access URL: region 1 gets a second node.
     const eu3 = await node('eu-3', 1, 'https://derp-eu-b.example.com:8443');

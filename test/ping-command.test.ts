@@ -230,7 +230,7 @@ describe('derpmesh ping: a 3-node cluster on one Postgres', { timeout: 600_000 }
     const run = await derpmesh(['ping', '--url', p1.url, '--timeout', '2s']);
     assert.equal(run.code, 1, run.stdout + run.stderr);
     // Still listed live (6 s to go stale), so checked, and found dead.
-    assert.match(run.stdout, /^p3 +http:\/\/127\.0\.0\.1:\d+ +FAILED: .*(ECONNREFUSED|refused)/m);
+    assert.match(run.stdout, /^p3 +999 +http:\/\/127\.0\.0\.1:\d+ +FAILED: .*(ECONNREFUSED|refused)/m);
     for (const [a, b] of [
       ['p1', 'p3'],
       ['p2', 'p3'],
