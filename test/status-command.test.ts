@@ -1,0 +1,123 @@
+// `derpmesh status` without a cluster: argument handling, and the exit code and message for every
+// way asking a node can fail (nothing listening, a server that is not derpmesh, one that never
+// answers). The command against a real 3-node cluster is in status-page.test.ts.
+import { strict as assert } from 'node:assert';
+import { spawn } from 'node:child_process';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { fileURLToPath } from 'node:url';
+import { after, before, describe, test } from 'node:test';
+
+import { DEFAULT_STATUS_URL, parseStatusArgs } from '../src/status-command.js';
+import { freePort } from './helpers/postgres.js';
+
+const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
+
+function run(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [cli, 'status', ...args], { env: { ...process.env, DERPMESH_URL: '', ...env } });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => child.kill('SIGKILL'), 20_000);
+    child.once('error', reject);
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
+describe('derpmesh status: arguments', () => {
+  test('the URL comes from --url, else DERPMESH_URL, else the default listen address', () => {
+    assert.equal(DEFAULT_STATUS_URL, 'http://127.0.0.1:3000');
+    const plain = parseStatusArgs([], {});
+    assert.ok(plain !== 'help');
+    assert.equal(plain.url.href, 'http://127.0.0.1:3000/');
+    const env = parseStatusArgs([], { DERPMESH_URL: 'http://10.0.0.5:8080' });
+    assert.ok(env !== 'help');
+    assert.equal(env.url.href, 'http://10.0.0.5:8080/');
+    const flag = parseStatusArgs(['--url=https://derp.example.com', '--json', '--timeout', '2'], { DERPMESH_URL: 'http://10.0.0.5:8080' });
+    assert.ok(flag !== 'help');
+    assert.equal(flag.url.href, 'https://derp.example.com/');
+    assert.equal(flag.json, true);
+    assert.equal(flag.timeoutMs, 2_000);
+    assert.equal(parseStatusArgs(['--help'], {}), 'help');
+  });
+
+  test('usage errors exit 2 with what was wrong', async () => {
+    for (const [args, message] of [
+      [['--url'], /--url needs a value/],
+      [['--url', 'ftp://x'], /must be an http:\/\/ or https:\/\/ URL/],
+      [['--timeout', 'soon'], /--timeout must be a positive number of seconds/],
+      [['extra'], /unknown argument "extra"/],
+    ] as const) {
+      const r = await run([...args]);
+      assert.equal(r.code, 2, `${args.join(' ')}: ${r.stderr}`);
+      assert.match(r.stderr, message);
+      assert.match(r.stderr, /derpmesh status \[--url URL\]/, 'the usage follows');
+    }
+    const badEnv = await run([], { DERPMESH_URL: 'not a url' });
+    assert.equal(badEnv.code, 2);
+    assert.match(badEnv.stderr, /DERPMESH_URL: "not a url" is not a URL/);
+    const help = await run(['--help']);
+    assert.equal(help.code, 0);
+    assert.match(help.stdout, /Exit code: 0 healthy; 1 unhealthy/);
+  });
+});
+
+describe('derpmesh status: a node that cannot be asked', () => {
+  let notDerpmesh: Server;
+  let silent: Server;
+  let notDerpmeshUrl: string;
+  let silentUrl: string;
+  const listen = async (server: Server) => {
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  };
+
+  before(async () => {
+    // Another HTTP service on the port: 404 for /api/v2/status, or 200 with something else.
+    notDerpmesh = createServer((req, res) => {
+      if (req.url === '/other/api/v2/status') res.writeHead(200, { 'Content-Type': 'text/html' }).end('<html>hello</html>');
+      else res.writeHead(404).end('not found');
+    });
+    notDerpmeshUrl = await listen(notDerpmesh);
+    // Accepts and never answers.
+    silent = createServer(() => {});
+    silentUrl = await listen(silent);
+  });
+  after(() => {
+    notDerpmesh.closeAllConnections();
+    notDerpmesh.close();
+    silent.closeAllConnections();
+    silent.close();
+  });
+
+  test('nothing listening: exit 2, naming the URL and what to check', async () => {
+    const url = `http://127.0.0.1:${await freePort()}`;
+    const r = await run(['--url', url]);
+    assert.equal(r.code, 2);
+    assert.match(r.stderr, new RegExp(`cannot reach ${url}/api/v2/status: ECONNREFUSED`));
+    assert.match(r.stderr, /--http-address/);
+    assert.equal(r.stdout, '');
+  });
+
+  test('not a derpmesh node: exit 2 for a 404 and for an answer that is not a status document', async () => {
+    const missing = await run(['--url', notDerpmeshUrl]);
+    assert.equal(missing.code, 2);
+    assert.match(missing.stderr, /answered 404: is this a derpmesh node/);
+    const other = await run(['--url', `${notDerpmeshUrl}/other`]);
+    assert.equal(other.code, 2);
+    assert.match(other.stderr, /did not answer a status document/);
+  });
+
+  test('no answer: exit 2 after --timeout', async () => {
+    const start = Date.now();
+    const r = await run(['--url', silentUrl, '--timeout', '1']);
+    assert.equal(r.code, 2);
+    assert.match(r.stderr, /no answer within 1 s/);
+    assert.ok(Date.now() - start < 10_000);
+  });
+});
