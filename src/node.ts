@@ -7,7 +7,7 @@ import type pg from 'pg';
 
 import { acceptLimitsOf, logAcceptLimits, PeerExemption } from './accept-limits.js';
 import type { ServerConfig } from './config.js';
-import { loadDerpMap } from './derpmap.js';
+import { derpMapSource } from './derpmap.js';
 import {
   ClientHealth,
   findMisconfigurations,
@@ -19,8 +19,9 @@ import {
 import { apiRoutes } from './http/api.js';
 import { startHttpServer, type HttpServer } from './http/server.js';
 import { statusPage } from './http/status.js';
+import { ClusterStatus } from './cluster-status.js';
 import type { Logger } from './log.js';
-import type { MetricSample } from './metrics.js';
+import type { Sample, Snapshot } from './metrics.js';
 import { startEmbeddedPostgres, type EmbeddedPostgres } from './postgres/embedded.js';
 import { getOrCreateMeshKey } from './postgres/meshkey.js';
 import { migrate } from './postgres/migrations.js';
@@ -176,7 +177,7 @@ async function start(
     pool,
     pubsub,
     logger: log,
-    self: { id, hostname, regionId: config.regionId, relayUrl, version, primary: true },
+    self: { id, hostname, regionId: config.regionId, relayUrl, accessUrl: relay ? config.accessUrl.href : '', version, primary: true },
     heartbeatIntervalMs: config.heartbeatIntervalMs,
     latencyThresholdMs: config.latencyThresholdMs,
     probePeers: relay !== undefined,
@@ -236,47 +237,46 @@ async function start(
       misconfigurations: misconfigurations(),
     });
 
+  // The cluster's live status (/status, /api/v2/status): traffic snapshots stored with the health report.
+  const clusterStatus = new ClusterStatus({
+    registry,
+    relay,
+    heartbeatMs: config.heartbeatIntervalMs,
+    thresholdMs: config.latencyThresholdMs,
+    health,
+    warnings,
+    logger: log,
+  });
+
   // STUN next to the relay (custom relays: the custom map's relays answer it, not this node).
   const stun = relay && config.stun ? startStun(config.stun, log) : undefined;
   if (stun) cleanups.push(async () => stun.stop());
-  const derpMap = await loadDerpMap(config, stun?.port);
-  const metrics = (): MetricSample[] => {
-    const samples: MetricSample[] = [
-      {
-        name: 'replicas_live',
-        kind: 'gauge',
-        help: 'Live replicas in the cluster, this one included.',
-        value: registry.peers().length + 1,
-      },
-      {
-        name: 'database_latency_seconds',
-        kind: 'gauge',
-        help: 'Round trip to Postgres.',
-        value: (registry.databaseLatencyMs() ?? 0) / 1000,
-      },
-      { name: 'pubsub_connected', kind: 'gauge', help: '1 when the LISTEN connection is up.', value: pubsub.state().connected ? 1 : 0 },
-      { name: 'pubsub_reconnects', kind: 'counter', help: 'LISTEN connection re-establishments.', value: pubsub.state().reconnects },
-      { name: 'misconfigurations', kind: 'gauge', help: 'Cluster misconfiguration warnings in effect.', value: warnings().length },
+  // Announced in Postgres with the access URL: the other regions' /derpmap lists this node's STUN port.
+  registry.self.stunPort = stun?.port ?? -1;
+  const derpMap = await derpMapSource(config, stun?.port, registry);
+  // The control plane's metrics, read at scrape time (the relay's and HTTP's come from the server).
+  const metrics = (): Snapshot => {
+    const databaseRttMs = registry.databaseLatencyMs();
+    const samples: Sample[] = [
+      { name: 'build_info', value: 1, labels: { version } },
+      { name: 'replicas_live', value: registry.peers().length + 1 },
+      { name: 'database_up', value: registry.databaseError() ? 0 : 1 },
+      { name: 'pubsub_connected', value: pubsub.state().connected ? 1 : 0 },
+      { name: 'pubsub_reconnects_total', value: pubsub.state().reconnects },
+      { name: 'misconfigurations', value: warnings().length },
     ];
-    if (stun) samples.push(...stun.metrics());
+    if (databaseRttMs !== undefined) samples.push({ name: 'database_rtt_seconds', value: databaseRttMs / 1000 });
     for (const l of registry.peerLatencies()) {
       const labels = { peer: l.hostname, peer_id: l.replicaId };
-      samples.push({
-        name: 'peer_latency_seconds',
-        kind: 'gauge',
-        help: 'Round trip to a peer relay (median of a few samples).',
-        value: (l.rttMs ?? Number.NaN) / 1000,
-        labels,
-      });
-      samples.push({
-        name: 'peer_latency_warning',
-        kind: 'gauge',
-        help: '1 when the round trip to this peer exceeds the threshold.',
-        value: l.slow ? 1 : 0,
-        labels,
-      });
+      if (l.rttMs !== undefined) samples.push({ name: 'peer_rtt_seconds', value: l.rttMs / 1000, labels });
+      samples.push({ name: 'peer_reachable', value: l.rttMs !== undefined && !l.error ? 1 : 0, labels });
+      samples.push({ name: 'peer_slow', value: l.slow ? 1 : 0, labels });
     }
-    return samples;
+    for (const link of relay?.meshLinks() ?? []) {
+      if (link.state === 'self') continue;
+      samples.push({ name: 'mesh_link_up', value: link.state === 'connected' ? 1 : 0, labels: { peer: link.url } });
+    }
+    return { samples: [...samples, ...(stun?.metrics().samples ?? [])] };
   };
 
   // The certificate is read and checked now (a bad pair stops the start), then watched; SIGHUP
@@ -297,37 +297,47 @@ async function start(
     port: config.listenPort,
     logger: log,
     tls,
-    metrics,
+    metrics: [metrics],
     routes: [
       (req, res) => {
         if ((req.url ?? '').split('?')[0] !== '/healthz') return false;
+        // Not ready from the moment a graceful stop begins until the process exits.
+        if (http.draining) {
+          res.writeHead(503, { 'Content-Type': 'text/plain', Connection: 'close' }).end('shutting down: draining\n');
+          return true;
+        }
         const db = registry.databaseError();
         // Ready while the relay runs; a database outage pauses discovery only, so stay ready.
         res.writeHead(200, { 'Content-Type': 'text/plain' }).end(db ? 'OK (database unreachable: discovery paused)\n' : 'OK\n');
         return true;
       },
-      ...apiRoutes({ registry, health, warnings, derpMap: () => derpMap, settings: () => liveSettings.state() }),
-      statusPage(registry, config.latencyThresholdMs, warnings),
+      ...apiRoutes({ registry, health, warnings, derpMap, settings: () => liveSettings.state() }),
+      ...clusterStatus.routes(),
+      statusPage(clusterStatus),
     ],
   });
-  // Stop order: stop accepting; Restarting to every client and flush (the relay stops its mesh
-  // links first); then close whatever is left. With TLS terminated in Node the DERP connections are
-  // sockets of this server, so closing the server before the relay would cut them without a
-  // Restarting frame, and waiting for it to close would wait for clients that never leave.
+  // Stop order: drain (the port stays open: /healthz 503, DERP upgrades 503); Restarting to every
+  // client and flush (the relay stops its mesh links first); then close the connections left. With
+  // TLS terminated in Node the DERP connections are sockets of this server, so closing them before
+  // the relay would cut them without a Restarting frame. The port itself is closed last of all
+  // (unshift: undone last), so a readiness probe gets 503, not a refused connection, until exit.
   cleanups.push(async () => {
-    http.stopAccepting();
+    http.drain();
     await relay?.close({ graceMs: config.shutdownGraceMs });
-    await http.close();
+    http.closeConnections();
   });
+  cleanups.unshift(() => http.close());
 
   await registry.start();
   cleanups.push(() => registry.stop());
+  clusterStatus.start();
+  cleanups.push(async () => clusterStatus.close());
 
   // Every heartbeat the node pushes its health: its report to the registry (stored with the next
   // heartbeat, for the cluster-wide view) and its own data-path problems to its clients.
   const clientHealth = new ClientHealth(config.heartbeatIntervalMs);
   const pushHealth = () => {
-    registry.setHealthReport(health());
+    registry.setHealthReport({ ...health(), traffic: clusterStatus.snapshot() });
     relay?.setHealth(clientHealth.problem(misconfigurations(), relay.meshLinks()));
   };
   pushHealth();
@@ -357,6 +367,13 @@ async function start(
     health,
     close: () =>
       (closing ??= (async () => {
+        http.drain();
+        if (config.shutdownDrainDelayMs > 0) {
+          log.info('draining: /healthz answers 503, new DERP connections are refused, clients stay', {
+            drainDelayMs: config.shutdownDrainDelayMs,
+          });
+          await new Promise((r) => setTimeout(r, config.shutdownDrainDelayMs));
+        }
         log.info('shutting down: telling peers, sending Restarting to clients', { graceMs: config.shutdownGraceMs });
         // Registry first (stopped_at + publish: peers drop us at once), then the relay, then the rest.
         await undo();

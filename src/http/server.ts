@@ -10,10 +10,11 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createTlsServer, type ServerOptions as HttpsOptions } from 'node:https';
 import { createServer as createNetServer, type AddressInfo, type Server as NetServer, type Socket } from 'node:net';
+import { createSecureContext, TLSSocket, type SecureContext } from 'node:tls';
 
 import { DerpmeshError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { Counters, renderPrometheus, type MetricSample } from '../metrics.js';
+import { Counters, mapCounters, mapHistograms, NodeMetrics, type Snapshot } from '../metrics.js';
 import type { Relay } from '../relay.js';
 
 export type RouteHandler = (req: IncomingMessage, res: ServerResponse) => boolean | Promise<boolean>;
@@ -39,20 +40,16 @@ export interface HttpServerOptions {
   headerTimeoutMs?: number;
   /** Extra routes tried before the 404 (the HA API adds its own). */
   routes?: RouteHandler[];
-  /** Extra metric samples for /metrics. */
-  metrics?: () => MetricSample[];
+  /** Extra sources for /metrics (the control plane's, STUN's), read once per scrape. */
+  metrics?: (() => Snapshot)[];
 }
 
 /** Connections the kernel queues for accept() (capped by net.core.somaxconn). */
 export const ACCEPT_BACKLOG = 4096;
 
+/** HTTP rejections counted in Node (exported as `derpmesh_http_rejections_total{layer="node"}`). */
 export const httpCounters = () =>
-  new Counters({
-    http_header_timeouts: 'Connections closed because the request head did not complete in time.',
-    http_client_errors: 'Connections closed for malformed HTTP.',
-    http_not_found: 'Requests for unknown paths.',
-    upgrades_unknown_path: 'Upgrade requests for a path other than /derp (answered 404).',
-  });
+  new Counters(['http_header_timeouts', 'http_client_errors', 'http_not_found', 'upgrades_unknown_path'] as const);
 
 export interface HttpServer {
   server: Server;
@@ -60,10 +57,22 @@ export interface HttpServer {
   url: string;
   port: number;
   counters: ReturnType<typeof httpCounters>;
+  /** This server's /metrics: a prom-client registry of its own. */
+  metrics: NodeMetrics;
   /** A new certificate and key (PEM) for new TLS handshakes; live connections keep theirs. */
   setCertificate(pair: { cert: Buffer; key: Buffer }): void;
+  /**
+   * Starts a graceful stop's drain: the port stays open, but from now on Node's server takes every
+   * new connection (not the relay core) and refuses DERP upgrades with 503; `draining` turns true
+   * (the /healthz route answers 503). Open connections go on.
+   */
+  drain(): void;
+  /** True from `drain()` on. */
+  readonly draining: boolean;
   /** Stops accepting connections; open ones (and upgraded ones bridged through Node) go on. */
   stopAccepting(): void;
+  /** Closes every connection open now (after the relay's Restarting); the port stays open. */
+  closeConnections(): void;
   /** Stops accepting and closes every connection still open, upgraded or not. */
   close(): Promise<void>;
 }
@@ -71,6 +80,14 @@ export interface HttpServer {
 export async function startHttpServer(options: HttpServerOptions): Promise<HttpServer> {
   const { relay, logger } = options;
   const counters = httpCounters();
+  // One snapshot of each source per scrape: the relay core's counters and histograms, the HTTP
+  // counters here, and the node's own sources.
+  const metrics = new NodeMetrics();
+  metrics.addSource(() => ({
+    samples: mapCounters([...(relay?.metrics() ?? []), ...counters.samples()]),
+    histograms: relay ? mapHistograms(relay.histograms()) : [],
+  }));
+  for (const source of options.metrics ?? []) metrics.addSource(source);
   const headerTimeoutMs = options.headerTimeoutMs ?? 10_000;
   const routes = options.routes ?? [];
 
@@ -79,8 +96,8 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
       if (relay?.handleRequest(req, res)) return;
       const path = (req.url ?? '').split('?')[0];
       if (path === '/metrics') {
-        const samples: MetricSample[] = [...(relay?.metrics() ?? []), ...counters.samples(), ...(options.metrics?.() ?? [])];
-        res.writeHead(200, { 'Content-Type': 'text/plain; version=0.0.4' }).end(renderPrometheus(samples));
+        const text = await metrics.render();
+        res.writeHead(200, { 'Content-Type': metrics.contentType }).end(text);
         return;
       }
       for (const route of routes) {
@@ -110,16 +127,38 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
   // With the core in front, `server` listens on nothing: `listener` accepts.
   const server: Server = options.tls && !coreFront ? createTlsServer(options.tls) : createServer();
   const listener: NetServer = coreFront ? createNetServer({ pauseOnConnect: true }) : server;
+  // Draining (a graceful stop): the port keeps answering, /healthz with 503, until the process exits.
+  let draining = false;
+  // With the core in front and TLS, Node terminates TLS for the connections it takes while draining.
+  let currentPair = coreTls;
+  let drainTls: SecureContext | undefined;
+  const drainTlsContext = () => (drainTls ??= currentPair ? createSecureContext(currentPair) : undefined);
   if (coreFront) {
     relay!.setHeadTimeout(headerTimeoutMs);
     listener.on('connection', (socket: Socket) => {
-      if (!relay!.handleConnection(socket)) socket.destroy();
+      if (!draining) {
+        if (!relay!.handleConnection(socket)) socket.destroy();
+        return;
+      }
+      // The core no longer takes connections (it is about to send Restarting, or did): Node serves
+      // them, DERP upgrades get 503 below.
+      const context = drainTlsContext();
+      const stream = context ? new TLSSocket(socket, { isServer: true, secureContext: context }) : socket;
+      server.emit('connection', stream);
+      socket.resume();
     });
     relay!.onHttpConnection((socket) => server.emit('connection', socket));
   }
   server.on('request', (req, res) => void onRequest(req, res));
   server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
     clearHeaderTimer(socket);
+    if (draining && relay?.isDerpUpgrade(req)) {
+      const body = 'relay is shutting down';
+      socket.end(
+        `HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`,
+      );
+      return;
+    }
     if (!relay?.isDerpUpgrade(req)) {
       counters.inc('upgrades_unknown_path');
       socket.end('HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
@@ -197,14 +236,29 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     port,
     url: `${options.tls ? 'https' : 'http'}://${hostForUrl}:${port}`,
     counters,
+    metrics,
+    drain: () => {
+      draining = true;
+    },
     stopAccepting,
+    get draining() {
+      return draining;
+    },
+    closeConnections: () => {
+      server.closeAllConnections();
+      for (const socket of sockets) socket.destroy();
+    },
     setCertificate: (pair) => {
       if (!options.tls)
         throw new DerpmeshError('DERPMESH_ERR_CONFIG', 'this server does not serve TLS: there is no certificate to replace');
-      if (coreFront) relay!.setCertificate(pair);
-      else (server as unknown as import('node:tls').Server).setSecureContext({ ...options.tls, cert: pair.cert, key: pair.key });
+      if (coreFront) {
+        relay!.setCertificate(pair);
+        currentPair = pair;
+        drainTls = undefined;
+      } else (server as unknown as import('node:tls').Server).setSecureContext({ ...options.tls, cert: pair.cert, key: pair.key });
     },
     close: () => {
+      draining = true;
       stopAccepting();
       server.closeAllConnections();
       for (const socket of sockets) socket.destroy();
