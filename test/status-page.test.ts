@@ -9,7 +9,7 @@ import { after, before, describe, test } from 'node:test';
 import puppeteer, { type Browser, type Page } from 'puppeteer-core';
 
 import type { StatusDocument } from '../src/cluster-status.js';
-import { ratesBetween } from '../src/cluster-status.js';
+import { MAX_SUBSCRIBERS, ratesBetween } from '../src/cluster-status.js';
 import type { TrafficSnapshot } from '../src/health.js';
 import { DerpClient } from '../src/client/index.js';
 import { getUrl, livePeers, startNodeProcess, waitFor, type NodeProcess } from './helpers/cluster.js';
@@ -312,5 +312,68 @@ describe('status page and `derpmesh status` on a 3-node cluster', { timeout: 600
     } finally {
       await postgres.startServer();
     }
+  });
+
+  test('the event stream: at most MAX_SUBSCRIBERS at once, and ended cleanly by a graceful stop', async () => {
+    const [n1, n2] = nodes as [NodeProcess, NodeProcess];
+    await waitFor('n1 and n2 writing heartbeats again', 20_000, async () => {
+      const d = (await (await getUrl(`${n2.url}/api/v2/status`)).json()) as StatusDocument;
+      return d.database.reachable && d.nodes.filter((n) => n.state === 'live').length === 2;
+    });
+    // The browser's page is a subscriber of n1 too: closed first, so the count below is exact.
+    await page.close();
+    await new Promise((r) => setTimeout(r, 500));
+    const streams: { res: Response; ac: AbortController }[] = [];
+    try {
+      for (let i = 0; i < MAX_SUBSCRIBERS; i++) {
+        const ac = new AbortController();
+        const res = await fetch(`${n1.url}/api/v2/status/events`, { signal: ac.signal });
+        assert.equal(res.status, 200);
+        assert.match(res.headers.get('content-type') ?? '', /^text\/event-stream/);
+        streams.push({ res, ac });
+      }
+      const refused = await fetch(`${n1.url}/api/v2/status/events`);
+      assert.equal(refused.status, 503);
+      assert.match(await refused.text(), /too many status subscribers/);
+      // Closing one frees its place.
+      streams.pop()!.ac.abort();
+      await waitFor('a place freed', 5_000, async () => {
+        const ac = new AbortController();
+        const res = await fetch(`${n1.url}/api/v2/status/events`, { signal: ac.signal });
+        if (res.status === 200) streams.push({ res, ac });
+        else await res.text();
+        return res.status === 200;
+      });
+    } finally {
+      for (const s of streams) s.ac.abort();
+    }
+
+    // A subscriber of n2 reads events until n2 stops gracefully: the stream ends, no error.
+    const res = await fetch(`${n2.url}/api/v2/status/events`);
+    const reader = res.body!.getReader();
+    let text = '';
+    const first = await reader.read();
+    text += Buffer.from(first.value ?? []).toString();
+    const stopping = n2.stop();
+    let ended = false;
+    for (let i = 0; i < 200; i++) {
+      const chunk = await reader.read();
+      if (chunk.done) {
+        ended = true;
+        break;
+      }
+      text += Buffer.from(chunk.value).toString();
+    }
+    assert.equal(await stopping, 0);
+    assert.ok(ended, 'the stream ended with the node');
+    const events = text.split('\n\n').filter((e) => e.startsWith('event: status'));
+    assert.ok(events.length >= 1);
+    const last = JSON.parse(events.at(-1)!.split('\n')[1]!.slice('data: '.length)) as StatusDocument;
+    assert.equal(last.reportedBy.hostname, 'n2');
+    const { value: seen } = await waitFor('n1 showing n2 stopped', 10_000, async () => {
+      const d = (await (await getUrl(`${n1.url}/api/v2/status`)).json()) as StatusDocument;
+      return d.nodes.find((n) => n.hostname === 'n2')?.state === 'stopped' && d;
+    });
+    assert.ok(!seen.problems.some((p) => p.startsWith('n2:')), 'a graceful stop is no problem');
   });
 });
