@@ -724,7 +724,7 @@ class Relay extends Child {
     }
   }
 
-  /** Every `derpmesh_*` sample of /metrics; undefined when it does not answer (e.g. out of descriptors). */
+  /** Every `derpmesh_*` sample of /metrics, by name and labels as served; undefined when it does not answer (e.g. out of descriptors). */
   async metrics(attempts = 3): Promise<Record<string, number> | undefined> {
     if (!this.hasMetrics) return undefined;
     for (let attempt = 0; attempt < attempts; attempt++) {
@@ -732,7 +732,7 @@ class Relay extends Child {
         const res = await getUrl(`${this.url}/metrics`, this.caPem);
         const text = await res.text();
         const out: Record<string, number> = {};
-        for (const m of text.matchAll(/^(derpmesh_\w+) (\S+)$/gm)) out[m[1]!] = Number(m[2]);
+        for (const m of text.matchAll(/^(derpmesh_\w+(?:\{[^}]*\})?) (\S+)$/gm)) out[m[1]!] = Number(m[2]);
         return out;
       } catch {
         await sleep(200);
@@ -909,23 +909,22 @@ interface Result {
 
 /** The counters reported per scenario, deltas over the attack (only those that moved are printed). */
 const COUNTERS = [
-  'derpmesh_accepts_refused_rate_limit',
-  'derpmesh_accepts_refused_max_connections',
-  'derpmesh_accepts_refused_max_connections_per_ip',
-  'derpmesh_http_header_timeouts',
-  'derpmesh_http_head_timeouts',
-  'derpmesh_http_client_errors',
-  'derpmesh_handshake_failure_timeout',
-  'derpmesh_handshake_failure_io',
-  'derpmesh_handshake_failures',
-  'derpmesh_tls_handshake_timeouts',
-  'derpmesh_tls_handshake_errors',
-  'derpmesh_write_timeouts',
-  'derpmesh_packets_dropped_queue_full',
-  'derpmesh_packets_dropped_unknown_dest',
-  'derpmesh_packets_dropped_gone',
-  'derpmesh_rate_limited_frames',
-  'derpmesh_accepts',
+  'derpmesh_accepts_refused_total{reason="rate_limit"}',
+  'derpmesh_accepts_refused_total{reason="max_connections"}',
+  'derpmesh_accepts_refused_total{reason="max_connections_per_ip"}',
+  'derpmesh_http_rejections_total{reason="head_timeout",layer="node"}',
+  'derpmesh_http_rejections_total{reason="head_timeout",layer="core"}',
+  'derpmesh_http_rejections_total{reason="bad_request",layer="node"}',
+  'derpmesh_handshake_failures_total{reason="timeout"}',
+  'derpmesh_handshake_failures_total{reason="io"}',
+  'derpmesh_tls_handshake_failures_total{reason="timeout"}',
+  'derpmesh_tls_handshake_failures_total{reason="error"}',
+  'derpmesh_write_timeouts_total',
+  'derpmesh_dropped_packets_total{reason="queue_full"}',
+  'derpmesh_dropped_packets_total{reason="unknown_dest"}',
+  'derpmesh_dropped_packets_total{reason="gone"}',
+  'derpmesh_rate_limited_frames_total',
+  'derpmesh_accepts_total',
 ];
 
 async function probeNewClient(relay: Relay): Promise<Probe> {
@@ -1037,7 +1036,7 @@ async function measure(
     if (
       m &&
       (m.derpmesh_connections ?? 0) <= (before.derpmesh_connections ?? 0) &&
-      (m.derpmesh_accepted_open ?? 0) <= (before.derpmesh_accepted_open ?? 0) + 1
+      (m.derpmesh_accepted_open_connections ?? 0) <= (before.derpmesh_accepted_open_connections ?? 0) + 1
     )
       break;
     await sleep(250);
@@ -1242,7 +1241,7 @@ function resultRow(r: Result): string[] {
   const q = r.quiet;
   const a = r.attack;
   const refused = ['rate_limit', 'max_connections', 'max_connections_per_ip'].map((k) =>
-    fmtInt(r.counters[`derpmesh_accepts_refused_${k}`] ?? 0),
+    fmtInt(r.counters[`derpmesh_accepts_refused_total{reason="${k}"}`] ?? 0),
   );
   const probesOk = r.probes.filter((p) => p.ok).length;
   const probeMs = quantile(

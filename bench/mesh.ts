@@ -96,7 +96,7 @@ interface Path {
 }
 
 function metric(text: string, name: string): number {
-  const m = new RegExp(`^derpmesh_${name} (\\d+(?:\\.\\d+)?(?:e[+-]?\\d+)?)$`, 'm').exec(text);
+  const m = new RegExp(`^derpmesh_${name.replace(/[{}]/g, '\\$&')} (\\d+(?:\\.\\d+)?(?:e[+-]?\\d+)?)$`, 'm').exec(text);
   if (!m) throw new Error(`no derpmesh_${name} in /metrics`);
   return Number(m[1]);
 }
@@ -104,7 +104,7 @@ function metric(text: string, name: string): number {
 /** The mesh counters of a cluster: forwarded out at A and in at B. */
 async function meshCounters(c: Cluster): Promise<{ outA: number; inB: number }> {
   const [ma, mb] = await Promise.all([c.a.metrics(), c.b.metrics()]);
-  return { outA: metric(ma, 'packets_forwarded_out'), inB: metric(mb, 'packets_forwarded_in') };
+  return { outA: metric(ma, 'forwarded_packets_total{direction="out"}'), inB: metric(mb, 'forwarded_packets_total{direction="in"}') };
 }
 
 interface Round {
@@ -325,7 +325,7 @@ try {
   // queues) and at B (its clients' queues).
   for (const c of clusters) {
     for (const node of [c.a, c.b]) {
-      const drops = (await node.metrics()).split('\n').filter((l) => /^derpmesh_packets_dropped_\w+ [1-9]/.test(l));
+      const drops = (await node.metrics()).split('\n').filter((l) => /^derpmesh_dropped_packets_total\{[^}]*\} [1-9]/.test(l));
       console.log(`node ${node.name} drops: ${drops.join(', ') || 'none'}`);
     }
   }

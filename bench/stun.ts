@@ -20,7 +20,7 @@
 // transaction id is one this socket has outstanding and whose XOR-MAPPED-ADDRESS decodes to the
 // socket's own address (127.0.0.1 and its port). Anything else counts as invalid; an answer to a
 // request already counted lost counts as late. Rounds alternate derpmesh/derper/derper/derpmesh…
-// so background load hits both alike. The servers' own counters (derpmesh_stun_answered; derper's
+// so background load hits both alike. The servers' own counters (derpmesh_stun_answered_total; derper's
 // stun_requests{disposition="success"}) are read around each round as a cross-check. Exit code 1
 // only if the run failed or an answer was invalid.
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
@@ -353,7 +353,7 @@ async function main(): Promise<void> {
       name: 'derpmesh',
       stunPort: meshStun,
       pid: n.child.pid,
-      answered: async () => metricValue(await n.metrics(), /^derpmesh_stun_answered (\d+)$/m),
+      answered: async () => metricValue(await n.metrics(), /^derpmesh_stun_answered_total (\d+)$/m),
       alive: () => {
         if (n.child.exitCode !== null || n.child.signalCode !== null) throw new Error(`the derpmesh node exited:\n${n.output()}`);
       },

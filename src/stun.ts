@@ -2,12 +2,13 @@
 // learn their public address this way), and the DERP map announces its port.
 import { DerpmeshError, fromNative } from './errors.js';
 import type { Logger } from './log.js';
-import type { MetricSample } from './metrics.js';
+import type { Snapshot } from './metrics.js';
 import { native } from './native.js';
 
 export interface StunListener {
   port: number;
-  metrics(): MetricSample[];
+  /** Its counters for /metrics (`derpmesh_stun_*`). */
+  metrics(): Snapshot;
   stop(): void;
 }
 
@@ -36,22 +37,19 @@ export function startStun(address: { host: string; port: number; explicit: boole
     );
   }
   logger.info('answering STUN', { address: text, port: server.port });
-  const counter = (name: string, help: string, value: number): MetricSample => ({ name, kind: 'counter', help, value });
   return {
     port: server.port,
-    metrics: () => {
+    metrics: (): Snapshot => {
       const s = server.stats();
-      return [
-        counter('stun_answered', 'STUN Binding requests answered.', s.answered),
-        counter(
-          'stun_malformed',
-          'UDP datagrams on the STUN port dropped: not STUN, or not a request a Tailscale client sends.',
-          s.malformed,
-        ),
-        counter('stun_not_binding', 'STUN messages dropped: well-formed but not a Binding request.', s.notBinding),
-        counter('stun_send_errors', 'STUN answers the socket refused to send.', s.sendErrors),
-        counter('stun_read_errors', 'Receive errors on the STUN socket.', s.readErrors),
-      ];
+      return {
+        samples: [
+          { name: 'stun_answered_total', value: s.answered },
+          { name: 'stun_dropped_total', value: s.malformed, labels: { reason: 'malformed' } },
+          { name: 'stun_dropped_total', value: s.notBinding, labels: { reason: 'not_binding' } },
+          { name: 'stun_socket_errors_total', value: s.sendErrors, labels: { op: 'send' } },
+          { name: 'stun_socket_errors_total', value: s.readErrors, labels: { op: 'read' } },
+        ],
+      };
     },
     stop: () => server.stop(),
   };

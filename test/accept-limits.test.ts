@@ -37,7 +37,7 @@ function metricsOf(url: string, ca?: Buffer): Promise<Map<string, number>> {
       res.on('end', () => {
         const values = new Map<string, number>();
         for (const line of body.split('\n')) {
-          const m = /^derpmesh_(\w+) (\S+)$/.exec(line);
+          const m = /^derpmesh_(\w+(?:\{[^}]*\})?) (\S+)$/.exec(line);
           if (m) values.set(m[1]!, Number(m[2]));
         }
         resolve(values);
@@ -204,9 +204,12 @@ describe('accept limits', { skip, timeout: 120_000 }, () => {
       await sleep(1_200);
       let now = await metricsOf(url, ca); // 4 tokens left
       const delta = (name: string) => (now.get(name) ?? 0) - (start.get(name) ?? 0);
-      assert.equal(delta('accepts_refused_rate_limit'), 50 - served);
-      assert.equal(delta('accepts_refused'), 50 - served);
-      assert.equal(delta('tls_handshakes'), served + 1, 'refused connections never reached TLS');
+      assert.equal(delta('accepts_refused_total{reason="rate_limit"}'), 50 - served);
+      assert.equal(
+        delta('accepts_refused_total{reason="max_connections"}') + delta('accepts_refused_total{reason="max_connections_per_ip"}'),
+        0,
+      );
+      assert.equal(delta('tls_handshakes_total'), served + 1, 'refused connections never reached TLS');
 
       // Three connections from 127.0.0.2 (3 tokens); a fourth is over the per-address cap (no token
       // spent); loopback is exempt (the last token).
@@ -226,8 +229,8 @@ describe('accept limits', { skip, timeout: 120_000 }, () => {
       assert.ok(again, `a place for ${OTHER_SOURCE} again`);
       held.push(again);
       now = await metricsOf(url, ca);
-      assert.equal(delta('accepts_refused_max_connections_per_ip'), 1);
-      assert.equal(now.get('accepted_open'), 2 + 4 + 1, 'a, b, the held connections and this request');
+      assert.equal(delta('accepts_refused_total{reason="max_connections_per_ip"}'), 1);
+      assert.equal(now.get('accepted_open_connections'), 2 + 4 + 1, 'a, b, the held connections and this request');
 
       const { rounds, closed } = await traffic.stop();
       traffic = undefined;

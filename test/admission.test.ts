@@ -184,8 +184,8 @@ describe('client admission against a real HTTP endpoint', { timeout: 120_000 }, 
     );
 
     const metrics = await (await fetch(`${relay.url}/metrics`)).text();
-    assert.match(metrics, /^derpmesh_admission_rejected_denied 2$/m);
-    assert.match(metrics, /^derpmesh_admission_allowed \d+$/m);
+    assert.match(metrics, /^derpmesh_admission_rejected_total\{reason="denied"\} 2$/m);
+    assert.match(metrics, /^derpmesh_admission_allowed_total \d+$/m);
   });
 
   test('mesh peers are never sent to the URL; a wrong mesh key is an ordinary client', async () => {
@@ -355,7 +355,7 @@ describe('client admission in a derpmesh server process (--verify-client-url)', 
       assert.equal(endpoint.about(denied).length, 1);
 
       const metrics = await node.metrics();
-      assert.match(metrics, /^derpmesh_admission_rejected_denied 1$/m);
+      assert.match(metrics, /^derpmesh_admission_rejected_total\{reason="denied"\} 1$/m);
       const prefix = denied.publicKey.subarray(0, 4).toString('hex');
       const { value: line } = await waitFor('the refusal in the log', 5_000, () =>
         node

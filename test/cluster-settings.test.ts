@@ -198,7 +198,7 @@ describe('cluster settings in Postgres: per-client rate limit and admission, liv
       const node = nodes[2]!;
       const refused = async () => {
         const text = await (await getUrl(`${node.url}/metrics`, readFileSync(ca!.caFile))).text();
-        return Number(/^derpmesh_accepts_refused_rate_limit (\d+)/m.exec(text)?.[1] ?? NaN);
+        return Number(/^derpmesh_accepts_refused_total\{reason="rate_limit"\} (\d+)/m.exec(text)?.[1] ?? NaN);
       };
       const burst = async (n: number) => {
         const port = Number(new URL(node.url).port);

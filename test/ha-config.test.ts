@@ -112,14 +112,14 @@ describe('HA configuration', { timeout: 110_000 }, () => {
     const metrics = await a.metrics();
     assert.match(
       metrics,
-      /^derpmesh_peer_latency_warning\{peer="slow-b",[^}]*\} 1$/m,
+      /^derpmesh_peer_slow\{peer="slow-b",[^}]*\} 1$/m,
       metrics
         .split('\n')
-        .filter((l) => l.includes('peer_latency'))
+        .filter((l) => /peer_(slow|rtt)/.test(l))
         .join('\n'),
     );
-    const seconds = Number(/^derpmesh_peer_latency_seconds\{peer="slow-b",[^}]*\} (\S+)$/m.exec(metrics)?.[1]);
-    assert.ok(seconds >= 0.08 && seconds <= 0.12, `derpmesh_peer_latency_seconds for slow-b is ${seconds}`);
+    const seconds = Number(/^derpmesh_peer_rtt_seconds\{peer="slow-b",[^}]*\} (\S+)$/m.exec(metrics)?.[1]);
+    assert.ok(seconds >= 0.08 && seconds <= 0.12, `derpmesh_peer_rtt_seconds for slow-b is ${seconds}`);
 
     // b measures a directly: no warning there.
     const fromB = (await b.replicas()).find((r) => r.hostname === 'slow-a');
@@ -134,7 +134,7 @@ describe('HA configuration', { timeout: 110_000 }, () => {
         r !== undefined &&
         r.latency_warning === undefined &&
         h?.sections.mesh?.code === 'MESH_OK' &&
-        /^derpmesh_peer_latency_warning\{peer="slow-b",[^}]*\} 0$/m.test(m)
+        /^derpmesh_peer_slow\{peer="slow-b",[^}]*\} 0$/m.test(m)
       );
     });
     assert.match(a.output(), /peer relay round trip back under threshold .*peer=slow-b/);
@@ -273,7 +273,7 @@ describe('HA configuration', { timeout: 110_000 }, () => {
       assert.equal(await derpUpgradeStatus(n.url), 404, `${n.name} must not serve /derp`);
       const metrics = await n.metrics();
       assert.doesNotMatch(metrics, /^derpmesh_mesh_links [1-9]/m, `${n.name} has mesh links`);
-      assert.doesNotMatch(metrics, /^derpmesh_peer_latency/m, `${n.name} probes peer relays`);
+      assert.doesNotMatch(metrics, /^derpmesh_peer_(rtt_seconds|reachable|slow)\{/m, `${n.name} probes peer relays`);
       const replicas = await n.replicas();
       const { warnings } = await n.health();
       assert.equal(replicas.length, 2);
@@ -374,14 +374,15 @@ describe('HA configuration', { timeout: 110_000 }, () => {
         assert.equal(n.sections.pubsub!.code, 'PUBSUB_OK');
       }
     }
-    // The status page draws the same cluster: both nodes and a latency matrix with Postgres.
+    // The status page draws the same cluster (from the document embedded in it): both nodes and a
+    // latency matrix with Postgres.
     await waitFor('latencies on the status page', 5_000, async () => {
       const page = await (await fetch(`${a.url}/status`)).text();
       return (
-        page.includes('health-a (this node)') &&
-        page.includes('<th>health-b</th>') &&
-        /Postgres/.test(page) &&
-        /class="(ok|slow)">\d/.test(page)
+        page.includes('"hostname":"health-a"') &&
+        page.includes('"hostname":"health-b"') &&
+        /"to":\{"[0-9a-f-]{36}":\d/.test(page) &&
+        /"databaseMs":\d/.test(page)
       );
     });
     // A stopped node leaves the cluster-wide report.

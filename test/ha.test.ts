@@ -52,7 +52,7 @@ describe('HA cluster', { timeout: 600_000 }, () => {
     await deliver(a, b);
     await deliver(b, a);
     const metrics = await n1.metrics();
-    assert.match(metrics, /^derpmesh_packets_forwarded_out [1-9]/m);
+    assert.match(metrics, /^derpmesh_forwarded_packets_total\{direction="out"\} [1-9]/m);
   });
 
   test('kill -9 under traffic: peers drop it within 3 heartbeats, others keep flowing, it rejoins', async () => {
@@ -139,7 +139,7 @@ describe('HA cluster', { timeout: 600_000 }, () => {
         .join(', ');
       assert.match(
         pubsubLines,
-        /derpmesh_pubsub_reconnects [1-9]/,
+        /derpmesh_pubsub_reconnects_total [1-9]/,
         `${n.name}: ${pubsubLines}\n${n
           .output()
           .split('\n')

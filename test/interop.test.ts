@@ -75,7 +75,9 @@ function goEnv(sslCertFile?: string): NodeJS.ProcessEnv {
   return env;
 }
 
-const metricOf = (metrics: string, name: string) => Number(new RegExp(`^derpmesh_${name} (\\d+)$`, 'm').exec(metrics)?.[1] ?? 0);
+/** A sample's value; `name` may carry labels as served (`upgrades_total{kind="fast_start"}`). */
+const metricOf = (metrics: string, name: string) =>
+  Number(new RegExp(`^derpmesh_${name.replace(/[{}]/g, '\\$&')} (\\d+)$`, 'm').exec(metrics)?.[1] ?? 0);
 
 describe('Tailscale derphttp client against derpmesh', { skip: !hasGo && 'Go is not installed' }, () => {
   let built = '';
@@ -171,9 +173,12 @@ describe('Tailscale derphttp client against derpmesh', { skip: !hasGo && 'Go is 
           for (const r of required) assert.ok(names.includes(r), `missing check ${r}: ${names.join(', ')}`);
           assert.equal(code, 0, stderr);
           const metrics = await node.metrics();
-          assert.ok(metricOf(metrics, 'tls_handshakes') >= 1, `TLS terminated in the core\n${metrics}`);
+          assert.ok(metricOf(metrics, 'tls_handshakes_total') >= 1, `TLS terminated in the core\n${metrics}`);
           if (!websocket)
-            assert.ok(metricOf(metrics, 'upgrades_fast_start') >= 1, `the Go client used fast start (meta certificate seen)\n${metrics}`);
+            assert.ok(
+              metricOf(metrics, 'upgrades_total{kind="fast_start"}') >= 1,
+              `the Go client used fast start (meta certificate seen)\n${metrics}`,
+            );
         } finally {
           await node?.kill9();
           await postgres?.stop();
@@ -274,12 +279,15 @@ describe('Tailscale derphttp client against derpmesh', { skip: !hasGo && 'Go is 
           // over TLS 1.3 the Go client reads the relay key from it and skips the 101 (fast start).
           // derpmesh's own mesh links never ask for fast start, so these are the Go client's.
           const bMetrics = await b!.metrics();
-          const metric = (name: string) => Number(new RegExp(`^derpmesh_${name} (\\d+)$`, 'm').exec(bMetrics)?.[1] ?? 0);
-          assert.ok(metric('tls_handshakes') >= 1, 'node B terminated TLS in the core');
+          const metric = (name: string) => metricOf(bMetrics, name);
+          assert.ok(metric('tls_handshakes_total') >= 1, 'node B terminated TLS in the core');
           if (!websocket)
-            assert.ok(metric('upgrades_fast_start') >= 1, `the Go client used fast start on node B (meta certificate seen)\n${bMetrics}`);
+            assert.ok(
+              metric('upgrades_total{kind="fast_start"}') >= 1,
+              `the Go client used fast start on node B (meta certificate seen)\n${bMetrics}`,
+            );
           console.log(
-            `  node B: ${metric('tls_handshakes')} TLS handshakes in the core, ${metric('upgrades_fast_start')} fast-start upgrades`,
+            `  node B: ${metric('tls_handshakes_total')} TLS handshakes in the core, ${metric('upgrades_total{kind="fast_start"}')} fast-start upgrades`,
           );
         } finally {
           await Promise.all(nodes.map((n) => n.kill9()));
@@ -325,8 +333,12 @@ describe('Tailscale derphttp client against derpmesh', { skip: !hasGo && 'Go is 
         );
         assert.equal(code, 0, stderr);
         const metrics = await node.metrics();
-        assert.match(metrics, /^derpmesh_stun_answered [1-9]/m, metrics);
-        assert.match(metrics, /^derpmesh_stun_malformed [1-9]/m, 'the bare RFC 5389 request and the non-STUN datagram are counted');
+        assert.match(metrics, /^derpmesh_stun_answered_total [1-9]/m, metrics);
+        assert.match(
+          metrics,
+          /^derpmesh_stun_dropped_total\{reason="malformed"\} [1-9]/m,
+          'the bare RFC 5389 request and the non-STUN datagram are counted',
+        );
       } finally {
         await node?.kill9();
         await pg?.stop();

@@ -67,7 +67,7 @@ async function metricsOf(server: HttpServer, ca: Buffer): Promise<Map<string, nu
   const { body } = await httpsGet(`${server.url}/metrics`, ca);
   const values = new Map<string, number>();
   for (const line of body.split('\n')) {
-    const m = /^derpmesh_(\w+) (\S+)$/.exec(line);
+    const m = /^derpmesh_(\w+(?:\{[^}]*\})?) (\S+)$/.exec(line);
     if (m) values.set(m[1]!, Number(m[2]));
   }
   return values;
@@ -154,7 +154,7 @@ describe('TLS terminated in the relay core', { skip, timeout: 120_000 }, () => {
     assert.deepEqual(JSON.parse(replicas.body), []);
     const metrics = await httpsGet(`${tls.url}/metrics`, caPem);
     assert.equal(metrics.status, 200);
-    assert.match(metrics.body, /^derpmesh_tls_handshakes \d+$/m);
+    assert.match(metrics.body, /^derpmesh_tls_handshakes_total \d+$/m);
     const missing = await httpsGet(`${tls.url}/nope`, caPem);
     assert.equal(missing.status, 404);
     assert.equal(relay.metric('connections_handed_to_node'), before + 3);
@@ -230,9 +230,9 @@ describe('TLS terminated in the relay core', { skip, timeout: 120_000 }, () => {
     });
     assert.ok(stalled >= 9_500 && stalled < 13_000, `stalled handshake closed after ${stalled} ms`);
 
-    assert.equal(await delta('tls_handshake_errors'), 2, 'plaintext request and truncated ClientHello');
-    assert.equal(await delta('tls_handshake_timeouts'), 1);
-    assert.equal(await delta('http_bad_requests'), 1);
+    assert.equal(await delta('tls_handshake_failures_total{reason="error"}'), 2, 'plaintext request and truncated ClientHello');
+    assert.equal(await delta('tls_handshake_failures_total{reason="timeout"}'), 1);
+    assert.equal(await delta('http_rejections_total{reason="bad_request",layer="core"}'), 1);
     traffic = false;
     await bystanders;
     assert.ok(exchanged > 10, `bystanders exchanged ${exchanged} rounds meanwhile`);

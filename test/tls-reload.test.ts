@@ -103,8 +103,9 @@ describe('TLS certificate reload', { skip: hasOpenssl() ? false : 'no openssl to
 
     // All of it went through TLS terminated in the relay core, none through Node's byte bridge.
     const metrics = await node.metrics();
-    const metric = (name: string) => Number(new RegExp(`^derpmesh_${name} (\\d+)$`, 'm').exec(metrics)?.[1] ?? NaN);
-    assert.ok(metric('tls_handshakes') >= 3, `TLS handshakes in the core: ${metric('tls_handshakes')}`);
-    assert.equal(metric('upgrades_bridged'), 0);
+    const metric = (name: string) =>
+      Number(new RegExp(`^derpmesh_${name.replace(/[{}]/g, '\\$&')} (\\d+)$`, 'm').exec(metrics)?.[1] ?? NaN);
+    assert.ok(metric('tls_handshakes_total') >= 3, `TLS handshakes in the core: ${metric('tls_handshakes_total')}`);
+    assert.equal(metric('upgrades_total{kind="bridged"}'), 0);
   });
 });

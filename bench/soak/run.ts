@@ -87,14 +87,14 @@ export interface SoakOptions {
 
 export type ResolvedSoakOptions = Required<Omit<SoakOptions, 'log' | 'onSample'>>;
 
-const GAUGES = ['connections', 'clients', 'mesh_links', 'forwarders', 'accepted_open'] as const;
-const DROPS = [
-  'packets_dropped_unknown_dest',
-  'packets_dropped_unknown_dest_on_fwd',
-  'packets_dropped_queue_full',
-  'packets_dropped_gone',
-  'write_timeouts',
+const GAUGES = ['connections', 'clients', 'mesh_links', 'forwarders', 'accepted_open_connections'] as const;
+const PACKET_DROPS = [
+  'dropped_packets_total{reason="unknown_dest"}',
+  'dropped_packets_total{reason="unknown_dest_on_fwd"}',
+  'dropped_packets_total{reason="queue_full"}',
+  'dropped_packets_total{reason="gone"}',
 ] as const;
+const DROPS = [...PACKET_DROPS, 'write_timeouts_total'] as const;
 type Gauge = (typeof GAUGES)[number];
 type Drop = (typeof DROPS)[number];
 
@@ -110,7 +110,7 @@ export interface NodeSample {
   gauges?: Record<Gauge, number>;
   /** The drop counters (and write timeouts) of this process so far. */
   drops?: Record<Drop, number>;
-  /** Packets dropped (the four packets_dropped_* counters) since the previous sample of this process. */
+  /** Packets dropped (the four derpmesh_dropped_packets_total series) since the previous sample of this process. */
   dropsInInterval?: number;
   /** With `heap`: the V8 heap (MiB), and what it held after its latest major collection. */
   heap?: { usedMiB: number; totalMiB: number; liveMiB?: number; majorGcs: number };
@@ -251,7 +251,7 @@ export interface SoakReport {
   };
   /** Steady clients whose connection broke (the harness's clients reconnect), and when. */
   disconnects: { atS: number; client: number; node: string; inFaultWindow: boolean; error: string }[];
-  /** Packets dropped by the relays (the packets_dropped_* counters) in intervals outside fault windows. */
+  /** Packets dropped by the relays (derpmesh_dropped_packets_total) in intervals outside fault windows. */
   dropsOutside: number;
   churn: ChurnSummary;
   series: SeriesJudgment[];
@@ -430,11 +430,11 @@ function readHeap(dir: string | undefined, pid: number | undefined): NodeSample[
   }
 }
 
-/** The unlabelled `derpmesh_*` samples of a Prometheus text page, by name without the prefix. */
+/** The `derpmesh_*` samples of a Prometheus text page, by name without the prefix and labels as served. */
 export function parseMetrics(text: string): Map<string, number> {
   const values = new Map<string, number>();
   for (const line of text.split('\n')) {
-    const m = /^derpmesh_([a-z0-9_]+) (\S+)$/.exec(line);
+    const m = /^derpmesh_([a-z0-9_]+(?:\{[^}]*\})?) (\S+)$/.exec(line);
     if (m) values.set(m[1]!, Number(m[2]));
   }
   return values;
@@ -565,8 +565,7 @@ class Soak {
         s.drops = pick(page, DROPS);
         if (s.drops) {
           const d = s.drops;
-          const all =
-            d.packets_dropped_unknown_dest + d.packets_dropped_unknown_dest_on_fwd + d.packets_dropped_queue_full + d.packets_dropped_gone;
+          const all = PACKET_DROPS.reduce((sum, k) => sum + d[k], 0);
           s.dropsInInterval = all - (this.#lastDrops.get(pid) ?? 0);
           this.#lastDrops.set(pid, all);
         }
@@ -1114,7 +1113,7 @@ class Soak {
         issue: false,
         ok: dropsOutside <= churn.missedFirstOutside,
         detail:
-          `${dropsOutside} dropped (packets_dropped_* counters), ${churn.missedFirstOutside} churn packets missed their first send ` +
+          `${dropsOutside} dropped (derpmesh_dropped_packets_total), ${churn.missedFirstOutside} churn packets missed their first send ` +
           `outside fault windows`,
       },
       {

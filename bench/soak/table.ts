@@ -4,7 +4,7 @@ import type { SoakReport, SoakSample } from './run.js';
 
 export const soakLegend =
   "per sample: each node's VmRSS (MiB), open fds, connections (derpmesh_connections), packets dropped in the interval " +
-  "(packets_dropped_*); the steady flows' packets sent in the interval, lost (never arrived), lost in a fault interval by " +
+  "(derpmesh_dropped_packets_total); the steady flows' packets sent in the interval, lost (never arrived), lost in a fault interval by " +
   'flows not touching the faulted node (else); churn clients done/started in the interval; faults (in parentheses: ' +
   'the window goes on)';
 
