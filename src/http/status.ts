@@ -119,6 +119,7 @@ table.links td,table.sections td{padding:.15em .3em;border-top:1px solid #f0f1f4
 table.links td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 table.sections td.code{white-space:nowrap;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.85em}
 td.msg{color:#4b5563;word-break:break-word}
+table.links td:first-child,table.sections td:first-child{white-space:nowrap}
 table.heat{border-collapse:separate;border-spacing:3px;font-variant-numeric:tabular-nums}
 table.heat th{font-weight:600;font-size:.85em;padding:.3em .6em;color:#374151;text-align:center}
 table.heat th.row{text-align:right}
