@@ -112,8 +112,11 @@ export async function clusterCommand(argv: string[]): Promise<void> {
   let stopping = false;
   let stopped: Promise<void> | undefined;
   // A node that has not exited this long after its SIGTERM is killed: its own graceful stop is
-  // bounded by the shutdown grace, so this only catches a node that hangs.
-  const killAfterMs = (parseDuration(process.env.DERPMESH_SHUTDOWN_GRACE ?? options.shutdownGrace.default ?? '5s') ?? 5_000) + 2_000;
+  // bounded by the drain delay plus the shutdown grace, so this only catches a node that hangs.
+  const killAfterMs =
+    (parseDuration(process.env.DERPMESH_SHUTDOWN_GRACE ?? options.shutdownGrace.default ?? '5s') ?? 5_000) +
+    (parseDuration(process.env.DERPMESH_SHUTDOWN_DRAIN_DELAY ?? '0s') ?? 0) +
+    2_000;
   const stop = () =>
     (stopped ??= (async () => {
       stopping = true;
