@@ -9,7 +9,7 @@ import { after, before, describe, test } from 'node:test';
 import puppeteer, { type Browser, type Page } from 'puppeteer-core';
 
 import type { StatusDocument } from '../src/cluster-status.js';
-import { MAX_SUBSCRIBERS, ratesBetween } from '../src/cluster-status.js';
+import { ClusterStatus, MAX_SUBSCRIBERS, ratesBetween } from '../src/cluster-status.js';
 import type { TrafficSnapshot } from '../src/health.js';
 import { DerpClient } from '../src/client/index.js';
 import { getUrl, livePeers, startNodeProcess, waitFor, type NodeProcess } from './helpers/cluster.js';
@@ -61,6 +61,72 @@ test('rates come from counter differences; a counter that went down was reset an
   const reset = ratesBetween(snap(1_000, 5_000), snap(2_000, 40))!;
   assert.equal(reset.packetsIn, 40, 'after a restart the new count is what arrived in the interval');
   assert.equal(ratesBetween(snap(2_000, 1), snap(2_000, 2)), null, 'no interval, no rate');
+});
+
+test('history: one point per 5 s, at most 15 minutes kept, per replica; rows gone from Postgres are forgotten', () => {
+  // The registry as ClusterStatus reads it: rows with the health report each node stored.
+  const t0 = Date.parse('2026-01-01T00:00:00Z');
+  let now = t0;
+  let rows: { id: string; packets: number }[] = [
+    { id: 'a', packets: 0 },
+    { id: 'b', packets: 0 },
+  ];
+  const replica = (r: { id: string; packets: number }) => ({
+    id: r.id,
+    hostname: r.id,
+    regionId: 1,
+    relayUrl: '',
+    version: 'x',
+    startedAt: new Date(t0),
+    updatedAt: new Date(now),
+    stoppedAt: null,
+    error: '',
+    databaseLatencyUs: 100,
+    primary: true,
+    peerLatenciesUs: {},
+    health: { traffic: snap(now, r.packets) },
+    ageMs: 0,
+  });
+  const registry = {
+    self: { id: 'self', hostname: 'self' },
+    replicas: () => rows.map(replica),
+    peerLatencies: () => [],
+    isStale: () => false,
+    databaseError: () => undefined,
+    databaseLatencyMs: () => 0.1,
+  };
+  const status = new ClusterStatus({
+    registry: registry as never,
+    heartbeatMs: 1_000,
+    thresholdMs: 10,
+    health: () => ({}) as never,
+    warnings: () => [],
+    logger: { warn: () => {} } as never,
+  });
+  // 30 minutes of heartbeats; b restarts (its counter falls to 0) at minute 20.
+  for (let s = 0; s <= 30 * 60; s++) {
+    now = t0 + s * 1_000;
+    rows[0]!.packets += 50;
+    rows[1]!.packets = s === 20 * 60 ? 0 : rows[1]!.packets + 20;
+    status.sample(now);
+  }
+  const doc = status.document(now);
+  const a = doc.nodes.find((n) => n.id === 'a')!;
+  const b = doc.nodes.find((n) => n.id === 'b')!;
+  assert.equal(a.history.t.length, (15 * 60) / 5, 'one point per 5 s over 15 minutes');
+  assert.ok(a.history.t[0]! >= now - 15 * 60_000);
+  assert.ok(a.history.packetsIn.every((v) => v === 50));
+  assert.equal(a.rates!.packetsIn, 50);
+  assert.ok(
+    b.history.packetsIn.every((v) => v >= 0 && v <= 20),
+    'a restart is no negative rate',
+  );
+  rows = rows.filter((r) => r.id !== 'b');
+  status.sample(now + 1_000);
+  assert.deepEqual(
+    status.document(now + 1_000).nodes.map((n) => n.id),
+    ['a'],
+  );
 });
 
 describe('status page and `derpmesh status` on a 3-node cluster', { timeout: 600_000 }, () => {
