@@ -2,7 +2,9 @@
 // Helm chart's PrometheusRule (rendered by a real helm) uses only metrics a node really exports: each
 // metric name is looked up on the live /metrics of a real 3-node cluster on a real Postgres, with
 // clients exchanging packets through the mesh (so per-peer series, histograms and labelled counters
-// exist), and every label an expression groups by exists on the series it aggregates.
+// exist), and every label an expression groups by exists on the series it aggregates. Where
+// Prometheus' promtool is installed (Debian: `apt-get install prometheus`), its parser reads every
+// query and every alert too.
 import { strict as assert } from 'node:assert';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -166,8 +168,28 @@ function dashboardQueries(): Query[] {
   return queries;
 }
 
-/** The PrometheusRule's alert expressions, rendered by a real helm (null when there is no helm). */
-function ruleQueries(): Query[] | null {
+const hasPromtool = spawnSync('promtool', ['--version'], { stdio: 'ignore' }).status === 0;
+
+/**
+ * Prometheus' own parser on `groups` (a rules file): `promtool check rules` reads every expression
+ * (and every alert's templates). Grafana's variables are replaced by what they stand for.
+ */
+function promtoolCheck(groups: unknown): { code: number; output: string } {
+  const dir = mkdtempSync(join(tmpdir(), 'derpmesh-promtool-'));
+  try {
+    const file = join(dir, 'rules.json');
+    writeFileSync(file, JSON.stringify({ groups }));
+    const r = spawnSync('promtool', ['check', 'rules', file], { encoding: 'utf8', timeout: 60_000 });
+    return { code: r.status ?? 1, output: `${r.stdout}${r.stderr}` };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+const withoutGrafanaVariables = (expr: string) => expr.replace(/\$__(rate_interval|interval|range)\b/g, '5m').replace(/\$\{?\w+\}?/g, '.+');
+
+/** The PrometheusRule's alerts, rendered by a real helm (null when there is no helm). */
+function ruleGroups(): { name: string; rules: { alert: string; expr: string }[] }[] | null {
   const hasHelm = spawnSync('helm', ['version', '--short'], { stdio: 'ignore' }).status === 0;
   const hasGo = spawnSync('go', ['version'], { stdio: 'ignore' }).status === 0;
   if (!hasHelm && !hasGo) return null;
@@ -205,10 +227,10 @@ function ruleQueries(): Query[] | null {
     });
     const rule = JSON.parse(json.split('\n').find((l) => l.startsWith('{'))!) as {
       kind: string;
-      spec: { groups: { rules: { alert: string; expr: string }[] }[] };
+      spec: { groups: unknown };
     };
     assert.equal(rule.kind, 'PrometheusRule');
-    return rule.spec.groups.flatMap((g) => g.rules).map((r) => ({ where: `alert ${r.alert}`, expr: String(r.expr) }));
+    return rule.spec.groups as { name: string; rules: { alert: string; expr: string }[] }[];
   } finally {
     rmSync(home, { recursive: true, force: true });
   }
@@ -345,12 +367,29 @@ describe('dashboard and alert queries against a live /metrics', { timeout: 600_0
   });
 
   test('every alert of the PrometheusRule uses metrics the nodes export', (t) => {
-    const queries = ruleQueries();
-    if (queries === null) {
+    const groups = ruleGroups();
+    if (groups === null) {
       t.skip('neither helm nor Go (to build helm) is installed');
       return;
     }
+    const queries = groups.flatMap((g) => g.rules).map((r) => ({ where: `alert ${r.alert}`, expr: String(r.expr) }));
     assert.equal(queries.length, 6, queries.map((q) => q.where).join(', '));
     check(queries, t);
+    if (hasPromtool) {
+      const r = promtoolCheck(groups);
+      assert.equal(r.code, 0, r.output);
+      assert.match(r.output, /SUCCESS: 6 rules found/);
+    } else t.diagnostic('promtool not installed: the rules were read by this test only, not by Prometheus');
+  });
+
+  test("Prometheus' parser accepts every dashboard query", { skip: !hasPromtool && 'promtool not installed' }, () => {
+    const queries = dashboardQueries().filter((q) => !/^\s*label_values\(/.test(q.expr));
+    const rules = queries.map((q, i) => ({ record: `derpmesh_dashboard:query_${i}`, expr: withoutGrafanaVariables(q.expr) }));
+    const r = promtoolCheck([{ name: 'dashboard', rules }]);
+    assert.equal(r.code, 0, r.output);
+    assert.match(r.output, new RegExp(`SUCCESS: ${rules.length} rules found`));
+    // And it would refuse a broken one.
+    const broken = promtoolCheck([{ name: 'broken', rules: [{ record: 'x:y', expr: 'sum by (a (rate(x[5m]))' }] }]);
+    assert.notEqual(broken.code, 0, broken.output);
   });
 });
