@@ -442,4 +442,34 @@ describe('status page and `derpmesh status` on a 3-node cluster', { timeout: 600
     });
     assert.ok(!seen.problems.some((p) => p.startsWith('n2:')), 'a graceful stop is no problem');
   });
+
+  test('strings from the database are text on the page, never markup', async () => {
+    const [n1] = nodes as [NodeProcess];
+    const hostile = `<img src=x onerror="window.pwned=1"></script><script>window.pwned=2</script>&amp;'`;
+    const n4 = await startNodeProcess({ name: hostile, postgresUrl: postgres.url, heartbeatMs: HEARTBEAT_MS });
+    nodes.push(n4);
+    await n4.started;
+    await waitFor('n1 listing the new node', 10_000, async () => (await livePeers(n1)).includes(hostile));
+    const html = await (await getUrl(`${n1.url}/status`)).text();
+    assert.ok(!html.includes('<img src=x'), 'no raw markup from the database in the HTML');
+    assert.ok(!html.includes('</script><script>window.pwned'));
+    const tab = await browser!.newPage();
+    const errors: string[] = [];
+    tab.on('console', (m) => m.type() === 'error' && errors.push(m.text()));
+    tab.on('pageerror', (err) => errors.push((err as Error).message));
+    tab.on('dialog', (d) => errors.push(`dialog: ${d.message()}`));
+    await tab.goto(`${n1.url}/status`, { waitUntil: 'load' });
+    await tab.waitForFunction(
+      (name) => [...document.querySelectorAll('[data-node]')].some((e) => e.getAttribute('data-node') === name),
+      { timeout: 10_000 },
+      hostile,
+    );
+    const shown = await tab.$$eval('[data-node] .name', (els) => els.map((e) => e.textContent));
+    assert.ok(shown.includes(hostile), `names shown: ${JSON.stringify(shown)}`);
+    assert.equal(await tab.$$eval('[data-node] img', (els) => els.length), 0);
+    await new Promise((r) => setTimeout(r, 1_500));
+    assert.equal(await tab.evaluate(() => (window as unknown as { pwned?: number }).pwned), undefined);
+    assert.deepEqual(errors, []);
+    await tab.close();
+  });
 });
