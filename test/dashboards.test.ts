@@ -283,6 +283,46 @@ describe('dashboard and alert queries against a live /metrics', { timeout: 600_0
     assert.throws(() => parsePromql('rte(x[5m])'), /unknown function rte/);
   });
 
+  test('the dashboard is well-formed: unique uid, panel ids and refIds, a layout in 24 columns, the data source a variable', () => {
+    interface GridPanel extends Panel {
+      id: number;
+      gridPos: { x: number; y: number; w: number; h: number };
+      datasource?: { type: string; uid: string };
+      targets?: { expr?: string; refId?: string; datasource?: { uid: string } }[];
+    }
+    const d = JSON.parse(readFileSync(dashboardFile, 'utf8')) as {
+      uid: string;
+      title: string;
+      schemaVersion: number;
+      panels: GridPanel[];
+      templating: { list: { name: string; type: string; query?: unknown }[] };
+    };
+    assert.match(d.uid, /^[a-z0-9-]{1,40}$/);
+    assert.ok(d.schemaVersion >= 36, `schemaVersion ${d.schemaVersion}`);
+    assert.deepEqual(
+      d.templating.list.map((v) => `${v.name}:${v.type}`),
+      ['datasource:datasource', 'job:query', 'instance:query'],
+    );
+    const ids = d.panels.map((p) => p.id);
+    assert.equal(new Set(ids).size, ids.length, 'panel ids are unique');
+    const cells = new Set<string>();
+    for (const p of d.panels) {
+      const { x, y, w, h } = p.gridPos;
+      assert.ok(x >= 0 && w > 0 && x + w <= 24 && h > 0, `panel "${p.title}" at ${JSON.stringify(p.gridPos)}`);
+      for (let i = x; i < x + w; i++)
+        for (let j = y; j < y + h; j++) {
+          assert.ok(!cells.has(`${i},${j}`), `panel "${p.title}" overlaps another at ${i},${j}`);
+          cells.add(`${i},${j}`);
+        }
+      if (p.type === 'row') continue;
+      assert.equal(p.datasource?.uid, '${datasource}', `panel "${p.title}" data source`);
+      const refIds = (p.targets ?? []).map((t) => t.refId);
+      assert.ok(refIds.length > 0, `panel "${p.title}" has no query`);
+      assert.equal(new Set(refIds).size, refIds.length, `panel "${p.title}" refIds`);
+      for (const t of p.targets ?? []) assert.match(t.expr ?? '', /job=~"\$job",instance=~"\$instance"/, `panel "${p.title}": ${t.expr}`);
+    }
+  });
+
   test('a 3-node cluster with traffic: every series the queries need', async (t) => {
     for (const name of ['n1', 'n2', 'n3']) {
       const n = await startNodeProcess({ name, postgresUrl: postgres.url, heartbeatMs: HEARTBEAT_MS });
