@@ -1,6 +1,11 @@
 // `derpmesh status [--url URL] [--json]`: asks a running node for the cluster's status
 // (/api/v2/status) and prints replicas, health, the latency matrix and traffic. Exit code for
 // scripts and cron: 0 healthy, 1 unhealthy, 2 usage error or node unreachable.
+import { readFileSync } from 'node:fs';
+import { request as httpRequest, type IncomingMessage } from 'node:http';
+import { request as httpsRequest } from 'node:https';
+import { rootCertificates } from 'node:tls';
+
 import type { StatusDocument, StatusNode } from './cluster-status.js';
 
 export const STATUS_USAGE = `derpmesh status [--url URL] [--json] [--timeout DURATION]
@@ -12,6 +17,7 @@ Options:
   --url URL         a node's address (default: $DERPMESH_URL, else http://127.0.0.1:3000)
   --json            print the raw /api/v2/status document
   --timeout SECONDS how long to wait for the answer (default 5)
+  --ca-file PEM     CA certificate(s) trusted for an https URL besides the public roots
 
 Exit code: 0 healthy; 1 unhealthy (a node in error or stale, a mesh link down, the database
 unreachable); 2 usage error or the node could not be asked.
@@ -25,6 +31,7 @@ interface StatusArgs {
   url: URL;
   json: boolean;
   timeoutMs: number;
+  ca?: Buffer;
 }
 
 export function parseStatusArgs(argv: readonly string[], env: NodeJS.ProcessEnv = process.env): StatusArgs | 'help' {
@@ -32,6 +39,7 @@ export function parseStatusArgs(argv: readonly string[], env: NodeJS.ProcessEnv 
   let urlFrom = env.DERPMESH_URL ? 'DERPMESH_URL' : 'the default';
   let json = false;
   let timeoutMs = 5_000;
+  let ca: Buffer | undefined;
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
     const [flag, inline] =
@@ -61,6 +69,16 @@ export function parseStatusArgs(argv: readonly string[], env: NodeJS.ProcessEnv 
         timeoutMs = seconds * 1000;
         break;
       }
+      case '--ca-file': {
+        const file = value();
+        try {
+          ca = readFileSync(file);
+        } catch (e) {
+          throw new UsageError(`--ca-file ${JSON.stringify(file)} cannot be read: ${(e as Error).message}`);
+        }
+        if (!ca.includes('-----BEGIN CERTIFICATE-----')) throw new UsageError(`--ca-file ${JSON.stringify(file)} holds no PEM certificate`);
+        break;
+      }
       default:
         throw new UsageError(`unknown argument ${JSON.stringify(arg)}`);
     }
@@ -74,7 +92,7 @@ export function parseStatusArgs(argv: readonly string[], env: NodeJS.ProcessEnv 
   if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
     throw new UsageError(`${urlFrom}: ${JSON.stringify(url)} must be an http:// or https:// URL`);
   }
-  return { url: parsed, json, timeoutMs };
+  return { url: parsed, json, timeoutMs, ...(ca ? { ca } : {}) };
 }
 
 /** Runs the command; resolves to the exit code. */
@@ -94,25 +112,25 @@ export async function statusCommand(argv: readonly string[], out = process.stdou
   const endpoint = new URL('api/v2/status', args.url.href.endsWith('/') ? args.url : new URL(args.url.href + '/'));
   let body: string;
   try {
-    const res = await fetch(endpoint, { signal: AbortSignal.timeout(args.timeoutMs), headers: { Accept: 'application/json' } });
-    body = await res.text();
+    const res = await get(endpoint, args.timeoutMs, args.ca);
+    body = res.body;
     if (res.status === 404) {
       err.write(`derpmesh status: ${endpoint.href} answered 404: is this a derpmesh node of this version (with /api/v2/status)?\n`);
       return 2;
     }
-    if (!res.ok) {
+    if (res.status !== 200) {
       err.write(`derpmesh status: ${endpoint.href} answered HTTP ${res.status}: ${body.slice(0, 200).trim()}\n`);
       return 2;
     }
   } catch (e) {
-    const cause = (e as { cause?: { code?: string; message?: string } }).cause;
-    const why =
-      (e as Error).name === 'TimeoutError'
-        ? `no answer within ${args.timeoutMs / 1000} s`
-        : (cause?.code ?? cause?.message ?? (e as Error).message);
+    const code = (e as NodeJS.ErrnoException).code;
+    const why = code === 'ETIMEDOUT' ? `no answer within ${args.timeoutMs / 1000} s` : (code ?? (e as Error).message);
+    const tls = /CERT|SELF_SIGNED|UNABLE_TO_VERIFY|ERR_TLS/.test(code ?? '');
     err.write(
       `derpmesh status: cannot reach ${endpoint.href}: ${why}\n` +
-        `Check that a derpmesh node listens there (its --http-address / CODER_ADDRESS), or give its address with --url or DERPMESH_URL.\n`,
+        (tls
+          ? `The node's certificate is not trusted: give its CA with --ca-file.\n`
+          : `Check that a derpmesh node listens there (its --http-address / CODER_ADDRESS), or give its address with --url or DERPMESH_URL.\n`),
     );
     return 2;
   }
@@ -127,6 +145,38 @@ export async function statusCommand(argv: readonly string[], out = process.stdou
   if (args.json) out.write(body.endsWith('\n') ? body : body + '\n');
   else out.write(formatStatus(doc, args.url.href));
   return doc.healthy ? 0 : 1;
+}
+
+/** GET `url` (http, or https trusting the public roots and `ca`), the whole answer within `timeoutMs`. */
+function get(url: URL, timeoutMs: number, ca?: Buffer): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const onResponse = (res: IncomingMessage) => {
+      const chunks: Buffer[] = [];
+      let size = 0;
+      res.on('data', (c: Buffer) => {
+        size += c.length;
+        // A status document of a large cluster is a few MB at most.
+        if (size > 64 * 1024 * 1024) req.destroy(new Error('answer larger than 64 MB'));
+        else chunks.push(c);
+      });
+      res.on('end', () => {
+        clearTimeout(timer);
+        resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString('utf8') });
+      });
+      res.on('error', reject);
+    };
+    const options = { headers: { Accept: 'application/json' } };
+    const req =
+      url.protocol === 'https:'
+        ? httpsRequest(url, { ...options, ...(ca ? { ca: [...rootCertificates, ca.toString()] } : {}) }, onResponse)
+        : httpRequest(url, options, onResponse);
+    const timer = setTimeout(() => req.destroy(Object.assign(new Error('timed out'), { code: 'ETIMEDOUT' })), timeoutMs);
+    req.on('error', (e) => {
+      clearTimeout(timer);
+      reject(e);
+    });
+    req.end();
+  });
 }
 
 const fmtNum = (x: number | undefined | null) => {

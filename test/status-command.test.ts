@@ -9,7 +9,9 @@ import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 
 import { DEFAULT_STATUS_URL, parseStatusArgs } from '../src/status-command.js';
-import { freePort } from './helpers/postgres.js';
+import { hasOpenssl, makePrivateCa } from './helpers/certs.js';
+import { startNodeProcess, type NodeProcess } from './helpers/cluster.js';
+import { freePort, startPostgres, type TestPostgres } from './helpers/postgres.js';
 
 const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
 
@@ -119,5 +121,36 @@ describe('derpmesh status: a node that cannot be asked', () => {
     assert.equal(r.code, 2);
     assert.match(r.stderr, /no answer within 1 s/);
     assert.ok(Date.now() - start < 10_000);
+  });
+});
+
+describe('derpmesh status: a node serving https with a private CA', { skip: !hasOpenssl() && 'no openssl to make certificates' }, () => {
+  let postgres: TestPostgres;
+  let node: NodeProcess;
+  let caFile: string;
+
+  before(async () => {
+    postgres = await startPostgres();
+    const ca = makePrivateCa();
+    caFile = ca.caFile;
+    node = await startNodeProcess({ name: 'tls-status', postgresUrl: postgres.url, heartbeatMs: 500, tls: ca });
+    await node.started;
+  });
+  after(async () => {
+    await node?.kill9();
+    await postgres?.stop();
+  });
+
+  test('untrusted certificate: exit 2 naming --ca-file; with --ca-file: the status, exit 0', async () => {
+    assert.ok(node.url.startsWith('https://'));
+    const untrusted = await run(['--url', node.url]);
+    assert.equal(untrusted.code, 2, untrusted.stdout + untrusted.stderr);
+    assert.match(untrusted.stderr, /certificate is not trusted: give its CA with --ca-file/);
+    const trusted = await run(['--url', node.url, '--ca-file', caFile]);
+    assert.equal(trusted.code, 0, trusted.stdout + trusted.stderr);
+    assert.match(trusted.stdout, /^\s+tls-status\*\s+live\s+ok/m);
+    const missing = await run(['--url', node.url, '--ca-file', '/nonexistent/ca.pem']);
+    assert.equal(missing.code, 2);
+    assert.match(missing.stderr, /--ca-file "\/nonexistent\/ca.pem" cannot be read/);
   });
 });
