@@ -307,6 +307,8 @@ export class ClusterStatus {
     const self = registry.self;
     const here = this.#o.health();
     const replicas = registry.replicas();
+    // Heartbeats seen since the last sample count now (the staleness estimate below).
+    for (const r of replicas) this.#track(r, now);
     const byUrl = new Map(replicas.filter((r) => r.relayUrl).map((r) => [urlKey(r.relayUrl), r]));
     const staleAfter = 3 * heartbeatMs;
     const problems: string[] = [];
