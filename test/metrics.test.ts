@@ -8,10 +8,11 @@ import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 
 import { DerpClient } from '../src/client/index.js';
+import { FrameType } from '../src/client/frame.js';
 import { defaultMetricDefinitions, metricDefinitions, metricsMarkdownTable } from '../src/metrics.js';
 import { getOrCreateMeshKey } from '../src/postgres/meshkey.js';
 import { livePeers, startNodeProcess, waitFor, type NodeProcess } from './helpers/cluster.js';
-import { keyPair, rawClient, sleep } from './helpers/frames.js';
+import { frame, keyPair, RawConn, rawClient, sleep } from './helpers/frames.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
 import { deliver } from './helpers/traffic.js';
 
@@ -108,7 +109,11 @@ describe('/metrics', { timeout: 600_000 }, () => {
   });
 
   test('follows the conventions: TYPE for every family, counters end in _total, no duplicate series, every declared metric', async () => {
-    const s = await scrape(nodes[0]!);
+    // The Postgres round trip is measured by the heartbeat: present from the first one on.
+    const { value: s } = await waitFor('a database round trip on m1', 5 * HEARTBEAT_MS, async () => {
+      const s = await scrape(nodes[0]!);
+      return value(s, 'derpmesh_database_rtt_seconds') !== undefined && s;
+    });
     const seen = new Set<string>();
     for (const x of s.series) {
       const family = familyOf(x.name, s.types);
@@ -255,6 +260,18 @@ describe('/metrics', { timeout: 600_000 }, () => {
     }
     assert.ok(full > fullBefore, 'queue_full drops rise');
     stalled.destroy();
+  });
+
+  test('a failed handshake shows up under its reason', async () => {
+    const m1 = nodes[0]!;
+    const failures = async (reason: string) => must(await scrape(m1), 'derpmesh_handshake_failures_total', { reason });
+    const before = await failures('bad_first_frame');
+    const ioBefore = await failures('io');
+    // A SendPacket where ClientInfo must come first.
+    const conn = await RawConn.tcp(m1.port, { after: frame(FrameType.SendPacket, keyPair().publicKey, Buffer.from('early')) });
+    await conn.waitClosed();
+    await waitFor('bad_first_frame counted on m1', 5_000, async () => (await failures('bad_first_frame')) === before + 1);
+    assert.equal(await failures('io'), ioBefore, 'counted under its own reason only');
   });
 
   test('per-peer gauges: mesh links up and peers reachable in a 3-node cluster; a killed peer turns 0', async () => {
