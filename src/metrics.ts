@@ -45,6 +45,13 @@ export const metricDefinitions: readonly MetricDefinition[] = [
   def('mesh_connections', 'gauge', 'Connections authenticated with the mesh key (peer relays).', 'relay core'),
   def('watchers', 'gauge', 'Connections subscribed with WatchConns.', 'relay core'),
   def('forwarders', 'gauge', 'Client keys reachable through a mesh peer.', 'relay core'),
+  def('queued_packets', 'gauge', 'Packets queued to local clients now (read from the queues at scrape time).', 'relay core'),
+  def(
+    'queue_depth_max',
+    'gauge',
+    'Packets queued to the client with the fullest queue now; at --queue-depth the oldest are being dropped.',
+    'relay core',
+  ),
   def(
     'duplicate_client_connections_total',
     'counter',
@@ -248,6 +255,8 @@ export const coreMetricMap: Record<string, { metric: string; labels?: Record<str
   restarting_sent: { metric: 'restarting_sent_total' },
   mesh_links: { metric: 'mesh_links' },
   forwarders: { metric: 'forwarders' },
+  queued_packets: { metric: 'queued_packets' },
+  queue_depth_max: { metric: 'queue_depth_max' },
   upgrades_fast_start: { metric: 'upgrades_total', labels: { kind: 'fast_start' } },
   upgrades_refused: { metric: 'upgrades_total', labels: { kind: 'refused' } },
   upgrades_bridged: { metric: 'upgrades_total', labels: { kind: 'bridged' } },

@@ -259,7 +259,17 @@ describe('/metrics', { timeout: 600_000 }, () => {
       full = await reasonOf(m1, 'queue_full');
     }
     assert.ok(full > fullBefore, 'queue_full drops rise');
+    // The queue depth gauges, computed at scrape time from the client queues: the stalled client's
+    // queue is at its limit (--queue-depth, 512 by default; the oldest packet makes room).
+    const stuck = await scrape(m1);
+    assert.equal(must(stuck, 'derpmesh_queue_depth_max'), 512);
+    assert.ok(must(stuck, 'derpmesh_queued_packets') >= 512);
     stalled.destroy();
+    await waitFor(
+      'the queue emptied once the stalled client left',
+      5_000,
+      async () => must(await scrape(m1), 'derpmesh_queued_packets') === 0,
+    );
   });
 
   test('a failed handshake shows up under its reason', async () => {

@@ -87,7 +87,15 @@ export interface SoakOptions {
 
 export type ResolvedSoakOptions = Required<Omit<SoakOptions, 'log' | 'onSample'>>;
 
-const GAUGES = ['connections', 'clients', 'mesh_links', 'forwarders', 'accepted_open_connections'] as const;
+const GAUGES = [
+  'connections',
+  'clients',
+  'mesh_links',
+  'forwarders',
+  'accepted_open_connections',
+  'queued_packets',
+  'queue_depth_max',
+] as const;
 const PACKET_DROPS = [
   'dropped_packets_total{reason="unknown_dest"}',
   'dropped_packets_total{reason="unknown_dest_on_fwd"}',

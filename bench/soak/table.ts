@@ -3,13 +3,14 @@ import { fmtInt } from '../report.js';
 import type { SoakReport, SoakSample } from './run.js';
 
 export const soakLegend =
-  "per sample: each node's VmRSS (MiB), open fds, connections (derpmesh_connections), packets dropped in the interval " +
-  "(derpmesh_dropped_packets_total); the steady flows' packets sent in the interval, lost (never arrived), lost in a fault interval by " +
+  "per sample: each node's VmRSS (MiB), open fds, connections (derpmesh_connections), packets queued to its clients " +
+  '(derpmesh_queued_packets), packets dropped in the interval (derpmesh_dropped_packets_total); ' +
+  "the steady flows' packets sent in the interval, lost (never arrived), lost in a fault interval by " +
   'flows not touching the faulted node (else); churn clients done/started in the interval; faults (in parentheses: ' +
   'the window goes on)';
 
-const NODE_COLUMNS = ['MiB', 'fds', 'conn', 'drop'];
-const WIDTHS = { time: 7, node: [6, 5, 5, 5], sent: 8, lost: 6, else: 5, churn: 7 };
+const NODE_COLUMNS = ['MiB', 'fds', 'conn', 'queue', 'drop'];
+const WIDTHS = { time: 7, node: [6, 5, 5, 5, 5], sent: 8, lost: 6, else: 5, churn: 7 };
 
 function time(s: number): string {
   const whole = Math.round(s);
@@ -39,6 +40,7 @@ export function soakRow(s: SoakSample): string {
       down ? 'down' : n.rssKiB === undefined ? '?' : (n.rssKiB / 1024).toFixed(1),
       down ? '' : String(n.fds ?? '?'),
       down ? '' : String(n.gauges?.connections ?? '?'),
+      down ? '' : String(n.gauges?.queued_packets ?? '?'),
       down ? '' : String(n.dropsInInterval ?? '?'),
     ];
     return cells.map((c, j) => c.padStart(WIDTHS.node[j]!)).join(' ');

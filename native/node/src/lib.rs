@@ -576,7 +576,8 @@ impl RelayCore {
 
     #[napi]
     pub fn metrics(&self) -> Vec<Metric> {
-        self.server
+        let mut out: Vec<Metric> = self
+            .server
             .metrics()
             .snapshot()
             .into_iter()
@@ -589,7 +590,22 @@ impl RelayCore {
                 help: m.help.to_string(),
                 value: m.value as f64,
             })
-            .collect()
+            .collect();
+        // Computed now from the client queues, not kept as counters.
+        let (queued, deepest) = self.server.relay().queue_depths();
+        let gauge = |name: &str, help: &str, value: u64| Metric {
+            name: name.to_string(),
+            kind: MetricKind::Gauge,
+            help: help.to_string(),
+            value: value as f64,
+        };
+        out.push(gauge("queued_packets", "Packets queued to local clients now.", queued));
+        out.push(gauge(
+            "queue_depth_max",
+            "Packets queued to the client with the fullest queue now.",
+            deepest,
+        ));
+        out
     }
 
     /// The core's histograms (handshake duration, queue wait), one consistent read each.

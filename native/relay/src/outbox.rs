@@ -115,6 +115,12 @@ impl Outbox {
         }
     }
 
+    /// Packets (disco included) waiting for the writer now; control frames not counted.
+    pub fn queued(&self) -> usize {
+        let q = self.lock();
+        q.packets.len() + q.disco.len()
+    }
+
     pub fn push_control(&self, frame: Bytes) {
         let mut q = self.lock();
         if q.finish {

@@ -127,6 +127,18 @@ pub(crate) enum Route {
 }
 
 impl Relay {
+    /// Packets queued to this relay's clients now, in total and in the fullest queue; read at
+    /// scrape time (one short lock per connected client), never on the packet path.
+    pub fn queue_depths(&self) -> (u64, u64) {
+        let (mut total, mut max) = (0u64, 0u64);
+        for conn in self.active.iter() {
+            let n = conn.value().outbox.queued() as u64;
+            total += n;
+            max = max.max(n);
+        }
+        (total, max)
+    }
+
     pub fn new(key: KeyPair, config: RelayConfig) -> Arc<Relay> {
         let writer_config = WriterConfig {
             write_timeout: config.write_timeout,
