@@ -127,7 +127,7 @@ export function nodeHealth(h: HealthInputs): HealthReport {
     ? section('ok', 'RELAY_DISABLED', 'embedded relay disabled: custom relays')
     : misconfiguration
       ? section('warning', misconfiguration.code, misconfiguration.message)
-      : section('ok', 'RELAY_OK', `relay serving ${h.relay.clients} clients`);
+      : section('ok', 'RELAY_OK', `relay serving ${h.relay.clients} client${h.relay.clients === 1 ? '' : 's'}`);
   const sections = { database, relay, mesh: meshSection(h), pubsub: pubsubSection(h.pubsub) };
   return {
     replicaId: h.replicaId,

@@ -19,7 +19,7 @@ import {
 import { apiRoutes } from './http/api.js';
 import { startHttpServer, type HttpServer } from './http/server.js';
 import { statusPage } from './http/status.js';
-import { ClusterStatus } from './cluster-status.js';
+import { ClusterStatus, derpClients } from './cluster-status.js';
 import type { Logger } from './log.js';
 import type { Sample, Snapshot } from './metrics.js';
 import { startEmbeddedPostgres, type EmbeddedPostgres } from './postgres/embedded.js';
@@ -230,7 +230,11 @@ async function start(
       version,
       latencyThresholdMs: config.latencyThresholdMs,
       database: { error: registry.databaseError(), rttMs: registry.databaseLatencyMs() },
-      relay: relay && { clients: relay.metric('clients'), links: relay.meshLinks() },
+      relay: relay && {
+        // DERP clients, as the status page counts them: peer relays' mesh connections left out.
+        clients: derpClients(relay.metric('clients'), relay.metric('connections'), relay.metric('mesh_connections'), relay.meshLinks()),
+        links: relay.meshLinks(),
+      },
       peers: registry.peers(),
       peerLatencies: registry.peerLatencies(),
       pubsub: pubsub.state(),

@@ -232,6 +232,11 @@ describe('status page and `derpmesh status` on a 3-node cluster', { timeout: 600
         assert.ok(l.peer && l.peer !== n.hostname);
       }
       assert.match(n.sections?.database.code ?? '', /^DB_(OK|SLOW)$/, 'the database reachable (slow on a loaded machine)');
+      // The health report counts clients as the traffic does: the two peer relays are not clients.
+      await waitFor(`${n.hostname}'s relay section counting its one client`, 10_000, async () => {
+        const d = (await (await getUrl(`${n1.url}/api/v2/status`)).json()) as StatusDocument;
+        return d.nodes.find((y) => y.id === n.id)!.sections?.relay.message === 'relay serving 1 client';
+      });
       // The mesh link RTTs come from the probes: loopback round trips well under a second.
       await waitFor(`${n.hostname}'s links carrying RTTs`, 10_000, async () => {
         const d = (await (await getUrl(`${n1.url}/api/v2/status`)).json()) as StatusDocument;
