@@ -407,6 +407,11 @@ export class Relay {
     this.#core.setHealth(problem);
   }
 
+  /** Counts a DERP upgrade refused outside the relay (the HTTP server's 503 while a stop drains). */
+  countRefusedUpgrade(): void {
+    this.#upgrades.refused++;
+  }
+
   /** Counters and gauges of the relay core, plus the upgrades Node refused or bridged. */
   metrics(): Metric[] {
     return [

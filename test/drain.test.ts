@@ -177,9 +177,17 @@ describe('graceful stop: readiness and drain', { timeout: 300_000 }, () => {
     let upgrade = '';
     let liveness: number | string = 0;
     let deliveredAt = -1;
+    const refused = async () => {
+      const line = (await n.metrics()).split('\n').find((l) => l.startsWith('derpmesh_upgrades_total{kind="refused"}'));
+      return Number(line?.split(' ')[1]);
+    };
+    const refusedBefore = await refused();
+    let refusedDuring = NaN;
     const { probes, code } = await stopWhileProbing(n, undefined, async () => {
       await new Promise((r) => setTimeout(r, 300));
       upgrade = await derpUpgradeStatus(n.port);
+      // /metrics still answers while draining, and counts the refusal.
+      refusedDuring = await refused();
       // The Helm chart's liveness probe: it stays 200 while the node drains.
       liveness = (await get(`${n.url}/derp/probe`)).status;
       await deliver(a, b, 1_000);
@@ -188,6 +196,7 @@ describe('graceful stop: readiness and drain', { timeout: 300_000 }, () => {
     assert.equal(code, 0, n.output());
     const drained = assertDrainSequence(probes, n.output());
     assert.match(upgrade, /^HTTP\/1\.1 503 /, 'a new DERP upgrade during the drain');
+    assert.equal(refusedDuring, refusedBefore + 1, 'the refused upgrade counted in derpmesh_upgrades_total{kind="refused"}');
     assert.equal(liveness, 200, '/derp/probe during the drain');
     assert.ok(deliveredAt > 0 && deliveredAt < 1_500, `a packet between two connected clients arrived at ${deliveredAt} ms`);
     assert.ok(restartingAt >= 1_500, `Restarting came at ${restartingAt} ms, before the 1500 ms drain delay ended`);

@@ -153,6 +153,7 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
   server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
     clearHeaderTimer(socket);
     if (draining && relay?.isDerpUpgrade(req)) {
+      relay.countRefusedUpgrade();
       const body = 'relay is shutting down';
       socket.end(
         `HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`,
