@@ -246,7 +246,7 @@ const SCRIPT = `
           h('td', null, h('span', { class: 'dot ' + (l.up ? 'up' : 'down') }), ' ', l.peer || l.url),
           h('td', null, l.up ? 'up' : l.state),
           h('td', { class: 'num' }, l.rttMs !== undefined ? ms(l.rttMs) : ''),
-          h('td', { class: 'num', title: 'clients reachable through this link' }, num(l.forwarders) + ' clients there'),
+          h('td', { class: 'num', title: 'keys reachable through this link: clients of that relay, and the other relays meshed into it' }, num(l.forwarders) + ' keys there'),
           h('td', { class: 'msg' }, l.lastError || ''));
       })));
     }
