@@ -1,8 +1,8 @@
 // `derpmesh bench`: the Rust load generator against any DERP relay URL.
-import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 
 import { parseDuration } from './config.js';
+import { readCaFile } from './ca-file.js';
 import { configError, fromNative } from './errors.js';
 import { native } from './native.js';
 import { createProgress, secondsOf } from './progress.js';
@@ -102,15 +102,7 @@ export async function benchCommand(argv: string[]): Promise<void> {
     if (ms === undefined) throw configError(`--${name} must be a duration like 20s, got ${JSON.stringify(text)}`, text);
     return ms;
   };
-  const caFile = values['ca-file'];
-  let caPem: Buffer | undefined;
-  if (caFile !== undefined) {
-    try {
-      caPem = readFileSync(caFile);
-    } catch (err) {
-      throw configError(`--ca-file ${JSON.stringify(caFile)} cannot be read: ${(err as Error).message}`, caFile);
-    }
-  }
+  const caPem = readCaFile(values['ca-file']);
   const options: LoadOptions = {
     caPem,
     url: values.url,

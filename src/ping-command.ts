@@ -3,7 +3,6 @@
 // mesh when A and B are different nodes), B echoes each one back, and the pair reports delivery and
 // round trip. Exit code 0 when every pair delivered everything, 1 otherwise (for alerting).
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
 import { get as httpGet, type IncomingMessage } from 'node:http';
 import { get as httpsGet } from 'node:https';
 import { performance } from 'node:perf_hooks';
@@ -11,6 +10,7 @@ import { parseArgs } from 'node:util';
 
 import { DerpClient } from './client/index.js';
 import { parseDuration } from './config.js';
+import { readCaFile } from './ca-file.js';
 import { configError } from './errors.js';
 import { createProgress, type Progress } from './progress.js';
 
@@ -466,15 +466,7 @@ export async function pingCommand(argv: string[]): Promise<void> {
       throw configError(`${flag} must be an http:// or https:// URL, got ${JSON.stringify(text)}`, text);
     return url;
   };
-  const caFile = values['ca-file'];
-  let caPem: Buffer | undefined;
-  if (caFile !== undefined) {
-    try {
-      caPem = readFileSync(caFile);
-    } catch (err) {
-      throw configError(`--ca-file ${JSON.stringify(caFile)} cannot be read: ${(err as Error).message}`, caFile);
-    }
-  }
+  const caPem = readCaFile(values['ca-file']);
 
   let targets: PingTarget[];
   let skipped: PingReport['skipped'] = [];

@@ -1,11 +1,11 @@
 // `derpmesh status [--url URL] [--json]`: asks a running node for the cluster's status
 // (/api/v2/status) and prints replicas, health, the latency matrix and traffic. Exit code for
 // scripts and cron: 0 healthy, 1 unhealthy, 2 usage error or node unreachable.
-import { readFileSync } from 'node:fs';
 import { request as httpRequest, type IncomingMessage } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { rootCertificates } from 'node:tls';
 
+import { readCaFile } from './ca-file.js';
 import type { StatusDocument, StatusNode } from './cluster-status.js';
 
 export const STATUS_USAGE = `derpmesh status [--url URL] [--json] [--timeout DURATION]
@@ -70,13 +70,11 @@ export function parseStatusArgs(argv: readonly string[], env: NodeJS.ProcessEnv 
         break;
       }
       case '--ca-file': {
-        const file = value();
         try {
-          ca = readFileSync(file);
+          ca = readCaFile(value());
         } catch (e) {
-          throw new UsageError(`--ca-file ${JSON.stringify(file)} cannot be read: ${(e as Error).message}`);
+          throw new UsageError((e as Error).message);
         }
-        if (!ca.includes('-----BEGIN CERTIFICATE-----')) throw new UsageError(`--ca-file ${JSON.stringify(file)} holds no PEM certificate`);
         break;
       }
       default:

@@ -2,34 +2,15 @@
 // way asking a node can fail (nothing listening, a server that is not derpmesh, one that never
 // answers). The command against a real 3-node cluster is in status-page.test.ts.
 import { strict as assert } from 'node:assert';
-import { spawn } from 'node:child_process';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 
 import { DEFAULT_STATUS_URL, parseStatusArgs } from '../src/status-command.js';
 import { hasOpenssl, makePrivateCa } from './helpers/certs.js';
+import { runStatus } from './helpers/cli.js';
 import { startNodeProcess, type NodeProcess } from './helpers/cluster.js';
 import { freePort, startPostgres, type TestPostgres } from './helpers/postgres.js';
-
-const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
-
-function run(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [cli, 'status', ...args], { env: { ...process.env, DERPMESH_URL: '', ...env } });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), 20_000);
-    child.once('error', reject);
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
 
 describe('derpmesh status: arguments', () => {
   test('the URL comes from --url, else DERPMESH_URL, else the default listen address', () => {
@@ -55,15 +36,15 @@ describe('derpmesh status: arguments', () => {
       [['--timeout', 'soon'], /--timeout must be a positive number of seconds/],
       [['extra'], /unknown argument "extra"/],
     ] as const) {
-      const r = await run([...args]);
+      const r = await runStatus([...args]);
       assert.equal(r.code, 2, `${args.join(' ')}: ${r.stderr}`);
       assert.match(r.stderr, message);
       assert.match(r.stderr, /derpmesh status \[--url URL\]/, 'the usage follows');
     }
-    const badEnv = await run([], { DERPMESH_URL: 'not a url' });
+    const badEnv = await runStatus([], { DERPMESH_URL: 'not a url' });
     assert.equal(badEnv.code, 2);
     assert.match(badEnv.stderr, /DERPMESH_URL: "not a url" is not a URL/);
-    const help = await run(['--help']);
+    const help = await runStatus(['--help']);
     assert.equal(help.code, 0);
     assert.match(help.stdout, /Exit code: 0 healthy; 1 unhealthy/);
   });
@@ -99,7 +80,7 @@ describe('derpmesh status: a node that cannot be asked', () => {
 
   test('nothing listening: exit 2, naming the URL and what to check', async () => {
     const url = `http://127.0.0.1:${await freePort()}`;
-    const r = await run(['--url', url]);
+    const r = await runStatus(['--url', url]);
     assert.equal(r.code, 2);
     assert.match(r.stderr, new RegExp(`cannot reach ${url}/api/v2/status: ECONNREFUSED`));
     assert.match(r.stderr, /--http-address/);
@@ -107,17 +88,17 @@ describe('derpmesh status: a node that cannot be asked', () => {
   });
 
   test('not a derpmesh node: exit 2 for a 404 and for an answer that is not a status document', async () => {
-    const missing = await run(['--url', notDerpmeshUrl]);
+    const missing = await runStatus(['--url', notDerpmeshUrl]);
     assert.equal(missing.code, 2);
     assert.match(missing.stderr, /answered 404: is this a derpmesh node/);
-    const other = await run(['--url', `${notDerpmeshUrl}/other`]);
+    const other = await runStatus(['--url', `${notDerpmeshUrl}/other`]);
     assert.equal(other.code, 2);
     assert.match(other.stderr, /did not answer a status document/);
   });
 
   test('no answer: exit 2 after --timeout', async () => {
     const start = Date.now();
-    const r = await run(['--url', silentUrl, '--timeout', '1']);
+    const r = await runStatus(['--url', silentUrl, '--timeout', '1']);
     assert.equal(r.code, 2);
     assert.match(r.stderr, /no answer within 1 s/);
     assert.ok(Date.now() - start < 10_000);
@@ -143,13 +124,13 @@ describe('derpmesh status: a node serving https with a private CA', { skip: !has
 
   test('untrusted certificate: exit 2 naming --ca-file; with --ca-file: the status, exit 0', async () => {
     assert.ok(node.url.startsWith('https://'));
-    const untrusted = await run(['--url', node.url]);
+    const untrusted = await runStatus(['--url', node.url]);
     assert.equal(untrusted.code, 2, untrusted.stdout + untrusted.stderr);
     assert.match(untrusted.stderr, /certificate is not trusted: give its CA with --ca-file/);
-    const trusted = await run(['--url', node.url, '--ca-file', caFile]);
+    const trusted = await runStatus(['--url', node.url, '--ca-file', caFile]);
     assert.equal(trusted.code, 0, trusted.stdout + trusted.stderr);
     assert.match(trusted.stdout, /^\s+tls-status\*\s+live\s+ok/m);
-    const missing = await run(['--url', node.url, '--ca-file', '/nonexistent/ca.pem']);
+    const missing = await runStatus(['--url', node.url, '--ca-file', '/nonexistent/ca.pem']);
     assert.equal(missing.code, 2);
     assert.match(missing.stderr, /--ca-file "\/nonexistent\/ca.pem" cannot be read/);
   });

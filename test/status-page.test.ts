@@ -1,7 +1,7 @@
 // The live status page and `derpmesh status` against a real 3-node cluster on a real Postgres, with
 // real DERP traffic between clients on different nodes, read by a real headless Chromium.
 import { strict as assert } from 'node:assert';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, statSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
@@ -12,31 +12,16 @@ import type { StatusDocument } from '../src/cluster-status.js';
 import { ClusterStatus, MAX_SUBSCRIBERS, ratesBetween } from '../src/cluster-status.js';
 import type { TrafficSnapshot } from '../src/health.js';
 import { DerpClient } from '../src/client/index.js';
+import { runStatus } from './helpers/cli.js';
 import { getUrl, livePeers, startNodeProcess, waitFor, type NodeProcess } from './helpers/cluster.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
 import { deliver } from './helpers/traffic.js';
 
 const HEARTBEAT_MS = 1_000;
 const root = fileURLToPath(new URL('../../', import.meta.url));
-const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
 const artifacts = `${root}test-artifacts`;
 
 /** Runs `derpmesh status ...` as an operator would; resolves to its exit code and output. */
-function runStatus(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [cli, 'status', ...args], { env: { ...process.env, DERPMESH_URL: '', ...env } });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), 20_000);
-    child.once('error', reject);
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
 
 const snap = (at: number, packetsIn: number, drops = 0): TrafficSnapshot => ({
   at,
