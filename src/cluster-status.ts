@@ -151,18 +151,14 @@ export function ratesBetween(a: TrafficSnapshot, b: TrafficSnapshot): Rates | nu
 }
 
 /**
- * DERP clients connected, peer relays not counted. The core's \`clients\` gauge counts distinct keys,
- * peer relays' included (each meshes in under its relay key, the \`peerKey\` of this relay's link to
- * it); non-mesh connections bound it from above too (a client may hold two).
+ * DERP clients connected, peer relays not counted. The core's `clients` gauge counts distinct keys,
+ * peer relays' included (each meshes in under its relay key, the `peerKey` of this relay's link to
+ * it); non-mesh connections bound it from above too (a client may hold two). `v` reads one snapshot
+ * of the core's counters by name.
  */
-export function derpClients(
-  keys: number,
-  connections: number,
-  meshConnections: number,
-  links: readonly { state: string; peerKey?: string }[],
-): number {
+export function derpClients(v: (name: string) => number, links: readonly { state: string; peerKey?: string }[]): number {
   const peerKeys = new Set(links.filter((l) => l.state === 'connected' && l.peerKey).map((l) => l.peerKey)).size;
-  return Math.max(0, Math.min(keys - peerKeys, connections - meshConnections));
+  return Math.max(0, Math.min(v('clients') - peerKeys, v('connections') - v('mesh_connections')));
 }
 
 /** A URL's identity for matching mesh links to replicas' relay URLs. */
@@ -207,7 +203,7 @@ export class ClusterStatus {
     const rtts = new Map(this.#o.registry.peerLatencies().map((l) => [urlKey(l.relayUrl), l.rttMs]));
     return {
       at: Date.now(),
-      clients: derpClients(v('clients'), v('connections'), v('mesh_connections'), links),
+      clients: derpClients(v, links),
       meshConnections: v('mesh_connections'),
       connections: v('connections'),
       packetsIn: v('packets_received'),

@@ -223,6 +223,13 @@ async function start(
   };
   const warnings = () => misconfigurations().map(formatMisconfiguration);
 
+  // The relay as health sees it: DERP clients as the status page counts them (peer relays' mesh
+  // connections left out), from one read of the core's counters and links.
+  const relayView = (r: Relay) => {
+    const counters = new Map(r.metrics().map((m) => [m.name, m.value]));
+    const links = r.meshLinks();
+    return { clients: derpClients((name) => counters.get(name) ?? 0, links), links };
+  };
   const health = (): HealthReport =>
     nodeHealth({
       replicaId: id,
@@ -230,11 +237,7 @@ async function start(
       version,
       latencyThresholdMs: config.latencyThresholdMs,
       database: { error: registry.databaseError(), rttMs: registry.databaseLatencyMs() },
-      relay: relay && {
-        // DERP clients, as the status page counts them: peer relays' mesh connections left out.
-        clients: derpClients(relay.metric('clients'), relay.metric('connections'), relay.metric('mesh_connections'), relay.meshLinks()),
-        links: relay.meshLinks(),
-      },
+      relay: relay && relayView(relay),
       peers: registry.peers(),
       peerLatencies: registry.peerLatencies(),
       pubsub: pubsub.state(),
