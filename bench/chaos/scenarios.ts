@@ -152,11 +152,10 @@ const scenarios: Record<
       const start = performance.now();
       await c.kill9(victim);
       // Polled every 100 ms: the state of every client group (in worker processes, one round trip each).
-      let state = await c.groupState();
       let cpu: number | undefined;
       const deadline = start + 120_000;
-      for (;;) {
-        state = await c.groupState();
+      let state = await c.groupState();
+      for (; ; state = await c.groupState()) {
         if (measures.reconnectedMs === undefined && state.reconnected === state.clients) {
           measures.reconnectedMs = performance.now() - start;
           cpu = survivors.reduce<number>((t, pid) => t + cpuSeconds(pid), 0) - cpuBefore;
