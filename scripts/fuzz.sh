@@ -205,7 +205,15 @@ if [[ "$MODE" == libfuzzer ]]; then
     else
       FAILED+=("$t")
       SUMMARY+=("$t: FAILED (exit $rc) after ${runs:-?} executions; artifacts/$t/, log work/logs/$t.log")
-      grep -E "^(==[0-9]+==|thread '|SUMMARY|artifact_prefix|Test unit written)" "$log" | head -20 >&2 || true
+      grep -E -A3 "^(==[0-9]+==|thread '|SUMMARY|artifact_prefix|Test unit written)" "$log" | head -40 >&2 || true
+      # The input itself, so that a crash on a machine whose files are gone can be replayed:
+      # `base64 -d > crash && cargo fuzz run <target> crash`.
+      crash=$(ls -t "$FUZZ/artifacts/$t"/* 2>/dev/null | head -1 || true)
+      if [[ -n "$crash" ]]; then
+        echo "fuzz: $t: the input, base64 ($(wc -c <"$crash") bytes):" >&2
+        base64 -w 0 "$crash" | head -c 16384 >&2
+        echo >&2
+      fi
     fi
   done
 else

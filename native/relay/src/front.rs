@@ -181,7 +181,7 @@ impl Front {
                     }
                     buf.advance(head.len);
                 }
-                Route::Node => return self.hand_to_node(stream, buf, remote).await,
+                Route::Node => return self.hand_to_node(stream, buf, remote, head.method == "HEAD").await,
             }
         }
     }
@@ -275,12 +275,12 @@ impl Front {
 
     /// Gives the rest of the connection to Node as a decrypted stream (see the module docs).
     #[cfg(unix)]
-    async fn hand_to_node<S: Stream>(&self, stream: S, buffered: BytesMut, remote: SocketAddr) {
+    async fn hand_to_node<S: Stream>(&self, stream: S, buffered: BytesMut, remote: SocketAddr, head_method: bool) {
         let m = self.metrics();
         let handoff = self.handoff.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut stream = stream;
         let Some(handoff) = handoff else {
-            let _ = respond(&mut stream, NOT_FOUND).await;
+            let _ = respond(&mut stream, not_found(head_method)).await;
             return;
         };
         let Ok((ours, theirs)) = std::os::unix::net::UnixStream::pair() else {
@@ -316,8 +316,14 @@ impl Front {
     }
 
     #[cfg(not(unix))]
-    async fn hand_to_node<S: Stream>(&self, mut stream: S, _buffered: BytesMut, _remote: SocketAddr) {
-        let _ = respond(&mut stream, NOT_FOUND).await;
+    async fn hand_to_node<S: Stream>(
+        &self,
+        mut stream: S,
+        _buffered: BytesMut,
+        _remote: SocketAddr,
+        head_method: bool,
+    ) {
+        let _ = respond(&mut stream, not_found(head_method)).await;
     }
 }
 
@@ -348,6 +354,16 @@ enum Route {
 const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 const NOT_FOUND: &[u8] =
     b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 10\r\nConnection: close\r\n\r\nnot found\n";
+
+/// The 404 for a request nobody serves (no Node behind the front); a HEAD request gets its head
+/// only (RFC 9110 §9.3.2: the Content-Length is that of the GET's body, which is not sent).
+fn not_found(head_method: bool) -> &'static [u8] {
+    if head_method {
+        &NOT_FOUND[..NOT_FOUND.len() - b"not found\n".len()]
+    } else {
+        NOT_FOUND
+    }
+}
 
 async fn respond<S: AsyncWrite + Unpin>(stream: &mut S, response: &[u8]) -> std::io::Result<()> {
     stream.write_all(response).await?;

@@ -249,3 +249,36 @@ async fn a_new_certificate_serves_new_handshakes_and_bad_pairs_are_refused() {
     .await
     .unwrap();
 }
+
+/// With no Node behind the front, a request for Node is answered 404 and closed; a HEAD request
+/// gets the head only (found by the `http_front` fuzz target: the body followed the head).
+#[tokio::test]
+async fn without_node_requests_get_404_and_head_gets_no_body() {
+    tokio::time::timeout(LIMIT, async {
+        let server = Arc::new(Server::new(ServerConfig::default()).unwrap());
+        let addr = common::serve_front(&server).await;
+        let ask = |request: &'static str| async move {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(request.as_bytes()).await.unwrap();
+            String::from_utf8(read_to_end_or_close(&mut tcp).await).unwrap()
+        };
+        let get = ask("GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(get.starts_with("HTTP/1.1 404 Not Found\r\n"), "{get:?}");
+        assert!(get.ends_with("\r\n\r\nnot found\n"), "{get:?}");
+        let head = ask("HEAD /nothing HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 404 Not Found\r\n"), "{head:?}");
+        assert!(head.contains("Content-Length: 10\r\n"), "{head:?}");
+        assert!(head.ends_with("Connection: close\r\n\r\n"), "HEAD got a body: {head:?}");
+        // Keep-alive answers before it do not change that.
+        let both = ask("HEAD /derp/probe HTTP/1.1\r\n\r\nHEAD /x HTTP/1.1\r\n\r\n").await;
+        assert!(both.starts_with("HTTP/1.1 200 OK\r\n"), "{both:?}");
+        assert!(
+            both.ends_with(
+                "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 10\r\nConnection: close\r\n\r\n"
+            ),
+            "{both:?}"
+        );
+    })
+    .await
+    .unwrap();
+}

@@ -113,11 +113,17 @@ fn next_request(b: &[u8]) -> Next {
 }
 
 fn check(input: &[u8], mut out: &[u8], handed: &[Vec<u8>], relay: &Relay, flags: u8) {
+    let all_out = out;
     let mut off = 0;
     let mut statuses = Vec::new();
     let mut closed = false;
     while !out.is_empty() {
-        assert!(!closed, "bytes after a response that closed the connection");
+        assert!(
+            !closed,
+            "bytes after a response that closed the connection (flags {flags}): the client sent {:?}, the front answered {:?}",
+            String::from_utf8_lossy(input),
+            String::from_utf8_lossy(all_out)
+        );
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut headers);
         let n = match resp.parse(out) {
