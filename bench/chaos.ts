@@ -4,7 +4,7 @@
 //   node dist/bench/chaos.js [--clients 300] [--rate 10]
 //                            [--scenarios kill9,sigterm,pg-stop,pg-restart,sigstop,storm,partition,slow-link]
 //                            [--warmup 3s] [--after 10s] [--pg-down 30s] [--frozen 20s] [--fault 20s]
-//                            [--heartbeat 1s] [--client-processes N] [--relay derpmesh|derper]
+//                            [--heartbeat 1s] [--client-processes N] [--relay derpmesh|derper] [--tls]
 //                            [--json out.json]
 //
 // Each scenario runs on a fresh cluster: a throwaway Postgres, 3 derpmesh node processes, the TCP
@@ -29,6 +29,12 @@
 // bound by the load generator). `--relay derper` runs kill9, sigterm and storm against 3 derpers
 // meshed with -mesh-with (bench/derper.sh builds derper) behind the same balancer and clients, for
 // the side-by-side; the other scenarios need derpmesh nodes and are skipped.
+// `--tls` runs everything over TLS (the production path): a private CA made for the run (openssl),
+// every relay serving HTTPS with a certificate for 127.0.0.1 it signs (derpmesh nodes with
+// --tls-cert-file and the CA trusted for their mesh links; derpers with -certmode manual and the CA
+// in SSL_CERT_FILE for theirs), the access URL https (the balancer passes TLS through), every client
+// verifying the relay against the CA. Its rows say `over TLS`. partition and slow-link are skipped
+// (their namespaces' addresses are not on the certificate).
 // Exit code 0 whatever the verdict; 1 if the run itself failed.
 import { writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
@@ -50,6 +56,7 @@ const { values } = parseArgs({
     heartbeat: { type: 'string', default: '1s' },
     'client-processes': { type: 'string', default: '0' },
     relay: { type: 'string', default: 'derpmesh' },
+    tls: { type: 'boolean', default: false },
     json: { type: 'string' },
   },
 });
@@ -93,6 +100,7 @@ const options = {
   clients: positive('clients', values.clients),
   clientProcesses,
   relay: values.relay as 'derpmesh' | 'derper',
+  tls: values.tls,
   rate: positive('rate', values.rate),
   warmupMs: duration('warmup', values.warmup),
   afterMs: duration('after', values.after),
@@ -126,12 +134,12 @@ export function verdict(r: ScenarioReport, heartbeatMs: number): { ok: boolean; 
 const reports: ScenarioReport[] = [];
 console.log(
   `chaos: ${chosen.join(', ')}; ${options.clients} clients × ${options.rate} packets/s` +
-    `${clientProcesses ? ` from ${clientProcesses} client processes` : ''} through the access URL of 3 ${options.relay === 'derper' ? 'derpers' : 'nodes'}; ` +
-    `heartbeat ${options.heartbeatMs} ms`,
+    `${clientProcesses ? ` from ${clientProcesses} client processes` : ''} through the access URL of 3 ${options.relay === 'derper' ? 'derpers' : 'nodes'}` +
+    `${options.tls ? ' over TLS' : ''}; heartbeat ${options.heartbeatMs} ms`,
 );
 try {
   for (const name of chosen) {
-    console.log(`\n${name}:`);
+    console.log(`\n${name}${options.tls ? ' over TLS' : ''}:`);
     let r: ScenarioReport;
     try {
       r = await runScenario(name, options);
@@ -174,7 +182,7 @@ console.log(
       ...reports.map((r) => {
         const v = verdict(r, options.heartbeatMs);
         return [
-          r.scenario,
+          r.tls ? `${r.scenario} over TLS` : r.scenario,
           fmtInt(r.unaffected.flows),
           fmtInt(r.unaffected.sent),
           fmtInt(r.unaffected.lost),

@@ -8,6 +8,7 @@
 // Each packet carries its flow, its sequence number and when it was sent. The node a client is on
 // is the relay key its handshake saw (each node has its own key).
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { performance } from 'node:perf_hooks';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -91,6 +92,8 @@ export interface GroupOptions {
   indexBase: number;
   /** Each node's relay key (hex) → node index. */
   nodeKeys: [string, number][];
+  /** With https access URLs: the CA (PEM file) the relays' certificates are verified against. */
+  caFile?: string;
 }
 
 /** Sums over some flows. */
@@ -169,8 +172,10 @@ export class ClientGroup {
   #sendTimer: NodeJS.Timeout | undefined;
   #placementAtFault: number[] = [];
   #faultAt = 0;
+  #tls: { ca: Buffer } | undefined;
 
   constructor(readonly options: GroupOptions) {
+    this.#tls = options.caFile === undefined ? undefined : { ca: readFileSync(options.caFile) };
     this.#nodeKeys = new Map(options.nodeKeys);
     this.#nodes = Math.max(0, ...options.nodeKeys.map(([, i]) => i + 1));
   }
@@ -197,7 +202,7 @@ export class ClientGroup {
         [...Array(Math.min(batch, n - start)).keys()].map(async (k) => {
           const index = start + k;
           const url = accessUrls[(indexBase + index) % accessUrls.length]!;
-          const client = new DerpClient({ url, reconnect: true });
+          const client = new DerpClient({ url, reconnect: true, tls: this.#tls });
           const entry: ChaosClient = { index, client, down: false, disconnects: 0 };
           client.on('packet', (_source, data) => this.#receive(data));
           client.on('disconnected', () => {

@@ -9,7 +9,11 @@
 // `clientProcesses`, one group per worker process (a reconnect storm of 10 000 clients needs more
 // handshakes per second than one Node process generates). `relay: 'derper'` runs the same clients
 // against meshed derpers instead (Tailscale's relay, side by side; no Postgres, node kills only).
+// `tls: true` runs all of it over TLS: one private CA per cluster, every relay serving HTTPS with a
+// leaf it signs (derpmesh nodes and their mesh links trust the CA; derpers read it from
+// SSL_CERT_FILE for theirs), and every client verifying against it through the (L4) balancer.
 import { spawn, type ChildProcess } from 'node:child_process';
+import { connect } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -17,12 +21,16 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 
 import { DerpClient } from '../../src/client/index.js';
 import { startBalancer, type Backend, type Balancer } from '../../src/cluster/balancer.js';
 import { freePort } from '../../src/net.js';
 import { startNodeProcess, waitFor, livePeers, type NodeProcess } from '../../test/helpers/cluster.js';
-import { startDerper } from '../../test/helpers/derper.js';
+import { makePrivateCa, type PrivateCa } from '../../test/helpers/certs.js';
+import { cachedDerper } from '../../test/helpers/derper.js';
 import { startPostgres, type TestPostgres } from '../../test/helpers/postgres.js';
 import {
   addSums,
@@ -65,6 +73,12 @@ export interface ChaosOptions {
   clientProcesses?: number;
   /** `derpmesh` (default), or `derper`: Tailscale's relay, meshed with `-mesh-with`, for comparison. */
   relay?: 'derpmesh' | 'derper';
+  /**
+   * Everything over TLS (default false): a private CA made for the cluster, every relay serving
+   * HTTPS with a certificate for 127.0.0.1 it signs, the access URL https, every client verifying
+   * the relay against the CA.
+   */
+  tls?: boolean;
   /** Progress lines (default: none). */
   log?: (line: string) => void;
 }
@@ -154,6 +168,9 @@ export class ChaosCluster {
   /** With relay 'derper': every derper's port (they mesh with all of them) and the mesh key. */
   #derperPorts: number[] = [];
   #derperMeshKey = randomBytes(32).toString('hex');
+  /** With `tls`: the cluster's CA, its leaf for 127.0.0.1, and the CA certificate's bytes. */
+  #ca: PrivateCa | undefined;
+  #caPem: Buffer | undefined;
 
   private constructor(
     /** Absent with relay 'derper'. */
@@ -168,7 +185,16 @@ export class ChaosCluster {
   }
 
   get accessUrl(): string {
-    return `http://127.0.0.1:${this.balancer.port}`;
+    return `${this.#scheme}://127.0.0.1:${this.balancer.port}`;
+  }
+
+  get #scheme(): 'http' | 'https' {
+    return this.options.tls ? 'https' : 'http';
+  }
+
+  /** The clients' TLS options (the cluster's CA), or none for plain HTTP. */
+  get #clientTls(): { ca: Buffer } | undefined {
+    return this.#caPem ? { ca: this.#caPem } : undefined;
   }
 
   /** The in-process clients (none when they run in worker processes). */
@@ -200,6 +226,7 @@ export class ChaosCluster {
       clientsOn: options.clientsOn ?? -1,
       clientProcesses: options.clientProcesses ?? 0,
       relay: options.relay ?? 'derpmesh',
+      tls: options.tls ?? false,
     };
     const log = options.log ?? (() => {});
     if (o.network === 'netns') {
@@ -211,6 +238,11 @@ export class ChaosCluster {
     const balancer = await startBalancer('127.0.0.1', 0, []);
     const cluster = new ChaosCluster(pg, balancer, o, log);
     try {
+      if (o.tls) {
+        if (o.network === 'netns') throw new Error('the netns network runs without TLS (its certificates are for 127.0.0.1)');
+        cluster.#ca = makePrivateCa();
+        cluster.#caPem = readFileSync(cluster.#ca.caFile);
+      }
       // A balanced connection takes two descriptors at the balancer and one at the client: past a
       // few thousand clients the balancer runs as several processes.
       const workers = o.clients > ACCESS_CLIENTS_PER_PROCESS ? Math.ceil(o.clients / ACCESS_CLIENTS_PER_PROCESS) : 0;
@@ -246,31 +278,57 @@ export class ChaosCluster {
       port,
       host: this.lab?.nodeIp(i),
       netns: this.lab?.namespace(i),
+      tls: this.#ca && { certFile: this.#ca.certFile, keyFile: this.#ca.keyFile, caFile: this.#ca.caFile },
       env: { CODER_ACCESS_URL: this.accessUrl },
     });
     await node.started;
     return node;
   }
 
-  /** derper `i`, meshed with every derper of the cluster (itself included, as derper expects). */
+  /**
+   * derper `i`, meshed with every derper of the cluster (itself included, as derper expects). Over
+   * TLS it serves the CA's leaf (`-certmode manual`: `<certdir>/<hostname>.crt` and `.key`) and
+   * trusts the CA for its mesh dials through SSL_CERT_FILE; plain, TS_DEBUG_USE_DERP_HTTP makes it
+   * dial its peers over plain HTTP instead of https://<host>/derp.
+   */
   async #startDerper(i: number): Promise<NodeProcess> {
     const port = this.#derperPorts[i]!;
-    const d = await startDerper({
-      port,
-      meshKey: this.#derperMeshKey,
-      meshWith: this.#derperPorts.map((p) => `127.0.0.1:${p}`),
-      // derper dials its mesh peers as https://<host>/derp; this makes it speak plain HTTP to them.
-      env: { TS_DEBUG_USE_DERP_HTTP: '1' },
-    });
+    const dir = mkdtempSync(join(tmpdir(), 'derpmesh-derper-'));
+    writeFileSync(join(dir, 'mesh.key'), this.#derperMeshKey);
+    const args = ['-a', `127.0.0.1:${port}`, '-stun=false', '-http-port=-1', '-c', join(dir, 'derper.json')];
+    args.push('-mesh-psk-file', join(dir, 'mesh.key'), '-mesh-with', this.#derperPorts.map((p) => `127.0.0.1:${p}`).join(','));
+    const env: NodeJS.ProcessEnv = { ...process.env };
+    if (this.#ca) {
+      copyFileSync(this.#ca.certFile, join(dir, '127.0.0.1.crt'));
+      copyFileSync(this.#ca.keyFile, join(dir, '127.0.0.1.key'));
+      args.push('-certmode', 'manual', '-certdir', dir, '-hostname', '127.0.0.1');
+      env.SSL_CERT_FILE = this.#ca.caFile;
+      delete env.TS_DEBUG_USE_DERP_HTTP;
+    } else {
+      env.TS_DEBUG_USE_DERP_HTTP = '1';
+    }
+    const child = spawn(cachedDerper, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let text = '';
+    for (const stream of [child.stdout!, child.stderr!]) stream.on('data', (d: Buffer) => (text += d.toString()));
+    const cleanUp = () => rmSync(dir, { recursive: true, force: true });
+    child.once('exit', cleanUp);
+    try {
+      await waitFor(`derper-${i} to accept connections`, 10_000, async () => {
+        if (child.exitCode !== null || child.signalCode !== null) throw new Error(`derper-${i} exited:\n${text}`);
+        return canConnect(port);
+      });
+    } catch (err) {
+      child.kill('SIGKILL');
+      throw err;
+    }
     const noApi = () => Promise.reject(new Error('derper has no derpmesh API'));
-    const child = d.child;
     const gone = () => child.exitCode !== null || child.signalCode !== null;
     return {
       name: `derper-${i}`,
       port,
-      url: d.url,
+      url: `${this.#scheme}://127.0.0.1:${port}`,
       child,
-      output: d.output,
+      output: () => text,
       started: Promise.resolve(),
       replicas: noApi,
       health: noApi,
@@ -285,7 +343,7 @@ export class ChaosCluster {
       kill9: async () => {
         if (gone()) return;
         const exited = once(child, 'exit');
-        d.stop();
+        child.kill('SIGKILL');
         await exited;
       },
     };
@@ -311,7 +369,7 @@ export class ChaosCluster {
 
   /** derper has no API saying it is meshed: a client on each sends to a client on every other. */
   async #waitDerpersMeshed(alive: NodeProcess[], timeoutMs: number): Promise<void> {
-    const clients = await Promise.all(alive.map((n) => DerpClient.connect({ url: n.url })));
+    const clients = await Promise.all(alive.map((n) => DerpClient.connect({ url: n.url, tls: this.#clientTls })));
     try {
       const got = new Set<string>();
       for (const [j, c] of clients.entries()) c.on('packet', (_s, data) => got.add(`${data.toString()}>${j}`));
@@ -329,7 +387,7 @@ export class ChaosCluster {
   async #learnKeys(): Promise<void> {
     for (const [i, node] of this.nodes.entries()) {
       if (!node) continue;
-      const probe = await DerpClient.connect({ url: node.url });
+      const probe = await DerpClient.connect({ url: node.url, tls: this.#clientTls });
       this.#nodeKeys.set(probe.serverPublicKey.toString('hex'), i);
       await probe.close();
     }
@@ -339,8 +397,14 @@ export class ChaosCluster {
 
   async #connectClients(): Promise<void> {
     const n = this.options.clients;
-    const accessUrls = this.#access.length ? this.#access.map((w) => `http://127.0.0.1:${w.port}`) : [this.accessUrl];
-    const base = { rate: this.options.rate, packetBytes: this.options.packetBytes, accessUrls, nodeKeys: [...this.#nodeKeys] };
+    const accessUrls = this.#access.length ? this.#access.map((w) => `${this.#scheme}://127.0.0.1:${w.port}`) : [this.accessUrl];
+    const base = {
+      rate: this.options.rate,
+      packetBytes: this.options.packetBytes,
+      accessUrls,
+      nodeKeys: [...this.#nodeKeys],
+      caFile: this.#ca?.caFile,
+    };
     const groups = this.options.clientProcesses;
     if (groups > 0) {
       // Each worker's share; a cycle needs at least two clients.
@@ -573,5 +637,18 @@ export class ChaosCluster {
     await this.#pgForward?.close().catch(() => {});
     this.lab?.destroy();
     await this.pg?.stop().catch(() => {});
+    if (this.#ca) rmSync(this.#ca.dir, { recursive: true, force: true });
   }
+}
+
+/** Whether something accepts a TCP connection on 127.0.0.1:`port`. */
+function canConnect(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = connect(port, '127.0.0.1');
+    socket.once('connect', () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.once('error', () => resolve(false));
+  });
 }

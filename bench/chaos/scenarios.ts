@@ -26,6 +26,8 @@ export class ScenarioSkipped extends Error {}
 
 export interface ScenarioReport extends ScenarioResult {
   title: string;
+  /** Whether it ran over TLS (relays serving HTTPS with a private CA's certificate, clients verifying it). */
+  tls: boolean;
   /** Scenario-specific findings in words, e.g. `live everywhere again 1.2 s after SIGCONT`. */
   notes: string[];
   /** The same as numbers (milliseconds): `meshedMs` (every node lists every other as live again,
@@ -231,6 +233,7 @@ export async function runScenario(name: string, options: ScenarioOptions = {}): 
   };
   if (options.relay === 'derper' && !scenario.derper)
     throw new ScenarioSkipped(`${name} skipped: it needs derpmesh nodes (Postgres or their API)`);
+  if (scenario.netns && options.tls) throw new ScenarioSkipped(`${name} skipped: the namespace scenarios run without TLS`);
   if (scenario.netns) {
     const why = NetnsLab.unavailable();
     if (why) throw new ScenarioSkipped(`${name} skipped: ${why}`);
@@ -253,7 +256,7 @@ export async function runScenario(name: string, options: ScenarioOptions = {}): 
     cluster.stopObserving();
     const result = await cluster.result(name, fault);
     result.healthAfter = await cluster.healthSummary();
-    return { ...result, title: scenario.title, notes: ctx.notes, measures: ctx.measures };
+    return { ...result, title: scenario.title, tls: cluster.options.tls, notes: ctx.notes, measures: ctx.measures };
   } finally {
     await cluster.close();
   }
