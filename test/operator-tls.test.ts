@@ -5,12 +5,11 @@
 // by all three within 5 s. (test/status-page.test.ts and test/metrics.test.ts do the same in depth
 // over plain HTTP.)
 import { strict as assert } from 'node:assert';
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 
-import puppeteer, { type Browser, type Page } from 'puppeteer-core';
+import type { Browser, Page } from 'puppeteer-core';
 
 import type { StatusDocument } from '../src/cluster-status.js';
 import { DerpClient } from '../src/client/index.js';
@@ -18,9 +17,8 @@ import { hasOpenssl, makePrivateCa, type PrivateCa } from './helpers/certs.js';
 import { runStatus } from './helpers/cli.js';
 import { getUrl, livePeers, startNodeProcess, waitFor, type NodeProcess } from './helpers/cluster.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
-import { deliver } from './helpers/traffic.js';
-
-const root = fileURLToPath(new URL('../../', import.meta.url));
+import { ringTraffic } from './helpers/traffic.js';
+import { openWatchedPage } from './helpers/browser.js';
 
 /** Chromium's `--ignore-certificate-errors-spki-list` entry for a certificate: base64 SHA-256 of its public key. */
 function spkiHash(certFile: string): string {
@@ -46,14 +44,10 @@ describe(
     let pump: NodeJS.Timeout | undefined;
     let browser: Browser | undefined;
     let page: Page;
-    const consoleErrors: string[] = [];
-    const failedRequests: string[] = [];
+    let consoleErrors: string[] = [];
+    let failedRequests: string[] = [];
 
     before(async () => {
-      const ensured = spawnSync(`${root}scripts/ensure-chromium.sh`, { encoding: 'utf8', timeout: 540_000 });
-      assert.equal(ensured.status, 0, `scripts/ensure-chromium.sh failed:\n${ensured.stderr}`);
-      const chromium = ensured.stdout.trim().split('\n').pop()!;
-
       ca = makePrivateCa();
       postgres = await startPostgres();
       for (const name of ['t1', 't2', 't3'])
@@ -64,47 +58,13 @@ describe(
       );
       const caPem = readFileSync(ca.caFile);
       for (const n of nodes) clients.push(await DerpClient.connect({ url: n.url, tls: { ca: caPem } }));
-      const [a, b, c] = clients as [DerpClient, DerpClient, DerpClient];
       // Every hop crosses the TLS mesh: t1's client → t2's, t2's → t3's, t3's → t1's.
-      await deliver(a, b);
-      await deliver(b, c);
-      await deliver(c, a);
-      const payload = Buffer.alloc(200, 9);
-      pump = setInterval(() => {
-        for (const [from, to] of [
-          [a, b],
-          [b, c],
-          [c, a],
-        ] as const) {
-          try {
-            from.send(to.publicKey, payload);
-          } catch {
-            // The killed node's client: its packets stop, the others go on.
-          }
-        }
-      }, 10);
-
+      pump = await ringTraffic(clients, Buffer.alloc(200, 9));
       // Chromium trusts the cluster's certificate by its key only (no CA store change, no blanket
       // "ignore certificate errors"): any other certificate is still refused.
-      browser = await puppeteer.launch({
-        executablePath: chromium,
-        headless: true,
-        args: [
-          '--no-sandbox',
-          '--disable-gpu',
-          '--disable-dev-shm-usage',
-          `--ignore-certificate-errors-spki-list=${spkiHash(ca.certFile)}`,
-        ],
-      });
-      page = await browser.newPage();
-      page.on('console', (m) => {
-        if (m.type() === 'error') consoleErrors.push(m.text());
-      });
-      page.on('pageerror', (err) => consoleErrors.push(`page error: ${(err as Error).message}`));
-      page.on('requestfailed', (r) => failedRequests.push(`${r.method()} ${r.url()}: ${r.failure()?.errorText}`));
-      page.on('response', (r) => {
-        if (r.status() >= 400) failedRequests.push(`${r.request().method()} ${r.url()}: HTTP ${r.status()}`);
-      });
+      ({ browser, page, consoleErrors, failedRequests } = await openWatchedPage([
+        `--ignore-certificate-errors-spki-list=${spkiHash(ca.certFile)}`,
+      ]));
     });
 
     after(async () => {

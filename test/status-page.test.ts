@@ -1,12 +1,11 @@
 // The live status page and `derpmesh status` against a real 3-node cluster on a real Postgres, with
 // real DERP traffic between clients on different nodes, read by a real headless Chromium.
 import { strict as assert } from 'node:assert';
-import { spawnSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, statSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 
-import puppeteer, { type Browser, type Page } from 'puppeteer-core';
+import type { Browser, Page } from 'puppeteer-core';
 
 import type { StatusDocument } from '../src/cluster-status.js';
 import { ClusterStatus, MAX_SUBSCRIBERS, ratesBetween } from '../src/cluster-status.js';
@@ -15,7 +14,8 @@ import { DerpClient } from '../src/client/index.js';
 import { runStatus } from './helpers/cli.js';
 import { getUrl, livePeers, startNodeProcess, waitFor, type NodeProcess } from './helpers/cluster.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
-import { deliver } from './helpers/traffic.js';
+import { ringTraffic } from './helpers/traffic.js';
+import { openWatchedPage } from './helpers/browser.js';
 
 const HEARTBEAT_MS = 1_000;
 const root = fileURLToPath(new URL('../../', import.meta.url));
@@ -121,15 +121,10 @@ describe('status page and `derpmesh status` on a 3-node cluster', { timeout: 600
   let pump: NodeJS.Timeout | undefined;
   let browser: Browser | undefined;
   let page: Page;
-  const consoleErrors: string[] = [];
-  const failedRequests: string[] = [];
+  let consoleErrors: string[] = [];
+  let failedRequests: string[] = [];
 
   before(async () => {
-    // Debian's chromium, installed when missing (CI: root on a fresh Debian machine).
-    const ensured = spawnSync(`${root}scripts/ensure-chromium.sh`, { encoding: 'utf8', timeout: 540_000 });
-    assert.equal(ensured.status, 0, `scripts/ensure-chromium.sh failed:\n${ensured.stderr}`);
-    const chromium = ensured.stdout.trim().split('\n').pop()!;
-
     postgres = await startPostgres();
     for (const name of ['n1', 'n2', 'n3']) {
       const n = await startNodeProcess({ name, postgresUrl: postgres.url, heartbeatMs: HEARTBEAT_MS });
@@ -142,46 +137,9 @@ describe('status page and `derpmesh status` on a 3-node cluster', { timeout: 600
     });
     // One client per node; packets go round n1 → n2 → n3 → n1, every hop through the mesh.
     for (const n of nodes) clients.push(await DerpClient.connect({ url: n.url }));
-    const [a, b, c] = clients as [DerpClient, DerpClient, DerpClient];
-    await deliver(a, b);
-    await deliver(b, c);
-    await deliver(c, a);
-    const payload = Buffer.alloc(200, 7);
     // ~100 packets/s per client, with a burst of 3x every third 10 s (so the charts show change).
-    const startedAt = Date.now();
-    pump = setInterval(() => {
-      const burst = Math.floor((Date.now() - startedAt) / 10_000) % 3 === 2 ? 3 : 1;
-      for (const [from, to] of [
-        [a, b],
-        [b, c],
-        [c, a],
-      ] as const) {
-        try {
-          for (let i = 0; i < burst; i++) from.send(to.publicKey, payload);
-        } catch {
-          // A client of the killed node: its packets stop, the others go on.
-        }
-      }
-    }, 10);
-
-    browser = await puppeteer.launch({
-      executablePath: chromium,
-      headless: true,
-      args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
-    });
-    page = await browser.newPage();
-    await page.setViewport({ width: 1440, height: 1200 });
-    page.on('console', (m) => {
-      if (m.type() === 'error') consoleErrors.push(m.text());
-    });
-    page.on('pageerror', (err) => consoleErrors.push(`page error: ${(err as Error).message}`));
-    page.on('requestfailed', (r) => {
-      // The event stream is cut when the browser closes at the end; anything else is a failure.
-      failedRequests.push(`${r.method()} ${r.url()}: ${r.failure()?.errorText}`);
-    });
-    page.on('response', (r) => {
-      if (r.status() >= 400) failedRequests.push(`${r.request().method()} ${r.url()}: HTTP ${r.status()}`);
-    });
+    pump = await ringTraffic(clients, Buffer.alloc(200, 7), (ms) => (Math.floor(ms / 10_000) % 3 === 2 ? 3 : 1));
+    ({ browser, page, consoleErrors, failedRequests } = await openWatchedPage());
   });
 
   after(async () => {

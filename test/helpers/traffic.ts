@@ -138,3 +138,28 @@ export function quantile(values: number[], q: number): number {
   const sorted = [...values].sort((x, y) => x - y);
   return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]!;
 }
+
+/**
+ * Traffic round a ring of clients (each on its own node: every hop crosses the mesh): first one
+ * packet along each hop, waited for; then `payload` along every hop every 10 ms, `burst(elapsed ms)`
+ * times (default once) until the returned timer is cleared. A client whose node died is skipped.
+ */
+export async function ringTraffic(
+  ring: DerpClient[],
+  payload: Buffer,
+  burst: (elapsedMs: number) => number = () => 1,
+): Promise<NodeJS.Timeout> {
+  const hops = ring.map((from, i) => [from, ring[(i + 1) % ring.length]!] as const);
+  for (const [from, to] of hops) await deliver(from, to);
+  const startedAt = Date.now();
+  return setInterval(() => {
+    const n = burst(Date.now() - startedAt);
+    for (const [from, to] of hops) {
+      try {
+        for (let i = 0; i < n; i++) from.send(to.publicKey, payload);
+      } catch {
+        // A client of a killed node: its packets stop, the others go on.
+      }
+    }
+  }, 10);
+}
