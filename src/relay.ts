@@ -183,7 +183,7 @@ export class Relay {
       this.#upgrades.refused++;
       const body = this.#closed ? 'relay is shutting down' : 'DERP requires connection upgrade';
       const status = this.#closed ? '503 Service Unavailable' : '426 Upgrade Required';
-      socket.end(`HTTP/1.1 ${status}\r\nContent-Type: text/plain\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`);
+      socket.end(rawRefusal(status, body, req.method));
       return;
     }
     const accept = kind === 'websocket' ? websocketAccept(String(req.headers['sec-websocket-key'] ?? '')) : undefined;
@@ -484,6 +484,15 @@ export class Relay {
 }
 
 /** Resolves when a backpressured socket drains or closes, leaving no listener behind either way. */
+/**
+ * The raw response an upgrade is refused with (written to the socket, then closed); to a HEAD request,
+ * the head only (the core's front does the same, `raw_refusal` in native/relay/src/front.rs).
+ */
+export function rawRefusal(status: string, body: string, method: string | undefined): string {
+  const head = `HTTP/1.1 ${status}\r\nContent-Type: text/plain\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n`;
+  return method === 'HEAD' ? head : head + body;
+}
+
 function writable(socket: Duplex): Promise<void> {
   return new Promise<void>((resolve) => {
     const done = () => {

@@ -1320,3 +1320,40 @@ describe('bad input', { timeout: 30_000 }, () => {
     await flooder.close();
   });
 });
+
+// ─── HEAD ──────────────────────────────────────────────────────────────────────
+
+/** Everything the server sends to `request` until it closes the connection (5 s at most). */
+function rawExchange(port: number, request: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(port, '127.0.0.1', () => socket.write(request));
+    let got = '';
+    socket.setEncoding('latin1');
+    socket.on('data', (d: string) => (got += d));
+    socket.on('close', () => resolve(got));
+    socket.on('error', reject);
+    socket.setTimeout(5_000, () => socket.destroy(new Error(`no close after 5 s; got ${JSON.stringify(got)}`)));
+  });
+}
+
+describe('a HEAD request gets a head and no body', { timeout: 30_000 }, () => {
+  // The core's front (the node's port) and Node's server in front (an embedder's, `nodeFront`).
+  for (const nodeFront of [false, true]) {
+    test(`${nodeFront ? "Node's server" : "the core's front"}: a refused upgrade (426) and the probe`, async () => {
+      const relay = await startRelay({ nodeFront });
+      try {
+        const refused = await rawExchange(relay.port, 'HEAD /derp HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n');
+        assert.match(refused, /^HTTP\/1\.1 426 Upgrade Required\r\n/);
+        assert.match(refused, /\r\nContent-Length: 32\r\n/, 'the length the body would have');
+        assert.ok(refused.endsWith('\r\n\r\n'), `a body after the head: ${JSON.stringify(refused)}`);
+        const get = await rawExchange(relay.port, 'GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n');
+        assert.ok(get.endsWith('\r\n\r\nDERP requires connection upgrade'), `GET keeps its body: ${JSON.stringify(get)}`);
+        const probe = await rawExchange(relay.port, 'HEAD /derp/probe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n');
+        assert.match(probe, /^HTTP\/1\.1 200 OK\r\n/);
+        assert.ok(probe.endsWith('\r\n\r\n'), JSON.stringify(probe));
+      } finally {
+        await relay.close();
+      }
+    });
+  }
+});

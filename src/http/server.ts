@@ -15,7 +15,7 @@ import { createSecureContext, TLSSocket, type SecureContext } from 'node:tls';
 import { DerpmeshError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { Counters, mapCounters, mapHistograms, NodeMetrics, type Snapshot } from '../metrics.js';
-import type { Relay } from '../relay.js';
+import { rawRefusal, type Relay } from '../relay.js';
 
 export type RouteHandler = (req: IncomingMessage, res: ServerResponse) => boolean | Promise<boolean>;
 
@@ -154,10 +154,7 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     clearHeaderTimer(socket);
     if (draining && relay?.isDerpUpgrade(req)) {
       relay.countRefusedUpgrade();
-      const body = 'relay is shutting down';
-      socket.end(
-        `HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`,
-      );
+      socket.end(rawRefusal('503 Service Unavailable', 'relay is shutting down', req.method));
       return;
     }
     if (!relay?.isDerpUpgrade(req)) {

@@ -198,12 +198,23 @@ impl Front {
                 return Route::Node;
             }
             if self.relay.is_closing() {
-                return Route::Answer(raw_refusal("503 Service Unavailable", "relay is shutting down"), false);
+                return Route::Answer(
+                    raw_refusal(
+                        "503 Service Unavailable",
+                        "relay is shutting down",
+                        head.method == "HEAD",
+                    ),
+                    false,
+                );
             }
             return match head.derp_upgrade() {
                 Some(upgrade) => Route::Derp(upgrade),
                 None => Route::Answer(
-                    raw_refusal("426 Upgrade Required", "DERP requires connection upgrade"),
+                    raw_refusal(
+                        "426 Upgrade Required",
+                        "DERP requires connection upgrade",
+                        head.method == "HEAD",
+                    ),
                     false,
                 ),
             };
@@ -370,11 +381,13 @@ async fn respond<S: AsyncWrite + Unpin>(stream: &mut S, response: &[u8]) -> std:
     stream.flush().await
 }
 
-/// What `Relay.handleUpgrade` writes when it refuses an upgrade (a raw response, then close).
-fn raw_refusal(status: &str, body: &str) -> Vec<u8> {
+/// What `Relay.handleUpgrade` writes when it refuses an upgrade (`rawRefusal` in `src/relay.ts`: a
+/// raw response, then close); to a HEAD request, the head only.
+fn raw_refusal(status: &str, body: &str, head_method: bool) -> Vec<u8> {
     format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        body.len(),
+        if head_method { "" } else { body }
     )
     .into_bytes()
 }

@@ -251,9 +251,10 @@ async fn a_new_certificate_serves_new_handshakes_and_bad_pairs_are_refused() {
 }
 
 /// With no Node behind the front, a request for Node is answered 404 and closed; a HEAD request
-/// gets the head only (found by the `http_front` fuzz target: the body followed the head).
+/// gets the head only, as it does when an upgrade is refused (found by the `http_front` fuzz
+/// target: the body followed the head).
 #[tokio::test]
-async fn without_node_requests_get_404_and_head_gets_no_body() {
+async fn without_node_requests_get_404_and_head_requests_get_no_body() {
     tokio::time::timeout(LIMIT, async {
         let server = Arc::new(Server::new(ServerConfig::default()).unwrap());
         let addr = common::serve_front(&server).await;
@@ -269,6 +270,11 @@ async fn without_node_requests_get_404_and_head_gets_no_body() {
         assert!(head.starts_with("HTTP/1.1 404 Not Found\r\n"), "{head:?}");
         assert!(head.contains("Content-Length: 10\r\n"), "{head:?}");
         assert!(head.ends_with("Connection: close\r\n\r\n"), "HEAD got a body: {head:?}");
+        // A refused upgrade too: the head of the 426, with the length its body would have.
+        let refused = ask("HEAD /derp HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n").await;
+        assert!(refused.starts_with("HTTP/1.1 426 Upgrade Required\r\n"), "{refused:?}");
+        assert!(refused.contains("Content-Length: 32\r\n"), "{refused:?}");
+        assert!(refused.ends_with("\r\n\r\n"), "HEAD got a body: {refused:?}");
         // Keep-alive answers before it do not change that.
         let both = ask("HEAD /derp/probe HTTP/1.1\r\n\r\nHEAD /x HTTP/1.1\r\n\r\n").await;
         assert!(both.starts_with("HTTP/1.1 200 OK\r\n"), "{both:?}");
