@@ -1,9 +1,9 @@
 // Static mesh peers (`--mesh-with`): how the option reads, and a derpmesh node meshed both ways with
 // Tailscale's own `derper` (built from the Go module proxy by bench/derper.sh), the migration path
-// between the two: a client on each reaches a client on the other.
+// between the two: a client on each reaches a client on the other, over plain HTTP and over TLS.
 import { strict as assert } from 'node:assert';
 import { execFileSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { after, describe, test } from 'node:test';
 
@@ -12,9 +12,10 @@ import pg from 'pg';
 import { DerpClient } from '../src/client/index.js';
 import { loadConfig } from '../src/config.js';
 import { DerpmeshError } from '../src/errors.js';
-import { startNodeProcess, waitFor, type NodeProcess } from './helpers/cluster.js';
-import { freePort, startPostgres, type TestPostgres } from './helpers/postgres.js';
-import { cachedDerper, startDerper, type Derper } from './helpers/derper.js';
+import { startNodeProcess, waitFor } from './helpers/cluster.js';
+import { freePort, startPostgres } from './helpers/postgres.js';
+import { cachedDerper, startDerper } from './helpers/derper.js';
+import { hasOpenssl, makePrivateCa } from './helpers/certs.js';
 import { goAvailable } from './helpers/tools.js';
 import { deliver } from './helpers/traffic.js';
 
@@ -68,16 +69,10 @@ if (!canRunDerper) console.log(`# SKIP derpmesh meshed with derper: Go is not in
 
 describe('derpmesh and derper meshed both ways', { timeout: 600_000, skip: !canRunDerper && 'Go is not installed' }, () => {
   let derperBinary = '';
-  let postgres: TestPostgres | undefined;
-  let node: NodeProcess | undefined;
-  let derper: Derper | undefined;
-  const clients: DerpClient[] = [];
+  const cleanups: (() => Promise<void> | void)[] = [];
 
   after(async () => {
-    await Promise.all(clients.map((c) => c.close().catch(() => {})));
-    derper?.stop();
-    await node?.kill9();
-    await postgres?.stop();
+    for (const cleanup of cleanups.reverse()) await cleanup();
   });
 
   test('builds derper', { timeout: 1_500_000 }, () => {
@@ -89,61 +84,84 @@ describe('derpmesh and derper meshed both ways', { timeout: 600_000, skip: !canR
     assert.ok(derperBinary.endsWith('derper'), derperBinary);
   });
 
-  test('a client on each reaches a client on the other, both directions', { timeout: 120_000 }, async () => {
-    postgres = await startPostgres();
-    const [nodePort, derperPort] = [await freePort(), await freePort()];
-    const derperUrl = `http://127.0.0.1:${derperPort}`;
-    // The same list on both sides, each relay's own address included (each recognizes itself by its
-    // server key). derper reads bare host names; derpmesh needs http:// for a plain-HTTP peer.
-    node = await startNodeProcess({
-      name: 'mesh-with-node',
-      postgresUrl: postgres.url,
-      port: nodePort,
-      env: { DERPMESH_MESH_WITH: `${derperUrl},http://127.0.0.1:${nodePort}` },
-    });
-    await node.started;
+  // Plain HTTP, then HTTPS on both relays with certificates from one private CA (the production
+  // path): derpmesh trusts the CA for its mesh dials (DERPMESH_MESH_CA_FILE), derper through
+  // SSL_CERT_FILE, and the clients verify it.
+  for (const tls of [false, true]) {
+    test(
+      `a client on each reaches a client on the other, both directions (${tls ? 'TLS on both, private CA' : 'plain HTTP'})`,
+      { timeout: 120_000, skip: tls && !hasOpenssl() && 'no openssl to make certificates' },
+      async () => {
+        const ca = tls ? makePrivateCa() : undefined;
+        if (ca) cleanups.push(() => rmSync(ca.dir, { recursive: true, force: true }));
+        const scheme = tls ? 'https' : 'http';
+        const postgres = await startPostgres();
+        cleanups.push(() => postgres.stop());
+        const [nodePort, derperPort] = [await freePort(), await freePort()];
+        const derperUrl = `${scheme}://127.0.0.1:${derperPort}`;
+        // The same list on both sides, each relay's own address included (each recognizes itself by
+        // its server key). derper reads bare host names (and dials https://<host>/derp, or plain HTTP
+        // without certificates: test/helpers/derper.ts); derpmesh takes URLs.
+        const node = await startNodeProcess({
+          name: 'mesh-with-node',
+          postgresUrl: postgres.url,
+          port: nodePort,
+          tls: ca,
+          env: { DERPMESH_MESH_WITH: `${derperUrl},${scheme}://127.0.0.1:${nodePort}` },
+        });
+        cleanups.push(() => node.kill9());
+        await node.started;
+        assert.ok(node.url.startsWith(`${scheme}://`));
 
-    // The cluster's mesh key lives in Postgres: 64 hex characters, what derper's --mesh-psk-file takes.
-    const db = new pg.Client({ connectionString: postgres.url });
-    await db.connect();
-    const { rows } = await db.query<{ value: string }>("SELECT value FROM site_config WHERE key = 'mesh_key'");
-    await db.end();
-    const meshKey = rows[0]!.value;
-    assert.match(meshKey, /^[0-9a-f]{64}$/);
+        // The cluster's mesh key lives in Postgres: 64 hex characters, what derper's --mesh-psk-file takes.
+        const db = new pg.Client({ connectionString: postgres.url });
+        await db.connect();
+        const { rows } = await db.query<{ value: string }>("SELECT value FROM site_config WHERE key = 'mesh_key'");
+        await db.end();
+        const meshKey = rows[0]!.value;
+        assert.match(meshKey, /^[0-9a-f]{64}$/);
 
-    // derper dials its --mesh-with hosts as https://<host>/derp; TS_DEBUG_USE_DERP_HTTP makes derphttp
-    // speak plain HTTP to the same host:port (a test without certificates).
-    derper = await startDerper({
-      binary: derperBinary,
-      port: derperPort,
-      meshKey,
-      meshWith: [`127.0.0.1:${nodePort}`, `127.0.0.1:${derperPort}`],
-      env: { TS_DEBUG_USE_DERP_HTTP: '1' },
-    });
+        const derper = await startDerper({
+          binary: derperBinary,
+          port: derperPort,
+          meshKey,
+          meshWith: [`127.0.0.1:${nodePort}`, `127.0.0.1:${derperPort}`],
+          tls: ca,
+        });
+        cleanups.push(() => derper.stop());
+        assert.equal(derper.url, derperUrl);
 
-    // derpmesh's link to derper: the node's mesh health is OK once every link is connected (or itself).
-    await waitFor('the node to be meshed with derper', 30_000, async () => {
-      const health = await node!.health();
-      const mesh = health.nodes[0]?.sections.mesh;
-      return mesh?.code === 'MESH_OK' && mesh.message.includes('meshed with 1 peer relays') ? mesh : undefined;
-    }).catch((err: Error) => {
-      throw new Error(`${err.message}\nnode:\n${node!.output()}\nderper:\n${derper?.output()}`);
-    });
+        // derpmesh's link to derper: the node's mesh health is OK once every link is connected (or itself).
+        await waitFor('the node to be meshed with derper', 30_000, async () => {
+          const health = await node.health();
+          const mesh = health.nodes[0]?.sections.mesh;
+          return mesh?.code === 'MESH_OK' && mesh.message.includes('meshed with 1 peer relays') ? mesh : undefined;
+        }).catch((err: Error) => {
+          throw new Error(`${err.message}\nnode:\n${node.output()}\nderper:\n${derper.output()}`);
+        });
 
-    for (const [from, to] of [
-      [node.url, derperUrl],
-      [derperUrl, node.url],
-    ]) {
-      const a = await DerpClient.connect({ url: from! });
-      const b = await DerpClient.connect({ url: to! });
-      clients.push(a, b);
-      // a → b goes through a's relay's link to b's relay, b → a through the other link.
-      await deliver(a, b, 15_000).catch((err: Error) => {
-        throw new Error(`${from} → ${to}: ${err.message}\nderper:\n${derper?.output()}`);
-      });
-      await deliver(b, a, 15_000).catch((err: Error) => {
-        throw new Error(`${to} → ${from}: ${err.message}\nderper:\n${derper?.output()}`);
-      });
-    }
-  });
+        const clientTls = ca && { ca: readFileSync(ca.caFile) };
+        for (const [from, to] of [
+          [node.url, derperUrl],
+          [derperUrl, node.url],
+        ]) {
+          const a = await DerpClient.connect({ url: from!, tls: clientTls });
+          const b = await DerpClient.connect({ url: to!, tls: clientTls });
+          cleanups.push(() =>
+            Promise.all([a.close(), b.close()]).then(
+              () => {},
+              () => {},
+            ),
+          );
+          // a → b goes through a's relay's link to b's relay, b → a through the other link.
+          await deliver(a, b, 15_000).catch((err: Error) => {
+            throw new Error(`${from} → ${to}: ${err.message}\nderper:\n${derper.output()}`);
+          });
+          await deliver(b, a, 15_000).catch((err: Error) => {
+            throw new Error(`${to} → ${from}: ${err.message}\nderper:\n${derper.output()}`);
+          });
+        }
+      },
+    );
+  }
 });

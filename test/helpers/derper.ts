@@ -2,7 +2,7 @@
 // a loopback port, with a state directory of its own: for interop and mixed-mesh tests.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { connect } from 'node:net';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -18,13 +18,20 @@ export interface DerperOptions {
   meshKey?: string;
   /** `-mesh-with` (host names, as derper takes them). */
   meshWith?: string[];
+  /**
+   * Serve HTTPS with this certificate for 127.0.0.1 (`-certmode manual`, which reads
+   * `<certdir>/<hostname>.crt` and `.key`) and trust `caFile` for the mesh dials (Go reads
+   * SSL_CERT_FILE). Without it derper serves plain HTTP and, with `meshWith`, dials its peers over
+   * plain HTTP too (TS_DEBUG_USE_DERP_HTTP; its default is https://<host>/derp).
+   */
+  tls?: { certFile: string; keyFile: string; caFile: string };
   env?: NodeJS.ProcessEnv;
 }
 
 export interface Derper {
   child: ChildProcess;
   port: number;
-  /** `http://127.0.0.1:PORT` */
+  /** `http://127.0.0.1:PORT` (https with `tls`) */
   url: string;
   output(): string;
   /** SIGKILL and remove its directory. */
@@ -41,7 +48,16 @@ export async function startDerper(o: DerperOptions = {}): Promise<Derper> {
     args.push('-mesh-psk-file', join(dir, 'mesh.key'));
   }
   if (o.meshWith) args.push('-mesh-with', o.meshWith.join(','));
-  const child = spawn(o.binary ?? cachedDerper, args, { env: { ...process.env, ...o.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const env: NodeJS.ProcessEnv = { ...process.env, ...o.env };
+  if (o.tls) {
+    copyFileSync(o.tls.certFile, join(dir, '127.0.0.1.crt'));
+    copyFileSync(o.tls.keyFile, join(dir, '127.0.0.1.key'));
+    args.push('-certmode', 'manual', '-certdir', dir, '-hostname', '127.0.0.1');
+    env.SSL_CERT_FILE = o.tls.caFile;
+  } else if (o.meshWith) {
+    env.TS_DEBUG_USE_DERP_HTTP = '1';
+  }
+  const child = spawn(o.binary ?? cachedDerper, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';
   for (const stream of [child.stdout!, child.stderr!]) stream.on('data', (d: Buffer) => (output += d.toString()));
   const failed = new Promise<never>((_, reject) =>
@@ -57,7 +73,7 @@ export async function startDerper(o: DerperOptions = {}): Promise<Derper> {
     stop();
     throw err;
   }
-  return { child, port, url: `http://127.0.0.1:${port}`, output: () => output, stop };
+  return { child, port, url: `${o.tls ? 'https' : 'http'}://127.0.0.1:${port}`, output: () => output, stop };
 }
 
 async function waitUntilListening(port: number, ms: number): Promise<void> {
