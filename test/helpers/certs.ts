@@ -22,7 +22,7 @@ export function makePrivateCa(): PrivateCa {
   const dir = mkdtempSync(join(tmpdir(), 'derpmesh-ca-'));
   chmodSync(dir, 0o755);
   const caFile = join(dir, 'ca.pem');
-  openssl(['req', '-x509', ...EC, '-days', '2', '-subj', '/CN=derpmesh test CA', '-keyout', join(dir, 'ca.key'), '-out', caFile]);
+  openssl(['req', '-x509', ...EC, '-days', '30', '-subj', '/CN=derpmesh test CA', '-keyout', join(dir, 'ca.key'), '-out', caFile]);
   chmodSync(caFile, 0o644);
   return { dir, caFile, ...issueLeaf({ dir, caFile }, 'node') };
 }
@@ -36,7 +36,7 @@ export function issueLeaf(ca: { dir: string; caFile: string }, name: string): { 
   const ext = ['subjectAltName=IP:127.0.0.1,DNS:localhost', 'extendedKeyUsage=serverAuth'].join('\n');
   execFileSync('sh', ['-c', `printf '%s\\n' "$1" > "$2"`, 'sh', ext, f(`${name}.ext`)]);
   openssl(
-    ['x509', '-req', '-in', f(`${name}.csr`), '-CA', ca.caFile, '-CAkey', f('ca.key'), '-CAcreateserial', '-days', '2'].concat([
+    ['x509', '-req', '-in', f(`${name}.csr`), '-CA', ca.caFile, '-CAkey', f('ca.key'), '-CAcreateserial', '-days', '30'].concat([
       '-extfile',
       f(`${name}.ext`),
       '-out',
