@@ -94,11 +94,22 @@ describe('derpmesh server process', () => {
         taken.close();
       }
       // The default (the listen host, port 3478) held by someone else: the node runs without STUN.
-      const holder = createSocket('udp4');
-      const held = await new Promise<boolean>((resolve) => {
-        holder.once('error', () => resolve(false)); // already taken by another process: the same situation
-        holder.bind(3478, '127.0.0.1', () => resolve(true));
-      });
+      // Held by this test: another process holding it (a node of a test running beside this one)
+      // could let it go before the server starts. Taken when it is free, within 20 s.
+      let holder = createSocket('udp4');
+      let held = false;
+      for (let i = 0; i < 200 && !held; i++) {
+        held = await new Promise<boolean>((resolve) => {
+          holder.once('error', () => resolve(false));
+          holder.bind(3478, '127.0.0.1', () => resolve(true));
+        });
+        if (!held) {
+          holder.close();
+          holder = createSocket('udp4');
+          await new Promise((r) => setTimeout(r, 100));
+        }
+      }
+      assert.ok(held, 'udp 127.0.0.1:3478 stayed taken by another process for 20 s');
       const server = startServer(['--http-address', '127.0.0.1:0']);
       try {
         const url = await server.url;
