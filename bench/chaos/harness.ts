@@ -192,8 +192,8 @@ export class ChaosCluster {
     return this.options.tls ? 'https' : 'http';
   }
 
-  /** The clients' TLS options (the cluster's CA), or none for plain HTTP. */
-  get #clientTls(): { ca: Buffer } | undefined {
+  /** TLS options for a DerpClient of this cluster (its CA), or none for plain HTTP. */
+  get clientTls(): { ca: Buffer } | undefined {
     return this.#caPem ? { ca: this.#caPem } : undefined;
   }
 
@@ -369,7 +369,7 @@ export class ChaosCluster {
 
   /** derper has no API saying it is meshed: a client on each sends to a client on every other. */
   async #waitDerpersMeshed(alive: NodeProcess[], timeoutMs: number): Promise<void> {
-    const clients = await Promise.all(alive.map((n) => DerpClient.connect({ url: n.url, tls: this.#clientTls })));
+    const clients = await Promise.all(alive.map((n) => DerpClient.connect({ url: n.url, tls: this.clientTls })));
     try {
       const got = new Set<string>();
       for (const [j, c] of clients.entries()) c.on('packet', (_s, data) => got.add(`${data.toString()}>${j}`));
@@ -387,7 +387,7 @@ export class ChaosCluster {
   async #learnKeys(): Promise<void> {
     for (const [i, node] of this.nodes.entries()) {
       if (!node) continue;
-      const probe = await DerpClient.connect({ url: node.url, tls: this.#clientTls });
+      const probe = await DerpClient.connect({ url: node.url, tls: this.clientTls });
       this.#nodeKeys.set(probe.serverPublicKey.toString('hex'), i);
       await probe.close();
     }
@@ -425,6 +425,19 @@ export class ChaosCluster {
     const through = this.#access.length ? `${this.#access.length} balancer processes` : this.accessUrl;
     const procs = groups > 0 ? ` from ${groups} client processes` : '';
     this.#log(`${n} clients connected${procs} through ${through}: ${(await this.placementNow()).join(' / ')} per node`);
+  }
+
+  /**
+   * The processes besides the relays, for CPU accounting: the client worker processes (this one when
+   * the clients run here), the balancer processes, and this process (its own balancer instance, the
+   * harness's polling, and the clients when they run here).
+   */
+  processes(): { clients: number[]; balancers: number[]; harness: number } {
+    return {
+      clients: this.#remote.flatMap((g) => (g.child.pid === undefined ? [] : [g.child.pid])),
+      balancers: this.#access.flatMap((w) => (w.child.pid === undefined ? [] : [w.child.pid])),
+      harness: process.pid,
+    };
   }
 
   /** Clients per node (in-process clients only; see placementNow). */

@@ -43,6 +43,13 @@ export interface ScenarioReport extends ScenarioResult {
     /** Storm: handshakes per second of the surviving relays while the clients came back, and per CPU-second. */
     handshakesPerSec?: number;
     handshakesPerCpuSec?: number;
+    /**
+     * kill9, sigterm: CPU-seconds in the 2 s after the fault; storm: from the kill until every client
+     * was connected again. Per kind of process:
+     * the surviving relays, the client worker processes, the balancer processes, and the harness's
+     * process (its balancer instance, its polling, the clients if they run in it); `wallSecs` that span.
+     */
+    cpu?: { wallSecs: number; relays: number; clients: number; balancers: number; harness: number };
   };
 }
 
@@ -53,6 +60,47 @@ interface Context {
 }
 
 type Run = (cluster: ChaosCluster, victim: number, ctx: Context) => Promise<void>;
+
+/** CPU-seconds used so far by the surviving relays, the client processes, the balancer processes and this process. */
+function cpuNow(c: ChaosCluster, victim: number) {
+  const sum = (pids: (number | undefined)[]) => pids.reduce<number>((t, pid) => t + cpuSeconds(pid), 0);
+  const procs = c.processes();
+  return {
+    at: performance.now(),
+    relays: sum(c.nodes.filter((_, i) => i !== victim).map((n) => n?.child.pid)),
+    clients: sum(procs.clients),
+    balancers: sum(procs.balancers),
+    harness: cpuSeconds(procs.harness),
+  };
+}
+
+/**
+ * Waits `afterMs`, noting how busy each kind of process was in the first `windowMs` of it (the heal
+ * happens there): in cores, so that a process at 1.0 is a saturated event loop.
+ */
+async function afterWithCpu(c: ChaosCluster, victim: number, ctx: Context, from: ReturnType<typeof cpuNow>, windowMs = 2_000) {
+  const wait = Math.max(0, from.at + windowMs - performance.now());
+  await sleep(Math.min(wait, ctx.o.afterMs));
+  const to = cpuNow(c, victim);
+  const secs = (to.at - from.at) / 1000;
+  const u = {
+    wallSecs: secs,
+    relays: to.relays - from.relays,
+    clients: to.clients - from.clients,
+    balancers: to.balancers - from.balancers,
+    harness: to.harness - from.harness,
+  };
+  ctx.measures.cpu = u;
+  const cores = (x: number) => `${(x / secs).toFixed(2)}`;
+  const procs = c.processes();
+  ctx.notes.push(
+    `CPU in the ${secs.toFixed(1)} s after the fault, in cores: surviving relays ${cores(u.relays)}` +
+      (procs.clients.length ? `, client processes ${cores(u.clients)} (${procs.clients.length})` : '') +
+      (procs.balancers.length ? `, balancer processes ${cores(u.balancers)}` : '') +
+      `, harness process ${cores(u.harness)} (${procs.clients.length ? 'balancer, polling' : 'the clients, balancer, polling'})`,
+  );
+  await sleep(Math.max(0, ctx.o.afterMs - wait));
+}
 
 const secs = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
 
@@ -72,21 +120,24 @@ const scenarios: Record<
     title: 'kill -9 of one node',
     hitsNode: true,
     derper: true,
-    run: async (c, victim, { o }) => {
+    run: async (c, victim, ctx) => {
+      const cpu = cpuNow(c, victim);
       await c.kill9(victim);
-      await sleep(o.afterMs);
+      await afterWithCpu(c, victim, ctx, cpu);
     },
   },
   sigterm: {
     title: 'graceful stop (SIGTERM) of one node',
     hitsNode: true,
     derper: true,
-    run: async (c, victim, { o, notes, measures }) => {
+    run: async (c, victim, ctx) => {
+      const { notes, measures } = ctx;
+      const cpu = cpuNow(c, victim);
       const start = performance.now();
       const code = await c.stop(victim);
       measures.exitMs = performance.now() - start;
       notes.push(`the node exited with ${code} ${secs(measures.exitMs)} after SIGTERM`);
-      await sleep(o.afterMs);
+      await afterWithCpu(c, victim, ctx, cpu);
     },
   },
   'pg-stop': {
@@ -151,6 +202,10 @@ const scenarios: Record<
     run: async (c, victim, { o, notes, measures }) => {
       const survivors = c.nodes.filter((_, i) => i !== victim).map((n) => n!.child.pid);
       const cpuBefore = survivors.reduce<number>((t, pid) => t + cpuSeconds(pid), 0);
+      const procs = c.processes();
+      const sumCpu = (pids: number[]) => pids.reduce<number>((t, pid) => t + cpuSeconds(pid), 0);
+      const others = () => ({ clients: sumCpu(procs.clients), balancers: sumCpu(procs.balancers), harness: cpuSeconds(procs.harness) });
+      const othersBefore = others();
       const start = performance.now();
       await c.kill9(victim);
       // Polled every 100 ms: the state of every client group (in worker processes, one round trip each).
@@ -161,6 +216,14 @@ const scenarios: Record<
         if (measures.reconnectedMs === undefined && state.reconnected === state.clients) {
           measures.reconnectedMs = performance.now() - start;
           cpu = survivors.reduce<number>((t, pid) => t + cpuSeconds(pid), 0) - cpuBefore;
+          const now = others();
+          measures.cpu = {
+            wallSecs: measures.reconnectedMs / 1000,
+            relays: cpu,
+            clients: now.clients - othersBefore.clients,
+            balancers: now.balancers - othersBefore.balancers,
+            harness: now.harness - othersBefore.harness,
+          };
         }
         if (state.deliveringAfterMark === state.flows) break;
         if (performance.now() > deadline)
@@ -182,6 +245,14 @@ const scenarios: Record<
           `${Math.round(measures.handshakesPerSec)} handshakes/s, ${Math.round(measures.handshakesPerCpuSec)} per relay CPU-second); ` +
           `every flow delivering again after ${secs(measures.deliveringMs)}`,
       );
+      const u = measures.cpu;
+      if (u) {
+        const cores = (x: number) => `${x.toFixed(2)} CPU-s (${(x / u.wallSecs).toFixed(2)} cores)`;
+        notes.push(
+          `CPU from the kill until every client was back (${u.wallSecs.toFixed(1)} s): surviving relays ${cores(u.relays)}, ` +
+            `client processes ${cores(u.clients)}, balancer processes ${cores(u.balancers)}, harness process ${cores(u.harness)}`,
+        );
+      }
       await sleep(o.afterMs);
     },
   },
