@@ -4,7 +4,7 @@
 //
 //   node dist/bench/soak.js [--duration 30m] [--sample 30s] [--clients 300] [--rate 10] [--churn 60]
 //                           [--fault-every 5m] [--faults sigterm,kill9,pg-restart] [--down 5s]
-//                           [--warmup 2m] [--heartbeat 1s] [--json out.json] [--fail-on-miss]
+//                           [--warmup 2m] [--heartbeat 1s] [--heap] [--tls] [--json out.json] [--fail-on-miss]
 //
 // The cluster is bench/chaos's (a throwaway Postgres, 3 derpmesh node processes, the TCP balancer of
 // `derpmesh cluster` as the access URL) with `--clients` reconnecting DERP clients in one random
@@ -52,12 +52,13 @@ try {
       heartbeat: { type: 'string', default: '1s' },
       json: { type: 'string' },
       heap: { type: 'boolean', default: false },
+      tls: { type: 'boolean', default: false },
       'fail-on-miss': { type: 'boolean', default: false },
     },
   });
 } catch (err) {
   fail(
-    `${(err as Error).message} (options: --duration --sample --clients --rate --churn --fault-every --faults --down --warmup --heartbeat --json --heap --fail-on-miss)`,
+    `${(err as Error).message} (options: --duration --sample --clients --rate --churn --fault-every --faults --down --warmup --heartbeat --json --heap --tls --fail-on-miss)`,
   );
 }
 const { values } = parsed;
@@ -96,6 +97,7 @@ const options: SoakOptions = {
   warmupMs: duration('warmup', values.warmup, true),
   heartbeatMs: duration('heartbeat', values.heartbeat),
   heap: values.heap,
+  tls: values.tls,
 };
 try {
   resolveSoakOptions(options);
@@ -104,7 +106,7 @@ try {
 }
 
 console.log(
-  `soak: ${values.duration} of ${options.clients} clients × ${options.rate} packets/s through the access URL of 3 nodes, ` +
+  `soak: ${values.duration} of ${options.clients} clients × ${options.rate} packets/s through the access URL of 3 nodes${options.tls ? ' over TLS' : ''}, ` +
     `churn ${options.churnPerMinute} clients/min, ` +
     (options.faultEveryMs! > 0 ? `a fault every ${values['fault-every']} (${faults.join(', ')} in turn)` : 'no faults') +
     `; sample every ${values.sample}, warm-up ${values.warmup}; load average ${loadavg()

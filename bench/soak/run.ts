@@ -79,6 +79,8 @@ export interface SoakOptions {
   fdSlack?: number;
   /** Load bench/soak/heap-probe into each node process and sample its V8 heap too (default false). */
   heap?: boolean;
+  /** Everything over TLS: HTTPS nodes with a private CA, meshed over TLS, clients verifying it (default false). */
+  tls?: boolean;
   /** Progress lines. */
   log?: (line: string) => void;
   /** Each sample, once its interval's loss is counted. */
@@ -288,6 +290,7 @@ export function resolveSoakOptions(options: SoakOptions): ResolvedSoakOptions {
     rssSlackMiB: options.rssSlackMiB ?? 4,
     fdSlack: options.fdSlack ?? 8,
     heap: options.heap ?? false,
+    tls: options.tls ?? false,
   };
   const problems: string[] = [];
   if (!(o.sampleMs >= 1_000)) problems.push(`the sampling period must be at least 1 s (got ${secs(o.sampleMs)})`);
@@ -320,7 +323,7 @@ export async function runSoak(options: SoakOptions): Promise<SoakReport> {
     process.env.DERPMESH_SOAK_HEAP_DIR = heapDir;
   }
   try {
-    const cluster = await ChaosCluster.start({ clients: o.clients, rate: o.rate, heartbeatMs: o.heartbeatMs, log });
+    const cluster = await ChaosCluster.start({ clients: o.clients, rate: o.rate, heartbeatMs: o.heartbeatMs, tls: o.tls, log });
     const soak = new Soak(cluster, o, log, options.onSample ?? (() => {}), heapDir);
     try {
       const report = await soak.run(performance.now() - begin);
@@ -748,7 +751,7 @@ class Soak {
     };
     const connect = async (side: number): Promise<DerpClient> => {
       for (;;) {
-        const client = new DerpClient({ url: cluster.accessUrl, reconnect: true, connectTimeoutMs: 5_000 });
+        const client = new DerpClient({ url: cluster.accessUrl, reconnect: true, connectTimeoutMs: 5_000, tls: cluster.clientTls });
         client.on('packet', (_source, data) => onPacket(side, data));
         client.on('reconnected', () => pair.reconnects++);
         this.#churnClients.add(client);
@@ -815,7 +818,7 @@ class Soak {
   async #learnKeys(): Promise<void> {
     for (const n of this.cluster.nodes) {
       if (!alive(n)) continue;
-      const probe = await DerpClient.connect({ url: n!.url });
+      const probe = await DerpClient.connect({ url: n!.url, tls: this.cluster.clientTls });
       this.#nodeKeys.set(probe.serverPublicKey.toString('hex'), n!.name);
       await probe.close();
     }
