@@ -114,8 +114,13 @@ describe('chaos (3 node processes, 30 clients through the access URL)', { timeou
   test('a node cut off from its peers: no loss between the others, meshed again once healed', { skip: noNetns }, async () => {
     const r = await runScenario('partition', short);
     assertUnaffectedIntact(r);
-    // Its clients could not reach the others' while the cut lasted, and can again.
-    assert.ok(r.affected.lost > 0, `the partition cost the cut-off node's flows nothing: ${describeReport(r)}`);
+    // Its clients could not reach the others' while the cut lasted, and can again. A cut this short
+    // may lose nothing: the mesh connections outlive it and TCP delivers what it held back once the
+    // routes return (late, not lost). Either way the cut-off node's flows were held up.
+    assert.ok(
+      r.affected.lost > 0 || r.heal.max >= 1_000,
+      `the partition neither cost the cut-off node's flows packets nor held them up: ${describeReport(r)}`,
+    );
     assert.equal(r.heal.neverHealed, 0, describeReport(r));
     assert.ok(r.measures.meshedMs! <= 5_000, `meshed again ${r.measures.meshedMs} ms after healing`);
   });
