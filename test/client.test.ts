@@ -635,6 +635,51 @@ describe(
         rmSync(pki.dir, { recursive: true, force: true });
       }
     });
+
+    test('a TLS client reconnects (a new handshake with the secure context it built once) and delivers again', async () => {
+      const pki = makePrivateCa();
+      const ca = readFileSync(pki.caFile);
+      const server = await startRelay({ tls: { cert: readFileSync(pki.certFile), key: readFileSync(pki.keyFile) } });
+      // A TCP relay in front of it whose connections can be cut.
+      const open = new Set<net.Socket>();
+      const proxy = net.createServer((inbound) => {
+        const outbound = net.connect(server.port, '127.0.0.1');
+        for (const s of [inbound, outbound]) {
+          open.add(s);
+          s.on('error', () => {});
+          s.on('close', () => open.delete(s));
+        }
+        inbound.pipe(outbound).pipe(inbound);
+      });
+      await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+      const port = (proxy.address() as net.AddressInfo).port;
+      try {
+        const a = await DerpClient.connect({
+          url: `https://127.0.0.1:${port}`,
+          tls: { ca },
+          reconnect: { minDelayMs: 20, maxDelayMs: 100 },
+        });
+        const b = await DerpClient.connect({ url: server.url, tls: { ca } });
+        for (let round = 0; round < 3; round++) {
+          if (round > 0) {
+            const reconnected = nextEvent(a, 'reconnected');
+            for (const s of open) s.destroy();
+            await reconnected;
+          }
+          const got = nextEvent<[Buffer, Buffer]>(b, 'packet');
+          a.send(b.publicKey, Buffer.from(`round ${round}`));
+          const [source, data] = await got;
+          assert.deepEqual(source, a.publicKey);
+          assert.equal(data.toString(), `round ${round}`);
+        }
+        await Promise.all([a.close(), b.close()]);
+      } finally {
+        for (const s of open) s.destroy();
+        proxy.close();
+        await server.close();
+        rmSync(pki.dir, { recursive: true, force: true });
+      }
+    });
   },
 );
 
