@@ -13,7 +13,6 @@
 // leaf it signs (derpmesh nodes and their mesh links trust the CA; derpers read it from
 // SSL_CERT_FILE for theirs), and every client verifying against it through the (L4) balancer.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { connect } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -21,16 +20,14 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { readFileSync, rmSync } from 'node:fs';
 
 import { DerpClient } from '../../src/client/index.js';
 import { startBalancer, type Backend, type Balancer } from '../../src/cluster/balancer.js';
 import { freePort } from '../../src/net.js';
 import { startNodeProcess, waitFor, livePeers, type NodeProcess } from '../../test/helpers/cluster.js';
 import { makePrivateCa, type PrivateCa } from '../../test/helpers/certs.js';
-import { cachedDerper } from '../../test/helpers/derper.js';
+import { startDerper } from '../../test/helpers/derper.js';
 import { startPostgres, type TestPostgres } from '../../test/helpers/postgres.js';
 import {
   addSums,
@@ -286,49 +283,26 @@ export class ChaosCluster {
   }
 
   /**
-   * derper `i`, meshed with every derper of the cluster (itself included, as derper expects). Over
-   * TLS it serves the CA's leaf (`-certmode manual`: `<certdir>/<hostname>.crt` and `.key`) and
-   * trusts the CA for its mesh dials through SSL_CERT_FILE; plain, TS_DEBUG_USE_DERP_HTTP makes it
-   * dial its peers over plain HTTP instead of https://<host>/derp.
+   * derper `i`, meshed with every derper of the cluster (itself included, as derper expects); with
+   * `tls`, serving the cluster CA's leaf and trusting the CA for its mesh dials (startDerper).
    */
   async #startDerper(i: number): Promise<NodeProcess> {
     const port = this.#derperPorts[i]!;
-    const dir = mkdtempSync(join(tmpdir(), 'derpmesh-derper-'));
-    writeFileSync(join(dir, 'mesh.key'), this.#derperMeshKey);
-    const args = ['-a', `127.0.0.1:${port}`, '-stun=false', '-http-port=-1', '-c', join(dir, 'derper.json')];
-    args.push('-mesh-psk-file', join(dir, 'mesh.key'), '-mesh-with', this.#derperPorts.map((p) => `127.0.0.1:${p}`).join(','));
-    const env: NodeJS.ProcessEnv = { ...process.env };
-    if (this.#ca) {
-      copyFileSync(this.#ca.certFile, join(dir, '127.0.0.1.crt'));
-      copyFileSync(this.#ca.keyFile, join(dir, '127.0.0.1.key'));
-      args.push('-certmode', 'manual', '-certdir', dir, '-hostname', '127.0.0.1');
-      env.SSL_CERT_FILE = this.#ca.caFile;
-      delete env.TS_DEBUG_USE_DERP_HTTP;
-    } else {
-      env.TS_DEBUG_USE_DERP_HTTP = '1';
-    }
-    const child = spawn(cachedDerper, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let text = '';
-    for (const stream of [child.stdout!, child.stderr!]) stream.on('data', (d: Buffer) => (text += d.toString()));
-    const cleanUp = () => rmSync(dir, { recursive: true, force: true });
-    child.once('exit', cleanUp);
-    try {
-      await waitFor(`derper-${i} to accept connections`, 10_000, async () => {
-        if (child.exitCode !== null || child.signalCode !== null) throw new Error(`derper-${i} exited:\n${text}`);
-        return canConnect(port);
-      });
-    } catch (err) {
-      child.kill('SIGKILL');
-      throw err;
-    }
+    const d = await startDerper({
+      port,
+      meshKey: this.#derperMeshKey,
+      meshWith: this.#derperPorts.map((p) => `127.0.0.1:${p}`),
+      tls: this.#ca && { certFile: this.#ca.certFile, keyFile: this.#ca.keyFile, caFile: this.#ca.caFile },
+    });
+    const child = d.child;
     const noApi = () => Promise.reject(new Error('derper has no derpmesh API'));
     const gone = () => child.exitCode !== null || child.signalCode !== null;
     return {
       name: `derper-${i}`,
       port,
-      url: `${this.#scheme}://127.0.0.1:${port}`,
+      url: d.url,
       child,
-      output: () => text,
+      output: d.output,
       started: Promise.resolve(),
       replicas: noApi,
       health: noApi,
@@ -652,16 +626,4 @@ export class ChaosCluster {
     await this.pg?.stop().catch(() => {});
     if (this.#ca) rmSync(this.#ca.dir, { recursive: true, force: true });
   }
-}
-
-/** Whether something accepts a TCP connection on 127.0.0.1:`port`. */
-function canConnect(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const socket = connect(port, '127.0.0.1');
-    socket.once('connect', () => {
-      socket.destroy();
-      resolve(true);
-    });
-    socket.once('error', () => resolve(false));
-  });
 }

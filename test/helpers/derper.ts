@@ -60,9 +60,13 @@ export async function startDerper(o: DerperOptions = {}): Promise<Derper> {
   const child = spawn(o.binary ?? cachedDerper, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';
   for (const stream of [child.stdout!, child.stderr!]) stream.on('data', (d: Buffer) => (output += d.toString()));
-  const failed = new Promise<never>((_, reject) =>
-    child.once('error', (err) => reject(new Error(`derper could not be started: ${err.message}`))),
-  );
+  const failed = new Promise<never>((_, reject) => {
+    child.once('error', (err) => reject(new Error(`derper could not be started: ${err.message}`)));
+    child.once('exit', (code, signal) => reject(new Error(`derper exited (${signal ?? code}) before listening:\n${output}`)));
+  });
+  failed.catch(() => {});
+  // Its directory goes with it, however it ends (stop(), a SIGTERM, a crash).
+  child.once('exit', () => rmSync(dir, { recursive: true, force: true }));
   const stop = () => {
     child.kill('SIGKILL');
     rmSync(dir, { recursive: true, force: true });
