@@ -74,6 +74,18 @@ function cpuNow(c: ChaosCluster, victim: number) {
   };
 }
 
+/** CPU-seconds each kind of process used since `from` (a `cpuNow`), and the wall-clock seconds. */
+function cpuSince(c: ChaosCluster, victim: number, from: ReturnType<typeof cpuNow>): NonNullable<ScenarioReport['measures']['cpu']> {
+  const to = cpuNow(c, victim);
+  return {
+    wallSecs: (to.at - from.at) / 1000,
+    relays: to.relays - from.relays,
+    clients: to.clients - from.clients,
+    balancers: to.balancers - from.balancers,
+    harness: to.harness - from.harness,
+  };
+}
+
 /**
  * Waits `afterMs`, noting how busy each kind of process was in the first `windowMs` of it (the heal
  * happens there): in cores, so that a process at 1.0 is a saturated event loop.
@@ -81,15 +93,8 @@ function cpuNow(c: ChaosCluster, victim: number) {
 async function afterWithCpu(c: ChaosCluster, victim: number, ctx: Context, from: ReturnType<typeof cpuNow>, windowMs = 2_000) {
   const wait = Math.max(0, from.at + windowMs - performance.now());
   await sleep(Math.min(wait, ctx.o.afterMs));
-  const to = cpuNow(c, victim);
-  const secs = (to.at - from.at) / 1000;
-  const u = {
-    wallSecs: secs,
-    relays: to.relays - from.relays,
-    clients: to.clients - from.clients,
-    balancers: to.balancers - from.balancers,
-    harness: to.harness - from.harness,
-  };
+  const u = cpuSince(c, victim, from);
+  const secs = u.wallSecs;
   ctx.measures.cpu = u;
   const cores = (x: number) => `${(x / secs).toFixed(2)}`;
   const procs = c.processes();
@@ -200,30 +205,16 @@ const scenarios: Record<
     clientsOnVictim: true,
     derper: true,
     run: async (c, victim, { o, notes, measures }) => {
-      const survivors = c.nodes.filter((_, i) => i !== victim).map((n) => n!.child.pid);
-      const cpuBefore = survivors.reduce<number>((t, pid) => t + cpuSeconds(pid), 0);
-      const procs = c.processes();
-      const sumCpu = (pids: number[]) => pids.reduce<number>((t, pid) => t + cpuSeconds(pid), 0);
-      const others = () => ({ clients: sumCpu(procs.clients), balancers: sumCpu(procs.balancers), harness: cpuSeconds(procs.harness) });
-      const othersBefore = others();
+      const before = cpuNow(c, victim);
       const start = performance.now();
       await c.kill9(victim);
       // Polled every 100 ms: the state of every client group (in worker processes, one round trip each).
-      let cpu: number | undefined;
       const deadline = start + 120_000;
       let state = await c.groupState();
       for (; ; state = await c.groupState()) {
         if (measures.reconnectedMs === undefined && state.reconnected === state.clients) {
           measures.reconnectedMs = performance.now() - start;
-          cpu = survivors.reduce<number>((t, pid) => t + cpuSeconds(pid), 0) - cpuBefore;
-          const now = others();
-          measures.cpu = {
-            wallSecs: measures.reconnectedMs / 1000,
-            relays: cpu,
-            clients: now.clients - othersBefore.clients,
-            balancers: now.balancers - othersBefore.balancers,
-            harness: now.harness - othersBefore.harness,
-          };
+          measures.cpu = cpuSince(c, victim, before);
         }
         if (state.deliveringAfterMark === state.flows) break;
         if (performance.now() > deadline)
@@ -234,7 +225,7 @@ const scenarios: Record<
       }
       measures.deliveringMs = performance.now() - start;
       measures.reconnectedMs ??= measures.deliveringMs;
-      cpu ??= survivors.reduce<number>((t, pid) => t + cpuSeconds(pid), 0) - cpuBefore;
+      const cpu = measures.cpu?.relays ?? cpuSince(c, victim, before).relays;
       const n = state.clients;
       // Epoch ms from the client processes, against this process's clock origin.
       const last = (state.lastReconnectedAt ?? performance.timeOrigin + start) - (performance.timeOrigin + start);
