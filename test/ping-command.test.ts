@@ -2,13 +2,14 @@
 // through the mesh), and the progress display of ping and bench: silent when not on a terminal,
 // drawn on a real pseudo-terminal (util-linux `script`) when on one.
 import { strict as assert } from 'node:assert';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { after, before, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
 import { createProgress, fitLine, secondsOf } from '../src/progress.js';
 import type { PingReport } from '../src/ping-command.js';
 import { hasOpenssl, makePrivateCa, type PrivateCa } from './helpers/certs.js';
+import { runCli, type CliResult } from './helpers/cli.js';
 import { livePeers, startNodeProcess, waitFor, type NodeProcess } from './helpers/cluster.js';
 import { startPostgres, type TestPostgres } from './helpers/postgres.js';
 
@@ -25,33 +26,11 @@ async function meshed(nodes: NodeProcess[], peers: number): Promise<boolean> {
   });
 }
 
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-  ms: number;
-}
-
-/** `derpmesh ARGS` as a child process (stdout and stderr pipes: not a terminal), bounded to 60 s. */
-function derpmesh(args: string[]): Promise<Run> {
-  const started = Date.now();
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [cli, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
-    child.on('error', reject);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr, ms: Date.now() - started });
-    });
-  });
-}
+/** `derpmesh ARGS` as a child process (not a terminal), bounded to 60 s. */
+const derpmesh = (args: string[]): Promise<CliResult> => runCli(args);
 
 /** `derpmesh ARGS` on a pseudo-terminal (util-linux `script`): what a person at a terminal sees. */
-function derpmeshOnTerminal(args: string[]): Run {
+function derpmeshOnTerminal(args: string[]): CliResult {
   const command = [process.execPath, cli, ...args].map((a) => `'${a.replace(/'/g, `'\\''`)}'`).join(' ');
   const started = Date.now();
   const r = spawnSync('script', ['-qec', command, '/dev/null'], {
@@ -64,7 +43,7 @@ function derpmeshOnTerminal(args: string[]): Run {
 
 const hasScript = spawnSync('script', ['--version'], { encoding: 'utf8' }).status === 0;
 
-function parseReport(run: Run): PingReport {
+function parseReport(run: CliResult): PingReport {
   try {
     return JSON.parse(run.stdout) as PingReport;
   } catch {
